@@ -1,0 +1,3 @@
+from nanovllm.attention.backend import AttentionBackend, select_backend
+
+__all__ = ["AttentionBackend", "select_backend"]

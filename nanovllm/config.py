@@ -1,0 +1,144 @@
+"""Engine configuration: every keyword argument of `LLM(model, **kwargs)` is a field here."""
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+# The PyTorch attention path gathers K/V in tiles of 16 tokens, and the Triton kernels tile the
+# block in multiples of 16: a block size must be a positive multiple of this.
+KV_BLOCK_SIZE_MULTIPLE = 16
+# flash-attn's paged kernels need page sizes that are multiples of 256 tokens.
+FLASH_ATTN_BLOCK_SIZE_MULTIPLE = 256
+# Largest tensor-parallel group we support (one host, up to 8 GPUs).
+MAX_TENSOR_PARALLEL_SIZE = 8
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+ATTENTION_BACKENDS = ("auto", "flash-attn", "triton", "torch")
+
+
+@dataclass(slots=True)
+class Config:
+    """Validated engine settings. `hf_config` is read from `model/config.json`."""
+
+    model: str
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 512
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    kvcache_block_size: int = 256
+    num_kvcache_blocks: int = -1
+    # Beyond the original: where and in which precision to run.
+    device: str = "auto"  # "auto" (CUDA when available, else CPU), "cuda", "cuda:N" or "cpu"
+    dtype: str = "auto"  # "auto" (checkpoint dtype on GPU, float32 on CPU), "float32", "float16", "bfloat16"
+    attention_backend: str = "auto"  # "auto", "flash-attn", "triton" or "torch"
+    # On CPU, `num_kvcache_blocks=-1` sizes the KV cache from this many bytes (see README).
+    cpu_kvcache_bytes: int = 2 << 30
+    hf_config: PretrainedConfig = field(init=False, repr=False)
+    eos: int = field(init=False, default=-1)
+
+    def __post_init__(self) -> None:
+        self._check_model_dir()
+        self._check_numbers()
+        self.hf_config = AutoConfig.from_pretrained(self.model)
+        max_pos = getattr(self.hf_config, "max_position_embeddings", None)
+        if max_pos is not None:
+            self.max_model_len = min(self.max_model_len, int(max_pos))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.init]
+
+    def _check_model_dir(self) -> None:
+        if not isinstance(self.model, (str, os.PathLike)):
+            raise TypeError(f"model must be a path to a local directory, got {type(self.model).__name__}")
+        self.model = os.path.expanduser(os.fspath(self.model))
+        if not os.path.isdir(self.model):
+            raise ValueError(f"model directory {self.model!r} does not exist (models load from local directories)")
+        if not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"model directory {self.model!r} has no config.json")
+        names = os.listdir(self.model)
+        if not any(n.endswith(".safetensors") for n in names):
+            others = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            why = (
+                f" (found {', '.join(sorted(others))}: pickle checkpoints are never loaded, convert them to safetensors)"
+                if others
+                else ""
+            )
+            raise ValueError(f"model directory {self.model!r} has no *.safetensors weight files{why}")
+
+    def _check_numbers(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kvcache_block_size",
+                     "tensor_parallel_size", "cpu_kvcache_bytes"):
+            positive_int(name)
+        if self.kvcache_block_size % KV_BLOCK_SIZE_MULTIPLE:
+            raise ValueError(
+                f"kvcache_block_size must be a positive multiple of {KV_BLOCK_SIZE_MULTIPLE}, "
+                f"got {self.kvcache_block_size}"
+            )
+        if not 1 <= self.tensor_parallel_size <= MAX_TENSOR_PARALLEL_SIZE:
+            raise ValueError(
+                f"tensor_parallel_size must be in 1..{MAX_TENSOR_PARALLEL_SIZE}, got {self.tensor_parallel_size}"
+            )
+        if isinstance(self.num_kvcache_blocks, bool) or not isinstance(self.num_kvcache_blocks, int):
+            raise TypeError(f"num_kvcache_blocks must be an int, got {type(self.num_kvcache_blocks).__name__}")
+        if self.num_kvcache_blocks != -1 and self.num_kvcache_blocks < 1:
+            raise ValueError(f"num_kvcache_blocks must be -1 (size automatically) or >= 1, got {self.num_kvcache_blocks}")
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.enforce_eager, bool):
+            raise TypeError(f"enforce_eager must be a bool, got {type(self.enforce_eager).__name__}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    # ---- values resolved once the machine is known -------------------------------------------
+
+    def resolve_device(self) -> torch.device:
+        """The device the engine runs on; 'auto' means CUDA when available."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} was asked for but CUDA is not available on this machine")
+        return dev
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        """The compute dtype; 'auto' is the checkpoint's dtype on GPU and float32 on CPU."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if device.type == "cpu":
+            return torch.float32
+        ckpt = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
+        if isinstance(ckpt, str):
+            ckpt = _DTYPES.get(ckpt.removeprefix("torch."), torch.bfloat16)
+        return ckpt if ckpt in _DTYPES.values() else torch.bfloat16
+
+
+def make_config(model: Any, kwargs: dict[str, Any]) -> Config:
+    """Build a Config from `LLM(model, **kwargs)`, refusing unknown keywords by name."""
+    allowed = Config.field_names()
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"unknown engine argument(s) {', '.join(unknown)}; valid ones are: {', '.join(a for a in allowed if a != 'model')}"
+        )
+    return Config(model, **kwargs)

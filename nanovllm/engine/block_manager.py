@@ -1,0 +1,204 @@
+"""Paged KV-cache bookkeeping: fixed-size blocks, reference counts and prefix caching.
+
+A block gets a hash only once it is full: xxh64 over the previous block's hash (8 bytes,
+little-endian; absent for a sequence's first block) followed by the block's token ids. A map from
+hash to block id lets a new prompt reuse every leading full block whose hash and tokens match. Freed
+blocks keep their hash and can be revived by a later hit until they are handed out for new data.
+"""
+
+from collections import deque
+
+import numpy as np
+import xxhash
+
+from nanovllm.engine.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"Block(id={self.block_id}, ref={self.ref_count}, hash={self.hash})"
+
+
+class BlockManager:
+    """Owns `num_blocks` KV-cache blocks of `block_size` token slots each."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of one slot, got {num_blocks} blocks of {block_size}")
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.hash_to_block_id: dict[int, int] = {}
+        # Free blocks in the order they were freed: new data takes the oldest first, so recently
+        # freed (likely to be hit again) blocks keep their contents longest.
+        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.used_block_ids: set[int] = set()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    @staticmethod
+    def compute_hash(token_ids: list[int], prefix_hash: int | None = None) -> int:
+        """Hash of a full block, chained to the hash of the block before it."""
+        h = xxhash.xxh64()
+        if prefix_hash is not None:
+            h.update(prefix_hash.to_bytes(8, "little"))
+        h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+        return h.intdigest()
+
+    # ---- internal helpers --------------------------------------------------------------------
+
+    def _forget_hash(self, block: Block) -> None:
+        if block.hash is not None and self.hash_to_block_id.get(block.hash) == block.block_id:
+            del self.hash_to_block_id[block.hash]
+        block.hash = None
+        block.token_ids = []
+
+    def _take_free_block(self, block_id: int | None = None) -> Block:
+        """Move a free block to the used set: the oldest freed one, or `block_id` (a revival)."""
+        if block_id is None:
+            block_id = self.free_block_ids.popleft()
+            block = self.blocks[block_id]
+            self._forget_hash(block)  # reused for new data: its old contents are gone
+        else:
+            self.free_block_ids.remove(block_id)
+            block = self.blocks[block_id]
+        assert block.ref_count == 0, block
+        block.ref_count = 1
+        self.used_block_ids.add(block_id)
+        return block
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, block
+        if block.ref_count == 0:
+            self.used_block_ids.remove(block_id)
+            self.free_block_ids.append(block_id)
+
+    def _register(self, block: Block, h: int, token_ids: list[int]) -> None:
+        block.hash = h
+        block.token_ids = list(token_ids)
+        self.hash_to_block_id[h] = block.block_id
+
+    def _lookup(self, h: int, token_ids: list[int]) -> int | None:
+        block_id = self.hash_to_block_id.get(h)
+        if block_id is None or self.blocks[block_id].token_ids != token_ids:
+            return None
+        return block_id
+
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        """Block ids of the sequence's leading cached blocks (never its last block)."""
+        hits: list[int] = []
+        h: int | None = None
+        for i in range(seq.num_blocks - 1):  # the last block of a prompt is always computed
+            token_ids = seq.block(i)
+            h = self.compute_hash(token_ids, h)
+            block_id = self._lookup(h, token_ids)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    # ---- public API --------------------------------------------------------------------------
+
+    def num_blocks_to_allocate(self, seq: Sequence) -> int:
+        """Free blocks that `allocate(seq)` would consume (revived cached blocks count as free)."""
+        hits_in_use = sum(1 for b in self._prefix_hits(seq) if self.blocks[b].ref_count > 0)
+        return seq.num_blocks - hits_in_use
+
+    def num_cached_tokens(self, seq: Sequence) -> int:
+        """Leading tokens of `seq` that `allocate` would take from the prefix cache."""
+        return len(self._prefix_hits(seq)) * self.block_size
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        """Whether every block of `seq` can be allocated now."""
+        return self.num_blocks_to_allocate(seq) <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give `seq` a block table for all its tokens, reusing cached prefix blocks.
+
+        Sets `seq.num_cached_tokens` and `seq.num_computed_tokens` to the tokens covered by hits.
+        """
+        if seq.block_table:
+            raise ValueError(f"sequence {seq.seq_id} already holds blocks {seq.block_table}")
+        if not self.can_allocate(seq):
+            raise ValueError(
+                f"sequence {seq.seq_id} needs {self.num_blocks_to_allocate(seq)} free KV blocks, "
+                f"only {self.num_free_blocks} are free"
+            )
+        hits = self._prefix_hits(seq)
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count > 0:
+                block.ref_count += 1
+            else:
+                self._take_free_block(block_id)
+            seq.block_table.append(block_id)
+        h = self.blocks[hits[-1]].hash if hits else None
+        for i in range(len(hits), seq.num_blocks):
+            block = self._take_free_block()
+            token_ids = seq.block(i)
+            if len(token_ids) == self.block_size:
+                h = self.compute_hash(token_ids, h)
+                self._register(block, h, token_ids)
+            seq.block_table.append(block.block_id)
+        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = seq.num_cached_tokens
+
+    def deallocate(self, seq: Sequence) -> None:
+        """Release every block of `seq`. Blocks whose K/V were never fully computed lose their hash."""
+        for i in reversed(range(len(seq.block_table))):
+            block = self.blocks[seq.block_table[i]]
+            if (i + 1) * self.block_size > seq.num_computed_tokens and block.ref_count == 1:
+                self._forget_hash(block)
+            self._release(block.block_id)
+        seq.block_table.clear()
+        seq.num_computed_tokens = 0
+        seq.num_cached_tokens = 0
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Whether the next decode step of `seq` can get the block it may need."""
+        return self.num_free_blocks >= seq.num_blocks - len(seq.block_table)
+
+    def may_append(self, seq: Sequence) -> None:
+        """Before a decode step: add a block if the newest token starts one, hash a block it fills."""
+        if seq.num_blocks > len(seq.block_table):
+            if not self.free_block_ids:
+                raise ValueError(f"no free KV block for sequence {seq.seq_id}")
+            seq.block_table.append(self._take_free_block().block_id)
+        assert len(seq.block_table) == seq.num_blocks, seq
+        if seq.num_tokens % self.block_size == 0:
+            last = self.blocks[seq.block_table[-1]]
+            prev_hash = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else None
+            if last.hash is None and (len(seq.block_table) == 1 or prev_hash is not None):
+                token_ids = seq.block(seq.num_blocks - 1)
+                self._register(last, self.compute_hash(token_ids, prev_hash), token_ids)
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if the free/used sets, reference counts or hash map disagree."""
+        free = set(self.free_block_ids)
+        assert len(free) == len(self.free_block_ids), "a block is on the free list twice"
+        assert not free & self.used_block_ids, "a block is both free and used"
+        assert free | self.used_block_ids == set(range(self.num_blocks)), "a block is neither free nor used"
+        for block in self.blocks:
+            if block.block_id in free:
+                assert block.ref_count == 0, block
+            else:
+                assert block.ref_count > 0, block
+            if block.hash is not None:
+                assert len(block.token_ids) == self.block_size, block
+        for h, block_id in self.hash_to_block_id.items():
+            assert self.blocks[block_id].hash == h, (h, self.blocks[block_id])

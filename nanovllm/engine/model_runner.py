@@ -1,0 +1,222 @@
+"""Runs the model: builds per-step inputs, owns the KV cache, the sampler and the CUDA graphs."""
+
+import logging
+from contextlib import contextmanager
+
+import torch
+
+from nanovllm.attention import select_backend
+from nanovllm.config import Config
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import Attention
+from nanovllm.layers.sampler import Sampler
+from nanovllm.models.registry import get_model_class, resolve_architecture
+from nanovllm.utils.context import AttentionMetadata, set_forward_context
+from nanovllm.utils.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class ModelRunner:
+    def __init__(self, config: Config):
+        self.config = config
+        self.block_size = config.kvcache_block_size
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        self.backend = select_backend(config.attention_backend, self.device)
+        self.backend.check_block_size(self.block_size)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        hf_config = config.hf_config
+        model_cls = get_model_class(resolve_architecture(hf_config))
+        with torch.device(self.device), _default_dtype(self.dtype):
+            self.model = model_cls(hf_config)
+        load_model(self.model, config.model)
+        self.model.eval()
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in self.attention_layers:
+            layer.backend = self.backend
+        self.sampler = Sampler()
+        self.vocab_size = hf_config.vocab_size
+        self.max_num_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
+        self.kv_cache = torch.tensor([])
+        self.graph_runner = None
+        if self.device.type == "cuda":
+            self._warmup()
+        self._allocate_kv_cache()
+        if self.device.type == "cuda" and not config.enforce_eager:
+            if self.backend.supports_cuda_graphs:
+                from nanovllm.engine.cuda_graph import CUDAGraphRunner
+
+                self.graph_runner = CUDAGraphRunner(self)
+            else:
+                logger.info("attention backend %r cannot be captured in CUDA graphs: decoding eagerly",
+                            self.backend.name)
+
+    # ---- start-up ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _warmup(self) -> None:
+        """Run the largest prefill batch once, so the KV-cache sizing sees the peak activation memory."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cfg = self.config
+        seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
+        num_seqs = max(1, min(cfg.max_num_batched_tokens // seq_len, cfg.max_num_seqs))
+        from nanovllm.sampling_params import SamplingParams
+
+        seqs = [Sequence(-1, [0] * seq_len, SamplingParams(), self.block_size) for _ in range(num_seqs)]
+        self.run(ScheduledBatch("prefill", seqs, [seq_len] * num_seqs))
+        torch.cuda.synchronize()
+
+    def _bytes_per_block(self) -> int:
+        layer = self.attention_layers[0]
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim * elem
+
+    def _allocate_kv_cache(self) -> None:
+        cfg = self.config
+        block_bytes = self._bytes_per_block()
+        if cfg.num_kvcache_blocks == -1:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                used = total - free
+                stats = torch.cuda.memory_stats(self.device)
+                peak = stats["allocated_bytes.all.peak"]
+                current = stats["allocated_bytes.all.current"]
+                budget = int(total * cfg.gpu_memory_utilization) - used - peak + current
+                num_blocks = budget // block_bytes
+                if num_blocks < 1:
+                    raise ValueError(
+                        f"no GPU memory left for the KV cache: the budget is {budget / 2**30:.2f} GiB after the "
+                        f"model and activations (gpu_memory_utilization={cfg.gpu_memory_utilization}); one block "
+                        f"needs {block_bytes / 2**20:.1f} MiB"
+                    )
+            else:
+                # No useful free-memory figure on a CPU: spend a fixed budget, but never more than
+                # max_num_seqs full-length sequences could use.
+                enough = cfg.max_num_seqs * self.max_num_blocks_per_seq
+                num_blocks = max(1, min(cfg.cpu_kvcache_bytes // block_bytes, enough))
+            cfg.num_kvcache_blocks = int(num_blocks)
+        layer = self.attention_layers[0]
+        # [K/V, layers, blocks, block_size, kv_heads, head_dim]
+        self.kv_cache = torch.empty(2, len(self.attention_layers), cfg.num_kvcache_blocks, self.block_size,
+                                    layer.num_kv_heads, layer.head_dim, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.attention_layers):
+            attn.k_cache = self.kv_cache[0, i]
+            attn.v_cache = self.kv_cache[1, i]
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", cfg.num_kvcache_blocks, self.block_size,
+                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+
+    def exit(self) -> None:
+        self.graph_runner = None
+        for attn in self.attention_layers:
+            attn.k_cache = attn.v_cache = torch.tensor([])
+        self.kv_cache = torch.tensor([])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    # ---- per-step inputs ---------------------------------------------------------------------
+
+    def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+        return torch.tensor(data, dtype=dtype)
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        """Cache slots of token positions [start, end) of `seq`."""
+        if not seq.block_table:  # warm-up before the cache exists
+            return [-1] * (end - start)
+        bs = self.block_size
+        slots: list[int] = []
+        for i in range(start // bs, (end - 1) // bs + 1):
+            base = seq.block_table[i] * bs
+            slots.extend(range(base + max(start, i * bs) - i * bs, base + min(end, (i + 1) * bs) - i * bs))
+        return slots
+
+    def block_tables_tensor(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
+        return self._to_device(tables, torch.int32)
+
+    def prepare_prefill(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        cu_q, cu_k = [0], [0]
+        seqlens_q, seqlens_k = [], []
+        has_prefix = False
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_mapping.extend(self._slots(seq, start, end))
+            cu_q.append(cu_q[-1] + n)
+            cu_k.append(cu_k[-1] + end)
+            seqlens_q.append(n)
+            seqlens_k.append(end)
+            has_prefix |= start > 0
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=self._to_device(slot_mapping, torch.int64),
+            cu_seqlens_q=self._to_device(cu_q, torch.int32),
+            cu_seqlens_k=self._to_device(cu_k, torch.int32),
+            max_seqlen_q=max(seqlens_q),
+            max_seqlen_k=max(seqlens_k),
+            block_tables=self.block_tables_tensor(batch.seqs) if has_prefix else None,
+            seqlens_q=seqlens_q,
+            seqlens_k=seqlens_k,
+        )
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), meta
+
+    def prepare_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        seqs = batch.seqs
+        input_ids = [seq.last_token for seq in seqs]
+        positions = [seq.num_tokens - 1 for seq in seqs]
+        context_lens = [seq.num_tokens for seq in seqs]
+        slot_mapping = [seq.block_table[-1] * self.block_size + seq.last_block_num_tokens - 1 for seq in seqs]
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self._to_device(slot_mapping, torch.int64),
+            context_lens=self._to_device(context_lens, torch.int32),
+            block_tables=self.block_tables_tensor(seqs),
+            max_seqlen_k=max(context_lens),
+            seqlens_q=[1] * len(seqs),
+            seqlens_k=context_lens,
+        )
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), meta
+
+    # ---- running -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Logits at each sequence's last new token: `[num_seqs, vocab]`."""
+        if not meta.is_prefill and self.graph_runner is not None and self.graph_runner.can_run(input_ids.numel()):
+            hidden = self.graph_runner.replay(input_ids, positions, meta)
+        else:
+            with set_forward_context(meta):
+                hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+            if meta.is_prefill:
+                hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]  # [num_seqs, hidden]
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[int]:
+        """Run one scheduled step and return one sampled token per sequence."""
+        prepare = self.prepare_prefill if batch.is_prefill else self.prepare_decode
+        input_ids, positions, meta = prepare(batch)
+        temperatures = self._to_device([seq.temperature for seq in batch.seqs], torch.float32)
+        logits = self.run_model(input_ids, positions, meta)
+        return self.sampler(logits, temperatures).tolist()

@@ -1,0 +1,88 @@
+"""One request's tokens and bookkeeping as it moves through the scheduler."""
+
+from copy import copy
+from enum import Enum, auto
+
+from nanovllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """A prompt plus the tokens generated for it so far.
+
+    `num_computed_tokens` counts the leading tokens whose K/V are in the cache (prefix-cache hits
+    included); the scheduler advances it as prefill chunks and decode steps run. A sequence samples
+    only once every token it holds is computed except the newest one.
+    """
+
+    __slots__ = (
+        "seq_id", "status", "token_ids", "last_token", "num_tokens", "num_prompt_tokens",
+        "num_computed_tokens", "num_cached_tokens", "block_table", "block_size",
+        "temperature", "max_tokens", "ignore_eos",
+    )
+
+    def __init__(self, seq_id: int, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
+        self.seq_id = seq_id
+        self.status = SequenceStatus.WAITING
+        self.token_ids = copy(token_ids)
+        self.last_token = token_ids[-1]
+        self.num_tokens = len(self.token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # tokens reused from the prefix cache at the last allocation
+        self.block_table: list[int] = []
+        self.block_size = block_size
+        self.temperature = sampling_params.temperature
+        self.max_tokens = sampling_params.max_tokens
+        self.ignore_eos = sampling_params.ignore_eos
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def __getitem__(self, key):
+        return self.token_ids[key]
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, status={self.status.name}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={self.block_table})")
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks needed to hold every token of the sequence."""
+        return (self.num_tokens + self.block_size - 1) // self.block_size
+
+    @property
+    def last_block_num_tokens(self) -> int:
+        return self.num_tokens - (self.num_blocks - 1) * self.block_size
+
+    def block(self, i: int) -> list[int]:
+        """Token ids of block `i` (the last one may be partly filled)."""
+        if not 0 <= i < self.num_blocks:
+            raise IndexError(f"block {i} out of range for a sequence of {self.num_blocks} blocks")
+        return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.last_token = token_id
+        self.num_tokens += 1

@@ -1,0 +1,129 @@
+"""Random-weight checkpoints in Hugging Face format, built on first use into a cache directory.
+
+`example.py` and `bench.py` use these when no real model is on disk: a tiny Qwen3 for trying the
+API on a CPU, and one with Qwen3-0.6B's exact shapes for measuring speed. The weights are random,
+so the text is gibberish, but every byte goes through the real loading code.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+CACHE_ENV = "NANOVLLM_CACHE"
+
+# A few sentences to train the small tokenizer on; non-ASCII text so multi-byte characters occur.
+_CORPUS = [
+    "Hello, my name is nano-vllm and I generate text one token at a time.",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps.",
+    "List all prime numbers within 100: 2, 3, 5, 7, 11, 13, 17, 19, 23, 29.",
+    "Introduce yourself in a few words. What is paged attention? Why does prefix caching help?",
+    "Grüße aus München! Ça va très bien, merci. ¿Dónde está la biblioteca?",
+    "你好，世界。今天天气很好。日本語のテキストも少しあります。",
+    "Emoji are bytes too: 🙂 🚀 ✨. Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
+]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TINY_QWEN3 = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, initializer_range=0.5,
+)
+# Qwen3-0.6B's published configuration (the reference benchmark model).
+QWEN3_0_6B = dict(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, rope_theta=1000000.0, initializer_range=0.02,
+)
+
+
+def cache_root() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "nano-vllm")
+
+
+def build_tokenizer(vocab_size: int, out_dir: str) -> None:
+    """Train a byte-level BPE tokenizer with a chat template and save it in Hugging Face format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+
+
+def write_random_checkpoint(out_dir: str, hf_config, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> None:
+    """Save random weights for `hf_config` as model.safetensors, with transformers' tensor names."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    std = float(getattr(hf_config, "initializer_range", 0.02))
+    tensors = {}
+    for name, shape in shapes.items():
+        if name == "lm_head.weight" and hf_config.tie_word_embeddings:
+            continue
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape)
+        elif name.endswith(".bias"):
+            t = torch.zeros(shape)
+        else:
+            t = torch.randn(shape, generator=gen) * std
+        tensors[name] = t.to(dtype).contiguous()
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+
+
+def build_qwen3_checkpoint(out_dir: str, overrides: dict, dtype: torch.dtype, tokenizer_vocab: int = 400) -> str:
+    """Write config.json, random weights and a small tokenizer for a Qwen3 model into `out_dir`."""
+    from transformers import Qwen3Config
+
+    os.makedirs(out_dir, exist_ok=True)
+    build_tokenizer(tokenizer_vocab, out_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    config = Qwen3Config(**overrides, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    config.architectures = ["Qwen3ForCausalLM"]
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(out_dir)
+    write_random_checkpoint(out_dir, config, dtype)
+    return out_dir
+
+
+def get_builtin_model(name: str = "tiny-qwen3") -> str:
+    """Path of a built-in random checkpoint ('tiny-qwen3' or 'qwen3-0.6b-random'), built once."""
+    specs = {"tiny-qwen3": (TINY_QWEN3, torch.float32), "qwen3-0.6b-random": (QWEN3_0_6B, torch.bfloat16)}
+    if name not in specs:
+        raise ValueError(f"unknown built-in model {name!r}; choose from {sorted(specs)}")
+    path = os.path.join(cache_root(), name)
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    os.makedirs(cache_root(), exist_ok=True)
+    overrides, dtype = specs[name]
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root())
+    try:
+        build_qwen3_checkpoint(tmp, overrides, dtype)
+        with open(os.path.join(tmp, "nanovllm_builtin.json"), "w") as f:
+            json.dump({"name": name, "random_weights": True}, f)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
