@@ -40,6 +40,8 @@ class Config:
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cuda", "cuda:N" or "cpu"
     dtype: str = "auto"  # "auto" (checkpoint dtype on GPU, float32 on CPU), "float32", "float16", "bfloat16"
     attention_backend: str = "auto"  # "auto", "flash-attn", "triton" or "torch"
+    # torch.compile the small elementwise ops: None means on for CUDA, off for CPU.
+    torch_compile: bool | None = None
     # On CPU, `num_kvcache_blocks=-1` sizes the KV cache from this many bytes (see README).
     cpu_kvcache_bytes: int = 2 << 30
     hf_config: PretrainedConfig = field(init=False, repr=False)
@@ -103,6 +105,8 @@ class Config:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not isinstance(self.enforce_eager, bool):
             raise TypeError(f"enforce_eager must be a bool, got {type(self.enforce_eager).__name__}")
+        if self.torch_compile is not None and not isinstance(self.torch_compile, bool):
+            raise TypeError(f"torch_compile must be None, True or False, got {self.torch_compile!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

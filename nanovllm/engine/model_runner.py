@@ -13,6 +13,7 @@ from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.registry import get_model_class, resolve_architecture
 from nanovllm.utils.context import AttentionMetadata, set_forward_context
+from nanovllm.utils.compile import enable_compilation
 from nanovllm.utils.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class ModelRunner:
             self.model = model_cls(hf_config)
         load_model(self.model, config.model)
         self.model.eval()
+        use_compile = config.torch_compile if config.torch_compile is not None else self.device.type == "cuda"
+        if use_compile:
+            enable_compilation()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in self.attention_layers:
             layer.backend = self.backend
@@ -59,7 +63,8 @@ class ModelRunner:
             if self.backend.supports_cuda_graphs:
                 from nanovllm.engine.cuda_graph import CUDAGraphRunner
 
-                self.graph_runner = CUDAGraphRunner(self)
+                self.graph_runner = CUDAGraphRunner(self.model, config.max_num_seqs, self.max_num_blocks_per_seq,
+                                                    hf_config.hidden_size, self.dtype, self.device)
             else:
                 logger.info("attention backend %r cannot be captured in CUDA graphs: decoding eagerly",
                             self.backend.name)

@@ -3,6 +3,24 @@
 import torch
 from torch import nn
 
+from nanovllm.utils.compile import compilable
+
+
+@compilable
+def apply_rotary(
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos_sin = cos_sin_cache[positions]  # [num_tokens, 2, head_dim // 2]
+    cos = cos_sin[:, 0].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
+    sin = cos_sin[:, 1].unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, num_heads, head_dim]
+        x1, x2 = x.float().chunk(2, dim=-1)  # 2 x [num_tokens, num_heads, head_dim // 2]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(query), rotate(key)
+
 
 def rope_parameters(hf_config) -> dict:
     """The checkpoint's rope settings as one dict, for transformers 4 (`rope_theta`, `rope_scaling`)
@@ -30,17 +48,7 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos_sin = self.cos_sin_cache[positions]  # [num_tokens, 2, head_dim // 2]
-        cos = cos_sin[:, 0].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
-        sin = cos_sin[:, 1].unsqueeze(1)
-        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, num_heads, head_dim]
-        x1, x2 = x.float().chunk(2, dim=-1)  # 2 x [num_tokens, num_heads, head_dim // 2]
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+        return apply_rotary(positions, query, key, self.cos_sin_cache)
 
 
 def get_rope(head_dim: int, max_position: int, params: dict) -> RotaryEmbedding:

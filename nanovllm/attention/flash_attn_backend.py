@@ -1,0 +1,38 @@
+"""flash-attn's paged kernels (the original nano-vllm's calls); the KV store is our Triton kernel."""
+
+from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+from nanovllm.attention.backend import AttentionBackend
+from nanovllm.config import FLASH_ATTN_BLOCK_SIZE_MULTIPLE
+from nanovllm.kernels.kv_store import store_kvcache
+from nanovllm.utils.context import AttentionMetadata
+
+
+class FlashAttnBackend(AttentionBackend):
+    name = "flash-attn"
+    supports_cuda_graphs = True
+
+    def check_block_size(self, block_size: int) -> None:
+        if block_size % FLASH_ATTN_BLOCK_SIZE_MULTIPLE:
+            raise ValueError(f"attention_backend='flash-attn' needs kvcache_block_size to be a multiple of "
+                             f"{FLASH_ATTN_BLOCK_SIZE_MULTIPLE}, got {block_size}")
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale):
+        if meta.block_tables is not None:
+            k, v = k_cache, v_cache
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=meta.cu_seqlens_k,
+            max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k, softmax_scale=scale, causal=True,
+            block_table=meta.block_tables,
+        )
+
+    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
+        o = flash_attn_with_kvcache(
+            q.unsqueeze(1),  # [batch, 1, num_heads, head_dim]
+            k_cache, v_cache, cache_seqlens=meta.context_lens, block_table=meta.block_tables,
+            softmax_scale=scale, causal=True,
+        )
+        return o.squeeze(1)  # [batch, num_heads, head_dim]
