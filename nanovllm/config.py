@@ -118,11 +118,17 @@ class Config:
 
     def resolve_device(self) -> torch.device:
         """The device the engine runs on; 'auto' means CUDA when available."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} was asked for but CUDA is not available on this machine")
+        name = self.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(name)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={self.device!r} was asked for but CUDA is not available on this machine")
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+            if dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device={self.device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
         return dev
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:

@@ -83,6 +83,10 @@ class ModelRunner:
 
         seqs = [Sequence(-1, [0] * seq_len, SamplingParams(), self.block_size) for _ in range(num_seqs)]
         self.run(ScheduledBatch("prefill", seqs, [seq_len] * num_seqs))
+        # The largest decode batch computes logits and samples for max_num_seqs rows at once.
+        hidden = torch.zeros(cfg.max_num_seqs, self.config.hf_config.hidden_size, dtype=self.dtype,
+                             device=self.device)
+        self.sampler(self.model.compute_logits(hidden), torch.ones(cfg.max_num_seqs, device=self.device))
         torch.cuda.synchronize()
 
     def _bytes_per_block(self) -> int:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything to check and time on the lent GPU in one call; prints a short table last.
+#   bash benchmarks/gpu_check.sh [tests] [kernels] [bench] [bench-extra]     (default: all)
+# Results go to $OUT (the device tool's output folder) or benchmarks/results/latest.
+# flash-attn is picked up from .fa/ when that folder exists (a test tool, never a dependency).
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/latest}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/.fa:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export NANOVLLM_CACHE=${NANOVLLM_CACHE:-/tmp/nanovllm-cache}
+parts=${*:-tests kernels bench}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+summary=()
+for part in $parts; do
+  case $part in
+    tests)
+      python3 -m pytest -q -m cuda tests 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+      summary+=("tests: $(tail -1 "$OUT/pytest_cuda.log")") ;;
+    kernels)
+      python3 benchmarks/bench_attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -30
+      summary+=("kernels: see attention.log") ;;
+    bench)
+      for backend in triton flash-attn; do
+        python3 bench.py --attention-backend $backend --json "$OUT/bench_$backend.json" 2>&1 \
+          | tee "$OUT/bench_$backend.log" | grep -v "Generating" | tail -12
+        summary+=("bench $backend: $(grep '^Total:' "$OUT/bench_$backend.log" | tail -1)")
+      done ;;
+    bench-extra)
+      python3 bench.py --attention-backend triton --enforce-eager --json "$OUT/bench_eager.json" 2>&1 \
+        | tee "$OUT/bench_eager.log" | tail -3
+      summary+=("bench triton eager: $(grep '^Total:' "$OUT/bench_eager.log" | tail -1)") ;;
+  esac
+done
+echo "================ summary ================"
+printf '%s\n' "${summary[@]}"

@@ -1,0 +1,460 @@
+"""Triton kernels (KV store, paged prefill and decode attention) against a plain PyTorch fp32 reference.
+
+With CUDA the tests run directly on the GPU at full sizes (marked `cuda`). Without CUDA, Triton's
+interpreter must be switched on before triton is imported, which other tests of the same session may
+already have done; so `test_kernels_under_triton_interpreter` re-runs this file in a subprocess with
+TRITON_INTERPRET=1 and tiny shapes, and the direct tests skip in the parent session.
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+RUN_DIRECT = ON_GPU or INTERPRET
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# bf16 matmuls are wrong under the numpy-backed interpreter (loads and copies are fine), so the
+# interpreter checks attention in fp32 and fp16 and the GPU in bf16 and fp16 (fp32 too: the engine uses it).
+ATTN_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if ON_GPU else [torch.float32, torch.float16]
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+BLOCK_SIZES = [16, 256]
+
+_direct_marks = [
+    pytest.mark.skipif(not RUN_DIRECT, reason="no CUDA: run by test_kernels_under_triton_interpreter")
+]
+if ON_GPU:
+    _direct_marks.append(pytest.mark.cuda)
+
+
+def direct(fn):
+    """Mark a kernel test: runs on the GPU, or inside the interpreter subprocess."""
+    for mark in _direct_marks:
+        fn = mark(fn)
+    return fn
+
+
+@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+def test_kernels_under_triton_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 20, report
+    assert "failed" not in proc.stdout, report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers: paged cache construction and the fp32 reference
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class PagedKV:
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor  # int32 [num_seqs, max_num_blocks], -1 padded
+    k_lens: list[int]
+
+
+def make_paged_kv(
+    k_lens: list[int],
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    shared_prefix_blocks: int = 0,
+    gen: torch.Generator | None = None,
+) -> PagedKV:
+    """Random paged caches holding `k_lens[i]` tokens per sequence in shuffled blocks.
+
+    Sequence 1 reuses the first `shared_prefix_blocks` blocks of sequence 0 (prefix caching). Every slot no
+    sequence owns (tails of partly filled blocks, free blocks) holds NaN, so any read of it shows up.
+    """
+    blocks_per_seq = [math.ceil(n / block_size) for n in k_lens]
+    num_owned = sum(blocks_per_seq) - (shared_prefix_blocks if len(k_lens) > 1 else 0)
+    num_blocks = num_owned + 3  # a few free blocks
+    max_num_blocks = max(blocks_per_seq) + 1  # at least one -1 pad column
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = []
+    for i, nb in enumerate(blocks_per_seq):
+        if i == 1 and shared_prefix_blocks:
+            if min(k_lens[0], k_lens[1]) < shared_prefix_blocks * block_size:
+                raise ValueError("shared prefix blocks must be full in both sequences")
+            table = tables[0][:shared_prefix_blocks] + [perm.pop() for _ in range(nb - shared_prefix_blocks)]
+        else:
+            table = [perm.pop() for _ in range(nb)]
+        tables.append(table)
+    block_tables = torch.full((len(k_lens), max_num_blocks), -1, dtype=torch.int32)
+    for i, table in enumerate(tables):
+        block_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=torch.float32)
+    v_cache = torch.full(shape, float("nan"), dtype=torch.float32)
+    for table, n in zip(tables, k_lens, strict=True):
+        for p in range(0, n, block_size):
+            used = min(block_size, n - p)
+            block = table[p // block_size]
+            k_cache[block, :used] = torch.randn(used, num_kv_heads, head_dim, generator=gen)
+            v_cache[block, :used] = torch.randn(used, num_kv_heads, head_dim, generator=gen)
+    return PagedKV(
+        k_cache.to(dtype=dtype, device=DEVICE),
+        v_cache.to(dtype=dtype, device=DEVICE),
+        block_tables.to(DEVICE),
+        list(k_lens),
+    )
+
+
+def gather_seq(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """Keys (or values) 0..length-1 of one sequence: [length, num_kv_heads, head_dim] in fp32."""
+    block_size = cache.shape[1]
+    pos = torch.arange(length, device=cache.device)
+    slots = table.long()[pos // block_size] * block_size + pos % block_size
+    flat = cache.reshape(-1, cache.shape[2], cache.shape[3])  # [num_slots, num_kv_heads, head_dim]
+    return flat[slots].float()
+
+
+def ref_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of q_len queries at the last q_len positions of k_len keys, in fp32.
+
+    q: [q_len, num_heads, head_dim]; k, v: [k_len, num_kv_heads, head_dim].
+    Returns [q_len, num_heads, head_dim].
+    """
+    q_len, num_heads, _ = q.shape
+    k_len, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    k = k.float().repeat_interleave(group, dim=1)  # [k_len, num_heads, head_dim]
+    v = v.float().repeat_interleave(group, dim=1)  # [k_len, num_heads, head_dim]
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale  # [num_heads, q_len, k_len]
+    q_pos = torch.arange(k_len - q_len, k_len, device=q.device)
+    k_pos = torch.arange(k_len, device=q.device)
+    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v)  # [q_len, num_heads, head_dim]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert not torch.isnan(actual).any(), "NaN in kernel output (an unowned cache slot was read?)"
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def cu_seqlens(lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+def make_gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# store_kvcache
+# ---------------------------------------------------------------------------------------------------------
+@direct
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(2, 64), (3, 128)])
+def test_store_kvcache(dtype: torch.dtype, slot_dtype: torch.dtype, num_kv_heads: int, head_dim: int) -> None:
+    from nanovllm.kernels.kv_store import store_kvcache
+
+    gen = make_gen(0)
+    num_heads, block_size, num_blocks = 2 * num_kv_heads, 16, 5
+    num_tokens = 40 if ON_GPU else 12
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    # key/value as strided slices of a fused qkv projection output.
+    qkv = torch.randn(num_tokens, width, generator=gen).to(dtype=dtype, device=DEVICE)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    key = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)  # [tokens, kv, dim]
+    value = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)  # [tokens, kv, dim]
+    assert not key.is_contiguous()
+
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[::3] = -1  # skipped tokens
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype=dtype, device=DEVICE)  # poison
+    v_cache = torch.randn(shape, generator=gen).to(dtype=dtype, device=DEVICE)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    keep = slots >= 0
+    k_expected.view(-1, num_kv_heads, head_dim)[slots[keep].to(DEVICE)] = key[keep.to(DEVICE)]
+    v_expected.view(-1, num_kv_heads, head_dim)[slots[keep].to(DEVICE)] = value[keep.to(DEVICE)]
+
+    store_kvcache(key, value, k_cache, v_cache, slots.to(dtype=slot_dtype, device=DEVICE))
+    assert torch.equal(k_cache, k_expected)
+    assert torch.equal(v_cache, v_expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decode_attention
+# ---------------------------------------------------------------------------------------------------------
+# (context lengths, num_kv_heads, group = num_heads / num_kv_heads, head_dim, shared prefix blocks of size 16)
+if ON_GPU:
+    DECODE_CASES = [
+        ([1], 8, 2, 128, 0),
+        ([4096], 8, 2, 128, 0),
+        ([37, 1, 300, 1024, 2049], 2, 4, 64, 0),
+        ([512, 700, 33], 1, 8, 128, 2),
+        ([1000, 1000, 17, 5, 4000], 4, 1, 64, 16),
+    ]
+else:
+    DECODE_CASES = [
+        ([1], 2, 2, 64, 0),
+        ([37, 5, 80], 2, 1, 64, 0),
+        ([33, 48, 16], 1, 4, 64, 2),
+        ([70], 1, 8, 64, 0),
+        ([20, 49], 1, 2, 128, 1),
+        ([300, 530, 7], 1, 2, 64, 17),
+        ([9, 40], 2, 2, 16, 0),
+        ([25], 1, 4, 32, 0),
+    ]
+
+
+def run_decode_case(
+    k_lens: list[int],
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    shared: int,
+    block_size: int,
+    dtype: torch.dtype,
+    splits_list: list[int | None],
+    seed: int,
+) -> None:
+    from nanovllm.kernels.paged_attention import decode_attention
+
+    gen = make_gen(seed)
+    # Sharing is stated in 16-token blocks; scale it to the block size and drop it if it does not fit.
+    shared_blocks = shared * 16 // block_size if shared else 0
+    if len(k_lens) < 2 or min(k_lens[:2]) < shared_blocks * block_size:
+        shared_blocks = 0
+    kv = make_paged_kv(k_lens, block_size, num_kv_heads, head_dim, dtype, shared_blocks, gen)
+    num_heads = num_kv_heads * group
+    q = torch.randn(len(k_lens), num_heads, head_dim, generator=gen).to(dtype=dtype, device=DEVICE)
+    context_lens = torch.tensor(k_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    expected = torch.stack(
+        [
+            ref_attention(
+                q[i : i + 1],
+                gather_seq(kv.k_cache, kv.block_tables[i], n),
+                gather_seq(kv.v_cache, kv.block_tables[i], n),
+                scale,
+            )[0]
+            for i, n in enumerate(k_lens)
+        ]
+    )  # [batch, num_heads, head_dim]
+    results = []
+    for num_splits in splits_list:
+        out = decode_attention(
+            q, kv.k_cache, kv.v_cache, kv.block_tables, context_lens, scale, num_splits=num_splits
+        )
+        assert out.shape == q.shape and out.dtype == dtype
+        assert_close(out, expected, dtype)
+        results.append(out.float())
+    # Different split counts agree with each other more tightly than with the reference.
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@direct
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_decode_attention(case: int, block_size: int, dtype: torch.dtype) -> None:
+    k_lens, num_kv_heads, group, head_dim, shared = DECODE_CASES[case]
+    splits = [1, 3, None] if not ON_GPU else [1, 4, 13, None]
+    run_decode_case(k_lens, num_kv_heads, group, head_dim, shared, block_size, dtype, splits, seed=case)
+
+
+@direct
+@pytest.mark.skipif(not ON_GPU, reason="large batch: GPU only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_attention_large_batch(dtype: torch.dtype) -> None:
+    gen = make_gen(7)
+    k_lens = torch.randint(1, 4097, (256,), generator=gen).tolist()
+    run_decode_case(k_lens, 4, 4, 128, 8, 256, dtype, [1, 2, None], seed=7)
+
+
+@direct
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_attention_zero_context_padding_rows(num_splits: int) -> None:
+    """Padding rows of a CUDA-graph batch (context_len 0, block table all -1) give zeros, others are exact."""
+    from nanovllm.kernels.paged_attention import decode_attention
+
+    gen = make_gen(11)
+    kv = make_paged_kv([40, 1], 16, 1, 64, torch.float32, 0, gen)
+    pad = torch.full((1, kv.block_tables.shape[1]), -1, dtype=torch.int32, device=DEVICE)
+    block_tables = torch.cat([kv.block_tables, pad])  # [3, max_num_blocks]
+    context_lens = torch.tensor([40, 1, 0], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(3, 2, 64, generator=gen).to(DEVICE)
+    out = decode_attention(
+        q, kv.k_cache, kv.v_cache, block_tables, context_lens, 0.125, num_splits=num_splits
+    )
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    for i, n in enumerate([40, 1]):
+        k = gather_seq(kv.k_cache, block_tables[i], n)
+        v = gather_seq(kv.v_cache, block_tables[i], n)
+        assert_close(out[i], ref_attention(q[i : i + 1], k, v, 0.125)[0], torch.float32)
+
+
+@direct
+def test_decode_attention_out_argument_and_errors() -> None:
+    from nanovllm.kernels.paged_attention import decode_attention
+
+    gen = make_gen(3)
+    kv = make_paged_kv([20, 9], 16, 1, 64, torch.float32, 0, gen)
+    q = torch.randn(2, 2, 64, generator=gen).to(DEVICE)
+    context_lens = torch.tensor([20, 9], dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(q)
+    result = decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, context_lens, 0.125, out=out)
+    assert result is out
+    expected = decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, context_lens, 0.125)
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        decode_attention(
+            q[:, :1].expand(2, 3, 64),
+            kv.k_cache.expand(-1, -1, 2, -1),
+            kv.v_cache.expand(-1, -1, 2, -1),
+            kv.block_tables,
+            context_lens,
+            0.125,
+        )
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_attention(
+            q[..., :48], kv.k_cache[..., :48], kv.v_cache[..., :48], kv.block_tables, context_lens, 0.125
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prefill_attention
+# ---------------------------------------------------------------------------------------------------------
+# (q lengths, num_kv_heads, group, head_dim)
+if ON_GPU:
+    PREFILL_CASES = [
+        ([1024] * 3, 8, 2, 128),
+        ([1, 17, 300, 999], 2, 4, 64),
+        ([513, 64, 128], 1, 8, 128),
+        ([77, 1000], 4, 1, 64),
+        ([200, 3], 2, 7, 128),
+    ]
+else:
+    PREFILL_CASES = [
+        ([1, 37, 80], 2, 1, 64),
+        ([50, 9], 1, 2, 64),
+        ([70], 1, 4, 64),
+        ([23, 40], 1, 8, 128),
+        ([30], 1, 3, 64),
+        ([19, 33], 2, 2, 16),
+    ]
+
+
+@direct
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
+def test_prefill_attention_contiguous(case: int, dtype: torch.dtype) -> None:
+    from nanovllm.kernels.paged_attention import prefill_attention
+
+    lens, num_kv_heads, group, head_dim = PREFILL_CASES[case]
+    gen = make_gen(100 + case)
+    total, num_heads = sum(lens), num_kv_heads * group
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    # k, v as strided slices of a fused qkv output, like the engine passes them.
+    qkv = torch.randn(total, width, generator=gen).to(dtype=dtype, device=DEVICE)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].view(total, num_heads, head_dim)  # [total, num_heads, head_dim]
+    k = qkv[:, q_size : q_size + kv_size].view(total, num_kv_heads, head_dim)  # [total, kv_heads, head_dim]
+    v = qkv[:, q_size + kv_size :].view(total, num_kv_heads, head_dim)  # [total, kv_heads, head_dim]
+    cu = cu_seqlens(lens)
+    scale = head_dim**-0.5
+    out = prefill_attention(q, k, v, cu, cu, max(lens), max(lens), scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    starts = cu.tolist()
+    expected = torch.cat(
+        [ref_attention(q[s:e], k[s:e], v[s:e], scale) for s, e in zip(starts[:-1], starts[1:], strict=True)]
+    )  # [total, num_heads, head_dim]
+    assert_close(out, expected, dtype)
+
+
+# (q lengths, k lengths, num_kv_heads, group, head_dim, shared prefix blocks of size 16)
+if ON_GPU:
+    PREFIX_CASES = [
+        ([100, 1000, 1], [612, 1000, 2049], 8, 2, 128, 16),
+        ([5, 300], [300, 301], 2, 4, 64, 16),
+        ([256, 17], [256, 4000], 1, 8, 128, 0),
+        ([64, 1, 999], [1000, 1, 1000], 4, 1, 64, 0),
+    ]
+else:
+    PREFIX_CASES = [
+        ([9, 30, 17], [40, 80, 17], 1, 2, 64, 2),
+        ([1, 20], [33, 20], 2, 1, 64, 0),
+        ([16, 7], [48, 39], 1, 4, 64, 2),
+        ([13], [61], 1, 8, 128, 0),
+        # prefixes 62 and 30: the last fully visible key sits at the end of a key tile
+        ([10, 3], [72, 33], 1, 2, 64, 0),
+        ([40, 2], [530, 290], 1, 2, 64, 16),
+    ]
+
+
+@direct
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("case", range(len(PREFIX_CASES)))
+def test_prefill_attention_paged_prefix(case: int, block_size: int, dtype: torch.dtype) -> None:
+    from nanovllm.kernels.paged_attention import prefill_attention
+
+    q_lens, k_lens, num_kv_heads, group, head_dim, shared = PREFIX_CASES[case]
+    gen = make_gen(200 + case)
+    shared_blocks = shared * 16 // block_size if shared else 0
+    if len(k_lens) < 2 or min(k_lens[:2]) < shared_blocks * block_size:
+        shared_blocks = 0
+    kv = make_paged_kv(k_lens, block_size, num_kv_heads, head_dim, dtype, shared_blocks, gen)
+    num_heads = num_kv_heads * group
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype=dtype, device=DEVICE)
+    scale = head_dim**-0.5
+    cu_q, cu_k = cu_seqlens(q_lens), cu_seqlens(k_lens)
+    out = prefill_attention(
+        q, kv.k_cache, kv.v_cache, cu_q, cu_k, max(q_lens), max(k_lens), scale, kv.block_tables
+    )
+    starts = cu_q.tolist()
+    expected = torch.cat(
+        [
+            ref_attention(
+                q[starts[i] : starts[i + 1]],
+                gather_seq(kv.k_cache, kv.block_tables[i], n),
+                gather_seq(kv.v_cache, kv.block_tables[i], n),
+                scale,
+            )
+            for i, n in enumerate(k_lens)
+        ]
+    )  # [total_q, num_heads, head_dim]
+    assert_close(out, expected, dtype)
+
+
+@direct
+def test_prefill_matches_decode_for_last_token() -> None:
+    """The last query of a paged prefill equals a decode step over the same context; `out` is honoured."""
+    from nanovllm.kernels.paged_attention import decode_attention, prefill_attention
+
+    gen = make_gen(5)
+    k_lens, q_lens = [45, 20], [5, 20]
+    kv = make_paged_kv(k_lens, 16, 2, 64, torch.float32, 0, gen)
+    q = torch.randn(sum(q_lens), 4, 64, generator=gen).to(DEVICE)
+    out = torch.empty_like(q)
+    cu_q, cu_k = cu_seqlens(q_lens), cu_seqlens(k_lens)
+    result = prefill_attention(q, kv.k_cache, kv.v_cache, cu_q, cu_k, 20, 45, 0.125, kv.block_tables, out=out)
+    assert result is out
+    last = torch.tensor([4, 24], device=DEVICE)
+    context_lens = torch.tensor(k_lens, dtype=torch.int32, device=DEVICE)
+    decoded = decode_attention(
+        q[last], kv.k_cache, kv.v_cache, kv.block_tables, context_lens, 0.125, num_splits=2
+    )
+    torch.testing.assert_close(out[last], decoded, atol=1e-5, rtol=1e-5)
