@@ -56,10 +56,10 @@ def test_fp32_prefix_cache_preemption_and_chunking(qwen3_tied, hf_tied, monkeypa
     prompts = [shared + t for t in random_prompts(4, [5, 9, 20, 30], seed=8)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     llm = LLM(qwen3_tied, device="cuda", dtype="float32", attention_backend="triton", kvcache_block_size=16,
-              num_kvcache_blocks=12, max_num_batched_tokens=40)
+              num_kvcache_blocks=9, max_num_batched_tokens=40)
     first = llm.generate(prompts[:1], params, use_tqdm=False)
     rest = llm.generate(prompts[1:], params, use_tqdm=False)
-    assert preempted, "expected the 12-block cache to force a preemption"
+    assert preempted, "expected the 9-block cache to force a preemption"
     for prompt, out in zip(prompts, first + rest):
         assert out["token_ids"] == hf_greedy(hf_tied, prompt, params.max_tokens)
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks

@@ -1,0 +1,420 @@
+"""Throughput on the reference workload, and how close it comes to the GPU's memory-bandwidth limit.
+
+Workload (SPEC.md): random.seed(0); 256 prompts of randint(100, 1024) token ids drawn with randint(0, 10000),
+then one SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, 1024)) each; one short
+warm-up generate; the timed generate makes 133,966 output tokens. Deviations, only when asked for:
+- a maximum length below 100 (tiny smoke tests) draws lengths from randint(max(1, max // 4), max);
+- a model whose vocabulary has at most 10,000 ids gets every drawn id reduced modulo its vocabulary size;
+- --shared-prefix N draws N ids from random.Random(1) after everything else and writes them over the first
+  N tokens of every prompt longer than N (shorter prompts stay as drawn); no prompt length changes.
+Limit: decode must at least read the weights once per step, read every cached token of every running
+request once per step and write the new token's K/V; those bytes over the measured device copy bandwidth
+are the floor time, and output tokens over the floor time are the limit.
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_MODEL = "~/huggingface/Qwen3-0.6B/"
+BUILTIN_MODELS = ("qwen3-0.6b-random", "tiny-qwen3")
+TOKEN_ID_HIGH = 10000
+REFERENCE = {"num_seqs": 256, "max_input_len": 1024, "max_output_len": 1024}
+REFERENCE_TOKENS = (133966, 142827)  # output, prompt
+PREFILL_TFLOPS = 800.0  # assumed bf16 matmul rate on an H100 for the "with prefill" limit (KERNELS.md)
+
+
+@dataclasses.dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+def make_workload(num_seqs: int, max_input_len: int, max_output_len: int, shared_prefix: int = 0,
+                  vocab_size: int | None = None) -> Workload:
+    """The reference draws in the reference order: all prompts first, then all max_tokens."""
+    def low(high: int) -> int:
+        return 100 if high >= 100 else max(1, high // 4)
+
+    random.seed(0)
+    prompts = [[random.randint(0, TOKEN_ID_HIGH)
+                for _ in range(random.randint(low(max_input_len), max_input_len))] for _ in range(num_seqs)]
+    max_tokens = [random.randint(low(max_output_len), max_output_len) for _ in range(num_seqs)]
+    if shared_prefix > 0:
+        rng = random.Random(1)
+        prefix = [rng.randint(0, TOKEN_ID_HIGH) for _ in range(shared_prefix)]
+        for p in prompts:
+            if len(p) > shared_prefix:
+                p[:shared_prefix] = prefix
+    if vocab_size is not None and vocab_size <= TOKEN_ID_HIGH:
+        prompts = [[t % vocab_size for t in p] for p in prompts]
+    return Workload(prompts, max_tokens)
+
+
+# ---- the bandwidth limit -----------------------------------------------------------------------------------
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def kv_bytes_per_token(cfg: Any, elem_size: int) -> int:
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * _head_dim(cfg) * elem_size
+
+
+def decode_bytes(wl: Workload, weight_bytes: int, kv_token_bytes: int) -> dict[str, int]:
+    """Least bytes decode moves: step s = 1..max(max_tokens)-1 (token 1 comes from prefill) reads the weights
+    once, and each request still running at step s reads its prompt_len + s cached tokens and writes one."""
+    steps = max(wl.max_tokens) - 1
+    read = written = 0
+    for prompt, m in zip(wl.prompts, wl.max_tokens, strict=True):
+        n = m - 1  # the decode steps this request takes part in
+        read += n * len(prompt) + n * (n + 1) // 2  # sum over s = 1..n of (prompt_len + s)
+        written += n
+    parts = {"steps": steps, "weights": steps * weight_bytes, "kv_read": read * kv_token_bytes,
+             "kv_write": written * kv_token_bytes}
+    parts["total"] = parts["weights"] + parts["kv_read"] + parts["kv_write"]
+    return parts
+
+
+def prefill_tflop(wl: Workload, cfg: Any, non_embedding_params: int) -> float:
+    """Matmul work of prefill: 2 FLOPs per non-embedding parameter per token, plus causal attention."""
+    attn = sum(len(p) * (len(p) + 1) for p in wl.prompts) * 2 * cfg.num_attention_heads * _head_dim(cfg)
+    return (2 * non_embedding_params * wl.prompt_tokens + attn * cfg.num_hidden_layers) / 1e12
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float | None:
+    """Bytes read + written per second by a device-to-device copy (median of `repeats`); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    seconds = []
+    with torch.cuda.device(device):
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+        del src, dst
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return 2 * nbytes / statistics.median(seconds)
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())  # tied weights counted once
+
+
+def human(n: float, unit: str = "B") -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+# ---- engines: each returns (seconds, generated tokens, details) --------------------------------------------
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def summary(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"steps": 0}
+    return {"steps": len(values), "sum": sum(values), "min": min(values), "max": max(values),
+            "mean": statistics.fmean(values), "median": statistics.median(values)}
+
+
+def memory_stats() -> dict[str, int] | None:
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return {"max_memory_allocated": torch.cuda.max_memory_allocated(), "used_total_minus_free": total - free,
+            "total": total}
+
+
+Result = tuple[float, int, dict[str, Any]]  # seconds, generated tokens, details
+
+
+def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload, notes: list[str]) -> Result:
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.config import Config
+
+    names = ("max_model_len", "enforce_eager", "device", "dtype", "attention_backend",
+             "gpu_memory_utilization", "kvcache_block_size")
+    kwargs: dict[str, Any] = {name: getattr(args, name) for name in names}
+    if args.no_overlap:
+        if "overlap_scheduling" in {f.name for f in dataclasses.fields(Config)}:
+            kwargs["overlap_scheduling"] = False
+        else:
+            notes.append("--no-overlap: Config has no overlap_scheduling field; nothing was turned off")
+            print(notes[-1])
+    llm = LLM(path, **kwargs)
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in wl.max_tokens]
+    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
+    step_tokens: list[int] = []
+    engine_step = llm.step
+
+    def counting_step() -> tuple[list, int]:  # generate() calls self.step(): note each step's token count
+        out = engine_step()
+        step_tokens.append(out[1])
+        return out
+
+    llm.step = counting_step
+    _sync()
+    start = time.perf_counter()
+    outputs = llm.generate(wl.prompts, params, use_tqdm=False)
+    _sync()
+    seconds = time.perf_counter() - start
+    del llm.step
+    runner = llm.model_runner
+    prefill = [n for n in step_tokens if n > 0]
+    decode = [-n for n in step_tokens if n < 0]
+    details = {
+        "attention_backend": runner.backend.name, "dtype": str(runner.dtype).removeprefix("torch."),
+        "elem_size": torch.empty(0, dtype=runner.dtype).element_size(),
+        "weight_bytes": param_bytes(runner.model), "memory": memory_stats(),
+        "engine_config": {f.name: getattr(llm.config, f.name) for f in dataclasses.fields(llm.config)
+                          if f.name != "hf_config"},
+        "steps": {"prefill_tokens_per_step": summary(prefill), "decode_batch_size": summary(decode)}}
+    llm.exit()
+    return seconds, sum(len(o["token_ids"]) for o in outputs), details
+
+
+def run_hf(args: argparse.Namespace, path: str, wl: Workload, notes: list[str]) -> Result:
+    """transformers' continuous batching (ContinuousBatchingManager): greedy, EOS disabled (-1)."""
+    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else \
+        torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.attention_backend == "flash-attn":
+        attn = "flash_attention_2"
+    else:  # transformers 5.17 calls paged SDPA "paged|sdpa"; 5.24 dropped the prefix ("sdpa" is paged there)
+        attn = "paged|sdpa" if "paged|sdpa" in ALL_ATTENTION_FUNCTIONS else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+    no_flash = "flash" not in attn and "auto_switch_to_flash" in {
+        f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    gen_config = GenerationConfig(do_sample=False, max_new_tokens=max(wl.max_tokens), eos_token_id=-1)
+    cb_config = ContinuousBatchingConfig(**({"auto_switch_to_flash": False} if no_flash else {}))
+    init_kwargs: dict[str, Any] = {"generation_config": gen_config, "continuous_batching_config": cb_config}
+    if "workload_hints" in inspect.signature(model.init_continuous_batching).parameters:
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
+        init_kwargs["workload_hints"] = WorkloadHints(max_prompt_length=max(map(len, wl.prompts)),
+                                                      max_generated_length=max(wl.max_tokens),
+                                                      num_requests=len(wl.prompts))
+    manager = model.init_continuous_batching(**init_kwargs)
+    eos = {"eos_token_id": -1} if "eos_token_id" in inspect.signature(manager.add_request).parameters else {}
+
+    def run(prompts: list[list[int]], max_tokens: list[int], tag: str) -> int:
+        for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True)):
+            manager.add_request(p, request_id=f"{tag}{i}", max_new_tokens=m, **eos)
+        done = generated = 0
+        while done < len(prompts):
+            result = manager.get_result(timeout=1)
+            if result is None and not manager.is_running():
+                raise RuntimeError("transformers' generation thread stopped before all requests finished")
+            if result is None or not result.is_finished():
+                continue
+            if result.error:
+                raise RuntimeError(f"request {result.request_id} failed: {result.error}")
+            done, generated = done + 1, generated + len(result.generated_tokens)
+        return generated
+
+    if hasattr(manager, "warmup"):
+        manager.warmup()
+    manager.start()
+    try:
+        run([[1, 2, 3, 4]], [8], "warmup_")
+        _sync()
+        start = time.perf_counter()
+        generated = run(wl.prompts, wl.max_tokens, "req_")
+        _sync()
+        seconds = time.perf_counter() - start
+        mem = memory_stats()
+    finally:
+        manager.stop(block=True)
+    return seconds, generated, {
+        "attention_backend": f"transformers:{attn}", "dtype": str(dtype).removeprefix("torch."),
+        "elem_size": torch.empty(0, dtype=dtype).element_size(), "weight_bytes": param_bytes(model),
+        "memory": mem}
+
+
+def run_vllm(args: argparse.Namespace, path: str, wl: Workload, notes: list[str]) -> Result:
+    from vllm import LLM as VLLM
+    from vllm import SamplingParams as VSP
+
+    llm = VLLM(path, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, dtype=args.dtype,
+               gpu_memory_utilization=args.gpu_memory_utilization)
+    params = [VSP(temperature=0.6, ignore_eos=True, max_tokens=m) for m in wl.max_tokens]
+    llm.generate(["Benchmark: "], VSP(), use_tqdm=False)
+    prompts = [{"prompt_token_ids": p} for p in wl.prompts]
+    _sync()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    _sync()
+    seconds = time.perf_counter() - start
+    weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return seconds, sum(len(o.outputs[0].token_ids) for o in outputs), {
+        "attention_backend": "vllm", "dtype": args.dtype, "elem_size": 4 if args.dtype == "float32" else 2,
+        "weight_bytes": weights, "memory": memory_stats()}
+
+
+# ---- reporting ---------------------------------------------------------------------------------------------
+
+def git_commit() -> str | None:
+    try:
+        run = dict(cwd=REPO, capture_output=True, text=True, check=True, timeout=30)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain"], **run).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in ("triton", "transformers", "flash_attn", "vllm"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = None
+    return out
+
+
+def resolve_model(name: str) -> str:
+    path = os.path.expanduser(name)
+    if name in BUILTIN_MODELS or (name == DEFAULT_MODEL and not os.path.isdir(path)):
+        from nanovllm.utils.builtin_model import get_builtin_model
+
+        path = get_builtin_model(name if name in BUILTIN_MODELS else "qwen3-0.6b-random")
+        if name == DEFAULT_MODEL:
+            print(f"{name} does not exist: using the random-weight Qwen3-0.6B checkpoint at {path}")
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory or one of {BUILTIN_MODELS}")
+    p.add_argument("--engine", choices=("nanovllm", "hf", "vllm"), default="nanovllm")
+    p.add_argument("--num-seqs", type=int, default=REFERENCE["num_seqs"])
+    p.add_argument("--max-input-len", type=int, default=REFERENCE["max_input_len"])
+    p.add_argument("--max-output-len", type=int, default=REFERENCE["max_output_len"])
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="N", help="common first N prompt tokens")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--attention-backend", choices=("auto", "triton", "flash-attn", "torch"), default="auto")
+    p.add_argument("--no-overlap", action="store_true", help="overlap scheduling off, if the engine has it")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--kvcache-block-size", type=int, default=256)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.engine == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            print("vLLM is not installed (pip install vllm); use --engine nanovllm or hf", file=sys.stderr)
+            sys.exit(2)
+    from transformers import AutoConfig
+
+    path = resolve_model(args.model)
+    cfg = AutoConfig.from_pretrained(path)
+    random_weights = os.path.isfile(os.path.join(path, "nanovllm_builtin.json"))
+    wl = make_workload(args.num_seqs, args.max_input_len, args.max_output_len, args.shared_prefix,
+                       cfg.vocab_size)
+    reference = all(getattr(args, k) == v for k, v in REFERENCE.items())
+    if reference:
+        assert (wl.output_tokens, wl.prompt_tokens) == REFERENCE_TOKENS, "the reference workload drifted"
+    print(f"Workload: {len(wl.prompts)} requests, {wl.prompt_tokens:,} prompt tokens, {wl.output_tokens:,} "
+          f"output tokens{' (reference)' if reference else ''}, shared prefix {args.shared_prefix}")
+    device = _device(args.device)
+    bandwidth = copy_bandwidth(device)
+    print("Copy bandwidth: " + (f"{human(bandwidth, 'B/s')} (1 GiB device copy, read + write, median of 10)"
+                                if bandwidth else f"not measured on {device.type} (CUDA only)"))
+
+    notes: list[str] = []
+    engine = {"nanovllm": run_nanovllm, "hf": run_hf, "vllm": run_vllm}[args.engine]
+    seconds, generated, details = engine(args, path, wl, notes)
+    if generated != wl.output_tokens:
+        raise RuntimeError(f"the engine generated {generated} tokens, expected {wl.output_tokens}")
+    throughput = wl.output_tokens / seconds
+
+    kv_token = kv_bytes_per_token(cfg, details["elem_size"])
+    parts = decode_bytes(wl, details["weight_bytes"], kv_token)
+    embedding = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    tflop = prefill_tflop(wl, cfg, details["weight_bytes"] // details["elem_size"] - embedding)
+    floor_s = parts["total"] / bandwidth if bandwidth else None
+    limit = wl.output_tokens / floor_s if floor_s else None
+    limit_prefill = wl.output_tokens / (floor_s + tflop / PREFILL_TFLOPS) if floor_s else None
+    print(f"Decode must move {human(parts['total'])} in {parts['steps']} steps: weights "
+          f"{human(details['weight_bytes'])} x {parts['steps']} = {human(parts['weights'])} + KV read "
+          f"{human(parts['kv_read'])} + KV write {human(parts['kv_write'])} ({kv_token:,} B/token, "
+          f"{details['dtype']}); prefill is ~{tflop:.3g} TFLOP of matmuls")
+    if floor_s:
+        print(f"Floor {floor_s:.2f} s: limit {limit:,.0f} tok/s ({limit_prefill:,.0f} tok/s counting prefill "
+              f"at {PREFILL_TFLOPS:.0f} TFLOP/s); achieved {throughput / limit:.1%} of the limit")
+    mem = details.get("memory")
+    if mem:
+        print(f"GPU memory: peak allocated {mem['max_memory_allocated'] / 2**30:.2f} GiB, in use at the end "
+              f"{mem['used_total_minus_free'] / 2**30:.2f} of {mem['total'] / 2**30:.2f} GiB "
+              f"(gpu_memory_utilization {args.gpu_memory_utilization})")
+    print(f"Engine {args.engine}, attention {details['attention_backend']}, {details['dtype']}, model {path}"
+          + (" (random weights)" if random_weights else ""))
+    if args.json:
+        result = {
+            "engine": args.engine, "model": path, "random_weights": random_weights, "options": vars(args),
+            "total_tokens": wl.output_tokens, "prompt_tokens": wl.prompt_tokens, "seconds": seconds,
+            "tok_per_s": throughput, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "versions": versions(), "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "bandwidth": {"copy_bytes_per_s": bandwidth, "kv_bytes_per_token": kv_token,
+                          "weight_bytes": details["weight_bytes"], "decode_bytes": parts, "floor_s": floor_s,
+                          "limit_tok_per_s": limit, "fraction_of_limit": limit and throughput / limit,
+                          "prefill_tflop": tflop, "limit_with_prefill_tok_per_s": limit_prefill},
+            "memory": mem, "gpu_memory_utilization": args.gpu_memory_utilization,
+            "attention_backend": details["attention_backend"], "notes": notes,
+            **{k: details[k] for k in ("dtype", "steps", "engine_config") if k in details}}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"Wrote {args.json}")
+    print(f"Total: {wl.output_tokens}tok, Time: {seconds:.2f}s, Throughput: {throughput:.2f}tok/s")
+
+
+if __name__ == "__main__":
+    main()
