@@ -40,6 +40,8 @@ class Config:
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cuda", "cuda:N" or "cpu"
     dtype: str = "auto"  # "auto" (checkpoint dtype on GPU, float32 on CPU), "float32", "float16", "bfloat16"
     attention_backend: str = "auto"  # "auto", "flash-attn", "triton" or "torch"
+    # Prepare step N+1 on the CPU while the GPU runs step N (False: one step at a time, for debugging).
+    overlap_scheduling: bool = True
     # torch.compile the small elementwise ops: None means on for CUDA, off for CPU.
     torch_compile: bool | None = None
     # On CPU, `num_kvcache_blocks=-1` sizes the KV cache from this many bytes (see README).
@@ -103,8 +105,9 @@ class Config:
             raise ValueError(f"num_kvcache_blocks must be -1 (size automatically) or >= 1, got {self.num_kvcache_blocks}")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if not isinstance(self.enforce_eager, bool):
-            raise TypeError(f"enforce_eager must be a bool, got {type(self.enforce_eager).__name__}")
+        for name in ("enforce_eager", "overlap_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.torch_compile is not None and not isinstance(self.torch_compile, bool):
             raise TypeError(f"torch_compile must be None, True or False, got {self.torch_compile!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:

@@ -180,12 +180,25 @@ class BlockManager:
                 raise ValueError(f"no free KV block for sequence {seq.seq_id}")
             seq.block_table.append(self._take_free_block().block_id)
         assert len(seq.block_table) == seq.num_blocks, seq
-        if seq.num_tokens % self.block_size == 0:
-            last = self.blocks[seq.block_table[-1]]
-            prev_hash = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else None
-            if last.hash is None and (len(seq.block_table) == 1 or prev_hash is not None):
-                token_ids = seq.block(seq.num_blocks - 1)
-                self._register(last, self.compute_hash(token_ids, prev_hash), token_ids)
+        if not seq.has_pending_token:
+            self.hash_filled_block(seq, seq.num_tokens - 1)
+
+    def hash_filled_block(self, seq: Sequence, position: int) -> None:
+        """If the token at `position` completes a block of known tokens, register that block's hash.
+
+        Called when a token's value becomes known: before its decode step, or, with overlap
+        scheduling, when the sampled value is read back.
+        """
+        if (position + 1) % self.block_size or position + 1 > seq.num_tokens:
+            return
+        i = position // self.block_size
+        if i >= len(seq.block_table):
+            return
+        block = self.blocks[seq.block_table[i]]
+        prev_hash = self.blocks[seq.block_table[i - 1]].hash if i > 0 else None
+        if block.hash is None and (i == 0 or prev_hash is not None):
+            token_ids = seq.block(i)
+            self._register(block, self.compute_hash(token_ids, prev_hash), token_ids)
 
     def check_integrity(self) -> None:
         """Raise AssertionError if the free/used sets, reference counts or hash map disagree."""

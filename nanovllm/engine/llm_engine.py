@@ -37,6 +37,7 @@ class LLMEngine:
         self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, eos,
                                    self.block_manager, config.max_model_len)
+        self._inflight = None  # (LaunchedBatch, StepResult) of a step not yet read back
         self._seq_ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         atexit.register(self.exit)
@@ -49,6 +50,7 @@ class LLMEngine:
             return
         self._exited = True
         atexit.unregister(self.exit)
+        self._inflight = None
         self.model_runner.exit()
 
     def __enter__(self):
@@ -115,20 +117,47 @@ class LLMEngine:
 
     def step(self) -> tuple[list[tuple[int, list[int]]], int]:
         """Run one step. Returns the requests that finished in it as (seq_id, completion token ids),
-        and the tokens processed: positive for a prefill step, minus the batch size for decode."""
+        and the tokens processed: positive for a prefill step, minus the batch size for decode.
+
+        With overlap scheduling the step is launched on the GPU and the previous step's tokens are
+        read back while it runs, so a request can be reported one call after its last step.
+        """
         self._check_alive()
-        batch = self.scheduler.schedule()
-        token_ids = self.model_runner.run(batch)
-        finished = self.scheduler.postprocess(batch, token_ids)
+        finished = []
+        batch = self.scheduler.try_schedule()
+        if batch is None and self._inflight is not None:
+            # Nothing can start until the step in flight is read back (it may free blocks).
+            finished += self._finalize_inflight()
+            batch = self.scheduler.try_schedule()
+        if batch is None:
+            if self.scheduler.is_finished():
+                return self._outputs(finished), 0
+            raise RuntimeError("scheduler has no sequence to run although requests are pending")
+        result = self.model_runner.launch(batch)
+        launched = self.scheduler.on_launched(batch)
+        finished += self._finalize_inflight()
+        self._inflight = (launched, result)
+        if not self.config.overlap_scheduling or not self.scheduler.has_unlaunched_work():
+            finished += self._finalize_inflight()
+        num_tokens = batch.num_tokens if batch.is_prefill else -len(batch.seqs)
+        return self._outputs(finished), num_tokens
+
+    def _finalize_inflight(self) -> list[Sequence]:
+        if self._inflight is None:
+            return []
+        launched, result = self._inflight
+        self._inflight = None
+        return self.scheduler.finalize(launched, result.tolist())
+
+    def _outputs(self, finished: list[Sequence]) -> list[tuple[int, list[int]]]:
         outputs = []
         for seq in finished:
             self._seqs.pop(seq.seq_id, None)
             outputs.append((seq.seq_id, seq.completion_token_ids))
-        num_tokens = batch.num_tokens if batch.is_prefill else -len(batch.seqs)
-        return outputs, num_tokens
+        return outputs
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.scheduler.is_finished() and self._inflight is None
 
     def generate(
         self,
@@ -157,7 +186,8 @@ class LLMEngine:
         pbar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
         try:
-            while any(r is None for r in results):
+            remaining = len(seqs)
+            while remaining:
                 t = perf_counter()
                 finished, num_tokens = self.step()
                 dt = perf_counter() - t
@@ -169,8 +199,10 @@ class LLMEngine:
                 for seq_id, token_ids in finished:
                     if seq_id in order:
                         results[order[seq_id]] = token_ids
+                        remaining -= 1
                         pbar.update(1)
         except BaseException:
+            self._inflight = None  # its tokens belong to requests aborted below
             for seq in seqs:
                 if seq.seq_id in self._seqs:
                     self.abort_request(seq.seq_id)

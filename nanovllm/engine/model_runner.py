@@ -19,6 +19,22 @@ from nanovllm.utils.loader import load_model
 logger = logging.getLogger(__name__)
 
 
+class StepResult:
+    """Sampled tokens of a launched step, read back on demand. On CUDA the tokens are copied into
+    pinned host memory without blocking and an event marks when they are there."""
+
+    def __init__(self, tokens: torch.Tensor, host: torch.Tensor | None = None, event=None):
+        self._tokens = tokens
+        self._host = host
+        self._event = event
+
+    def tolist(self) -> list[int]:
+        if self._event is None:
+            return self._tokens.tolist()
+        self._event.synchronize()
+        return self._host.tolist()
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()
@@ -56,6 +72,8 @@ class ModelRunner:
         self.max_num_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
         self.kv_cache = torch.tensor([])
         self.graph_runner = None
+        self._prev_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._prev_rows: dict[int, int] = {}
         if self.device.type == "cuda":
             self._warmup()
         self._allocate_kv_cache()
@@ -192,7 +210,6 @@ class ModelRunner:
 
     def prepare_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         seqs = batch.seqs
-        input_ids = [seq.last_token for seq in seqs]
         positions = [seq.num_tokens - 1 for seq in seqs]
         context_lens = [seq.num_tokens for seq in seqs]
         slot_mapping = [seq.block_table[-1] * self.block_size + seq.last_block_num_tokens - 1 for seq in seqs]
@@ -205,7 +222,20 @@ class ModelRunner:
             seqlens_q=[1] * len(seqs),
             seqlens_k=context_lens,
         )
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), meta
+        return self._decode_input_ids(seqs), self._to_device(positions, torch.int64), meta
+
+    def _decode_input_ids(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Each sequence's newest token. A token still being sampled by the previous step (overlap
+        scheduling) is taken from that step's output on the device, never read back to the host."""
+        if not any(seq.has_pending_token for seq in seqs):
+            return self._to_device([seq.last_token for seq in seqs], torch.int64)
+        rows = self._prev_rows
+        if all(seq.has_pending_token for seq in seqs):
+            return self._prev_tokens[self._to_device([rows[seq.seq_id] for seq in seqs], torch.int64)]
+        host = self._to_device([seq.last_token for seq in seqs], torch.int64)
+        pending = self._to_device([seq.has_pending_token for seq in seqs], torch.bool)
+        src = self._to_device([rows.get(seq.seq_id, 0) for seq in seqs], torch.int64)
+        return torch.where(pending, self._prev_tokens[src], host)
 
     # ---- running -----------------------------------------------------------------------------
 
@@ -222,10 +252,24 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int]:
-        """Run one scheduled step and return one sampled token per sequence."""
+    def launch(self, batch: ScheduledBatch) -> StepResult:
+        """Start one scheduled step; its sampled tokens (one per sequence) come from the result."""
         prepare = self.prepare_prefill if batch.is_prefill else self.prepare_decode
         input_ids, positions, meta = prepare(batch)
         temperatures = self._to_device([seq.temperature for seq in batch.seqs], torch.float32)
         logits = self.run_model(input_ids, positions, meta)
-        return self.sampler(logits, temperatures).tolist()
+        tokens = self.sampler(logits, temperatures)
+        # Kept on the device so the next decode step can read tokens not yet seen by the host.
+        self._prev_tokens = tokens
+        self._prev_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
+        if self.device.type != "cuda":
+            return StepResult(tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return StepResult(tokens, host, event)
+
+    def run(self, batch: ScheduledBatch) -> list[int]:
+        """Run one scheduled step and return one sampled token per sequence."""
+        return self.launch(batch).tolist()

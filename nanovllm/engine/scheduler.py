@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -24,6 +24,15 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+
+@dataclass(slots=True)
+class LaunchedBatch:
+    """A batch whose model step has been started: `sampling[i]` is the index in `seqs[i].token_ids`
+    where its sampled token goes, or None for a prefill chunk that samples nothing."""
+
+    batch: ScheduledBatch
+    sampling: list[int | None]
 
 
 class Scheduler:
@@ -46,13 +55,21 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledBatch:
-        """Pick the next step. Waiting prompts go first (in arrival order); decode runs only when no
-        prompt can start. Only the first sequence of a prefill batch may be chunked."""
+        """The next step; RuntimeError if requests are pending but none can run."""
+        batch = self.try_schedule()
+        if batch is None:
+            raise RuntimeError("scheduler has no sequence to run although requests are pending")
+        return batch
+
+    def try_schedule(self) -> ScheduledBatch | None:
+        """Pick the next step, or None if nothing can run now. Waiting prompts go first (in arrival
+        order); decode runs only when no prompt can start. Only the first sequence of a prefill
+        batch may be chunked."""
         seqs: list[Sequence] = []
         num_new: list[int] = []
         budget = self.max_num_batched_tokens
         for seq in self.waiting:
-            if len(seqs) == self.max_num_seqs or budget == 0:
+            if len(seqs) == self.max_num_seqs or budget == 0 or seq.has_pending_token:
                 break
             if not seq.block_table:  # not started: needs blocks for the whole sequence
                 if not self.block_manager.can_allocate(seq):
@@ -77,8 +94,12 @@ class Scheduler:
                     self.running.append(seq)
             return ScheduledBatch("prefill", seqs, num_new)
 
+        finishing: list[Sequence] = []  # their in-flight token is their last: nothing more to run
         while self.running and len(seqs) < self.max_num_seqs:
             seq = self.running.popleft()
+            if self.will_finish(seq):
+                finishing.append(seq)
+                continue
             while not self.block_manager.can_append(seq):
                 if self.running:
                     self.preempt(self.running.pop())  # the most recently admitted one
@@ -88,10 +109,18 @@ class Scheduler:
             else:
                 self.block_manager.may_append(seq)
                 seqs.append(seq)
+        self.running.extendleft(reversed(seqs + finishing))
         if not seqs:
-            raise RuntimeError("scheduler has no sequence to run although requests are pending")
-        self.running.extendleft(reversed(seqs))
+            return None
         return ScheduledBatch("decode", seqs, [1] * len(seqs))
+
+    def will_finish(self, seq: Sequence) -> bool:
+        """Whether `seq` stops at its newest token whatever its value (max_tokens, max_model_len)."""
+        return seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+
+    def has_unlaunched_work(self) -> bool:
+        """Whether anything beyond what is in flight could still run."""
+        return bool(self.waiting) or any(not self.will_finish(seq) for seq in self.running)
 
     def preempt(self, seq: Sequence) -> None:
         """Free `seq`'s blocks and put it back at the front of the queue to be recomputed."""
@@ -99,36 +128,59 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> list[Sequence]:
-        """Record a finished step: advance computed tokens, append sampled tokens, finish sequences.
-
-        `token_ids[i]` is the token sampled for `batch.seqs[i]`, or None for a prefill chunk that
-        did not reach the end of its sequence. Returns the sequences that finished.
-        """
-        finished = []
-        for seq, n, token_id in zip(batch.seqs, batch.num_new_tokens, token_ids):
+    def on_launched(self, batch: ScheduledBatch) -> LaunchedBatch:
+        """Record that the model step for `batch` has started: its tokens count as computed and
+        every sequence that samples gets a placeholder for the token being sampled."""
+        sampling: list[int | None] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens < seq.num_tokens:
-                continue  # prefill chunk: more of the prompt to go
-            assert token_id is not None, seq
-            seq.append_token(token_id)
-            if self._should_stop(seq, token_id):
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.deallocate(seq)
-                self.running.remove(seq)
+                sampling.append(None)  # prefill chunk: more of the prompt to go
+            else:
+                sampling.append(seq.num_tokens)
+                seq.append_token(PLACEHOLDER_TOKEN)
+        return LaunchedBatch(batch, sampling)
+
+    def finalize(self, launched: LaunchedBatch, token_ids: list[int | None]) -> list[Sequence]:
+        """Fill in the sampled tokens of a finished model step and stop the sequences that are done.
+
+        Returns the sequences that finished. A sequence aborted or stopped meanwhile is skipped.
+        """
+        finished = []
+        for seq, index, token_id in zip(launched.batch.seqs, launched.sampling, token_ids):
+            if index is None or seq.status == SequenceStatus.FINISHED:
+                continue
+            assert token_id is not None and seq.token_ids[index] == PLACEHOLDER_TOKEN, seq
+            seq.token_ids[index] = token_id
+            if index == seq.num_tokens - 1:
+                seq.last_token = token_id
+            self.block_manager.hash_filled_block(seq, index)
+            if self._should_stop(seq, token_id, index + 1):
+                seq.truncate(index + 1)
+                self._finish(seq)
                 finished.append(seq)
         return finished
 
-    def _should_stop(self, seq: Sequence, token_id: int) -> bool:
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int | None]) -> list[Sequence]:
+        """Record a finished step in one go (no overlap): `token_ids[i]` is the token sampled for
+        `batch.seqs[i]`, or None for a prefill chunk. Returns the sequences that finished."""
+        return self.finalize(self.on_launched(batch), token_ids)
+
+    def _finish(self, seq: Sequence) -> None:
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.deallocate(seq)
+
+    def _should_stop(self, seq: Sequence, token_id: int, length: int) -> bool:
+        """Whether `seq` stops once its first `length` tokens (ending with `token_id`) exist."""
         if not seq.ignore_eos and self.eos is not None and token_id == self.eos:
             return True
-        return seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+        return length - seq.num_prompt_tokens >= seq.max_tokens or length >= self.max_model_len
 
     def abort(self, seq: Sequence) -> None:
         """Drop a waiting or running sequence and free its blocks."""
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        elif seq in self.running:
-            self.running.remove(seq)
-        self.block_manager.deallocate(seq)
-        seq.status = SequenceStatus.FINISHED
+        if seq.status != SequenceStatus.FINISHED:
+            self._finish(seq)

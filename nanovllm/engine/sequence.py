@@ -5,6 +5,9 @@ from enum import Enum, auto
 
 from nanovllm.sampling_params import SamplingParams
 
+# Stands in for a token that was sampled on the GPU but not yet read back (overlap scheduling).
+PLACEHOLDER_TOKEN = -1
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -86,3 +89,15 @@ class Sequence:
         self.token_ids.append(token_id)
         self.last_token = token_id
         self.num_tokens += 1
+
+    @property
+    def has_pending_token(self) -> bool:
+        """Whether the newest token is still being sampled (its value not read back yet)."""
+        return self.token_ids[-1] == PLACEHOLDER_TOKEN
+
+    def truncate(self, num_tokens: int) -> None:
+        """Keep the first `num_tokens` tokens (drops a token sampled after the sequence stopped)."""
+        del self.token_ids[num_tokens:]
+        self.num_tokens = num_tokens
+        self.last_token = self.token_ids[-1]
+        self.num_computed_tokens = min(self.num_computed_tokens, num_tokens)

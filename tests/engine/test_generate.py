@@ -41,9 +41,10 @@ def assert_all_blocks_free(llm: LLM) -> None:
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_greedy_batch_matches_transformers(qwen3_tied, reference):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_greedy_batch_matches_transformers(qwen3_tied, reference, overlap):
     prompts = random_prompts(5, [3, 17, 33, 1, 60])
-    llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=64)
+    llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=64, overlap_scheduling=overlap)
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, outputs):
         assert out["token_ids"] == reference(prompt, GREEDY.max_tokens)
@@ -51,10 +52,11 @@ def test_greedy_batch_matches_transformers(qwen3_tied, reference):
     assert_all_blocks_free(llm)
 
 
-def test_prefix_cache_hits_reduce_prefill_and_keep_outputs(qwen3_tied, reference):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_prefix_cache_hits_reduce_prefill_and_keep_outputs(qwen3_tied, reference, overlap):
     shared = random_prompts(1, [48], seed=7)[0]  # three full blocks of 16
     tails = random_prompts(3, [5, 9, 20], seed=8)
-    llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=64)
+    llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=64, overlap_scheduling=overlap)
     first, prefilled_first, _ = run_steps(llm, [shared + tails[0]], GREEDY)
     second_prompts = [shared + t for t in tails[1:]]
     second, prefilled_second, _ = run_steps(llm, second_prompts, GREEDY)
@@ -75,7 +77,8 @@ def test_identical_prompts_share_blocks_in_one_batch(qwen3_tied, reference):
     assert_all_blocks_free(llm)
 
 
-def test_preemption_keeps_outputs(qwen3_tied, reference, monkeypatch):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_preemption_keeps_outputs(qwen3_tied, reference, monkeypatch, overlap):
     prompts = random_prompts(4, [20, 25, 30, 18], seed=5)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     preempted = []
@@ -87,7 +90,7 @@ def test_preemption_keeps_outputs(qwen3_tied, reference, monkeypatch):
 
     monkeypatch.setattr(Scheduler, "preempt", spy)
     # Each request needs 3 blocks of 16 at its longest; 7 blocks cannot hold all four.
-    llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=7)
+    llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=7, overlap_scheduling=overlap)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert preempted, "the cache was meant to be too small: no preemption happened"
     for prompt, out in zip(prompts, outputs):
@@ -95,9 +98,11 @@ def test_preemption_keeps_outputs(qwen3_tied, reference, monkeypatch):
     assert_all_blocks_free(llm)
 
 
-def test_chunked_prefill_keeps_outputs(qwen3_tied, reference):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_chunked_prefill_keeps_outputs(qwen3_tied, reference, overlap):
     prompts = random_prompts(3, [50, 37, 9], seed=11)
-    llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=64, max_num_batched_tokens=16)
+    llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=64, max_num_batched_tokens=16,
+              overlap_scheduling=overlap)
     chunks = []
     ids = [llm.add_request(p, GREEDY) for p in prompts]
     outputs = {}
