@@ -154,7 +154,10 @@ class Scheduler:
             seq.token_ids[index] = token_id
             if index == seq.num_tokens - 1:
                 seq.last_token = token_id
-            self.block_manager.hash_filled_block(seq, index)
+            if index < seq.num_computed_tokens:
+                # The token's K/V is being computed by a step already launched (overlap): a block it
+                # fills may be shared from now on. Otherwise may_append hashes it before its step.
+                self.block_manager.hash_filled_block(seq, index)
             if self._should_stop(seq, token_id, index + 1):
                 seq.truncate(index + 1)
                 self._finish(seq)
