@@ -58,6 +58,9 @@ class TorchAttentionBackend(AttentionBackend):
         values = v_cache[tables].flatten(1, 2)
         positions = torch.arange(max_blocks * block_size, device=q.device)
         mask = positions[None, :] < meta.context_lens[:, None]  # [batch, max_len]
+        # Slots past the context are masked, but 0 * NaN is NaN: clear whatever they hold.
+        keys = keys.masked_fill(~mask[:, :, None, None], 0)
+        values = values.masked_fill(~mask[:, :, None, None], 0)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [batch, heads, 1, head_dim]
             keys.transpose(1, 2),  # [batch, kv_heads, max_len, head_dim]

@@ -1,5 +1,6 @@
 """Runs the model: builds per-step inputs, owns the KV cache, the sampler and the CUDA graphs."""
 
+import gc
 import logging
 from contextlib import contextmanager
 
@@ -137,8 +138,9 @@ class ModelRunner:
                 num_blocks = max(1, min(cfg.cpu_kvcache_bytes // block_bytes, enough))
             cfg.num_kvcache_blocks = int(num_blocks)
         layer = self.attention_layers[0]
-        # [K/V, layers, blocks, block_size, kv_heads, head_dim]
-        self.kv_cache = torch.empty(2, len(self.attention_layers), cfg.num_kvcache_blocks, self.block_size,
+        # [K/V, layers, blocks, block_size, kv_heads, head_dim]. Zeroed: attention may load slots past a
+        # sequence's end (masked out), and uninitialised memory can hold NaNs, which a mask does not undo.
+        self.kv_cache = torch.zeros(2, len(self.attention_layers), cfg.num_kvcache_blocks, self.block_size,
                                     layer.num_kv_heads, layer.head_dim, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.attention_layers):
             attn.k_cache = self.kv_cache[0, i]
@@ -147,10 +149,15 @@ class ModelRunner:
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
 
     def exit(self) -> None:
+        """Free the CUDA graphs, the KV cache and the weights."""
         self.graph_runner = None
         for attn in self.attention_layers:
             attn.k_cache = attn.v_cache = torch.tensor([])
         self.kv_cache = torch.tensor([])
+        self.attention_layers = []
+        self.model = None
+        self._prev_tokens = torch.empty(0, dtype=torch.int64)
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()

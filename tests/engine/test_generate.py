@@ -169,3 +169,13 @@ def test_context_manager_and_exit_is_idempotent(qwen3_tied):
     llm.exit()
     with pytest.raises(RuntimeError, match="exited"):
         llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+
+
+def test_garbage_in_unused_cache_slots_is_ignored(qwen3_tied, reference):
+    """Slots no sequence has written may hold anything, NaN included: outputs must not change."""
+    prompts = random_prompts(3, [5, 20, 33], seed=12)
+    llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=32)
+    llm.model_runner.kv_cache.fill_(float("nan"))
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        assert out["token_ids"] == reference(prompt, GREEDY.max_tokens)
