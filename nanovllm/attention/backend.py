@@ -21,6 +21,9 @@ class AttentionBackend(ABC):
     def check_block_size(self, block_size: int) -> None:
         """Raise ValueError if this backend cannot use caches of `block_size` tokens per block."""
 
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Raise ValueError if this backend cannot compute in `dtype`."""
+
     @abstractmethod
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -49,12 +52,13 @@ def flash_attn_available() -> bool:
     return True
 
 
-def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Pick the backend once: 'auto' is flash-attn when it imports on CUDA, else Triton on CUDA,
-    else PyTorch."""
+def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """Pick the backend once: 'auto' is flash-attn when it imports on CUDA (and the dtype is 16-bit),
+    else Triton on CUDA, else PyTorch."""
     if name == "auto":
         if device.type == "cuda":
-            name = "flash-attn" if flash_attn_available() else "triton"
+            half = dtype in (torch.float16, torch.bfloat16)
+            name = "flash-attn" if half and flash_attn_available() else "triton"
         else:
             name = "torch"
     if name == "torch":

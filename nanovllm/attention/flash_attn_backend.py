@@ -1,5 +1,6 @@
 """flash-attn's paged kernels (the original nano-vllm's calls); the KV store is our Triton kernel."""
 
+import torch
 from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
 from nanovllm.attention.backend import AttentionBackend
@@ -11,6 +12,11 @@ from nanovllm.utils.context import AttentionMetadata
 class FlashAttnBackend(AttentionBackend):
     name = "flash-attn"
     supports_cuda_graphs = True
+
+    def check_dtype(self, dtype) -> None:
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attention_backend='flash-attn' runs in float16 or bfloat16, not {dtype}; "
+                             f"pass dtype='bfloat16' or use attention_backend='triton'")
 
     def check_block_size(self, block_size: int) -> None:
         if block_size % FLASH_ATTN_BLOCK_SIZE_MULTIPLE:
@@ -33,6 +39,6 @@ class FlashAttnBackend(AttentionBackend):
         o = flash_attn_with_kvcache(
             q.unsqueeze(1),  # [batch, 1, num_heads, head_dim]
             k_cache, v_cache, cache_seqlens=meta.context_lens, block_table=meta.block_tables,
-            softmax_scale=scale, causal=True,
+            softmax_scale=scale, causal=True, num_splits=meta.num_splits or 1,
         )
         return o.squeeze(1)  # [batch, num_heads, head_dim]

@@ -20,4 +20,5 @@ class TritonAttentionBackend(AttentionBackend):
                                  meta.max_seqlen_k, scale, block_tables=meta.block_tables)
 
     def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
-        return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+        return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                num_splits=meta.num_splits)

@@ -4,6 +4,8 @@ The runner knows nothing of any attention backend: it fills static input buffers
 `AttentionMetadata` views on them, and lets the model (and so the backend) run once under capture.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from nanovllm.utils.context import AttentionMetadata, set_forward_context
@@ -27,8 +29,10 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class CUDAGraphRunner:
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_num_blocks_per_seq: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+                 hidden_size: int, dtype: torch.dtype, device: torch.device,
+                 num_splits: Callable[[int], int]):
         self.model = model
+        self.num_splits = num_splits
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         max_bs = self.batch_sizes[-1]
         self.max_batch_size = max_bs
@@ -44,7 +48,8 @@ class CUDAGraphRunner:
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(is_prefill=False, slot_mapping=self.slot_mapping[:bs],
-                                 context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs])
+                                 context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs],
+                                 num_splits=self.num_splits(bs))
 
     @torch.inference_mode()
     def _capture(self) -> None:

@@ -8,8 +8,10 @@ import torch
 
 from nanovllm.attention import select_backend
 from nanovllm.config import Config
+from nanovllm.engine.cuda_graph import graph_batch_sizes
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
+from nanovllm.kernels.paged_attention import default_num_splits
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.registry import get_model_class, resolve_architecture
@@ -52,8 +54,9 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
-        self.backend = select_backend(config.attention_backend, self.device)
+        self.backend = select_backend(config.attention_backend, self.device, self.dtype)
         self.backend.check_block_size(self.block_size)
+        self.backend.check_dtype(self.dtype)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         hf_config = config.hf_config
@@ -83,7 +86,8 @@ class ModelRunner:
                 from nanovllm.engine.cuda_graph import CUDAGraphRunner
 
                 self.graph_runner = CUDAGraphRunner(self.model, config.max_num_seqs, self.max_num_blocks_per_seq,
-                                                    hf_config.hidden_size, self.dtype, self.device)
+                                                    hf_config.hidden_size, self.dtype, self.device,
+                                                    self.decode_num_splits)
             else:
                 logger.info("attention backend %r cannot be captured in CUDA graphs: decoding eagerly",
                             self.backend.name)
@@ -228,8 +232,18 @@ class ModelRunner:
             max_seqlen_k=max(context_lens),
             seqlens_q=[1] * len(seqs),
             seqlens_k=context_lens,
+            num_splits=self.decode_num_splits(len(seqs)),
         )
         return self._decode_input_ids(seqs), self._to_device(positions, torch.int64), meta
+
+    def decode_num_splits(self, batch_size: int) -> int:
+        """Split-K factor for a decode batch, the same whether or not it runs in a CUDA graph: chosen
+        for the graph bucket the batch falls in and the full block-table width."""
+        sizes = graph_batch_sizes(self.config.max_num_seqs)
+        bucket = next((s for s in sizes if s >= batch_size), batch_size)
+        layer = self.attention_layers[0]
+        return default_num_splits(self.device, bucket, layer.num_kv_heads, self.max_num_blocks_per_seq,
+                                  self.block_size)
 
     def _decode_input_ids(self, seqs: list[Sequence]) -> torch.Tensor:
         """Each sequence's newest token. A token still being sampled by the previous step (overlap

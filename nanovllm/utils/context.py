@@ -27,6 +27,9 @@ class AttentionMetadata:
     max_seqlen_k: int = 0
     context_lens: torch.Tensor | None = None  # [num_seqs] int32
     block_tables: torch.Tensor | None = None  # [num_seqs, max_num_blocks] int32, -1 padded
+    # Decode: how many parts each context is split into (split-K). Fixed per batch-size bucket, so
+    # eager and CUDA-graph decoding sum in the same order and give identical results.
+    num_splits: int | None = None
     # Host copies of the sequence lengths, for backends that loop over sequences on the CPU.
     seqlens_q: list[int] = field(default_factory=list)
     seqlens_k: list[int] = field(default_factory=list)
