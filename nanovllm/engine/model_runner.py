@@ -184,8 +184,9 @@ class ModelRunner:
             slots.extend(range(base + max(start, i * bs) - i * bs, base + min(end, (i + 1) * bs) - i * bs))
         return slots
 
-    def block_tables_tensor(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(seq.block_table) for seq in seqs)
+    def block_tables_tensor(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
+        """Block tables padded with -1 to `width` columns (default: the longest table)."""
+        width = width or max(len(seq.block_table) for seq in seqs)
         tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
         return self._to_device(tables, torch.int32)
 
@@ -228,7 +229,9 @@ class ModelRunner:
             is_prefill=False,
             slot_mapping=self._to_device(slot_mapping, torch.int64),
             context_lens=self._to_device(context_lens, torch.int32),
-            block_tables=self.block_tables_tensor(seqs),
+            # Full width, as in the CUDA graphs: flash-attn places its split-K boundaries by the table
+            # width, so eager and graph decoding then sum in the same order.
+            block_tables=self.block_tables_tensor(seqs, self.max_num_blocks_per_seq),
             max_seqlen_k=max(context_lens),
             seqlens_q=[1] * len(seqs),
             seqlens_k=context_lens,
