@@ -66,14 +66,17 @@ class Config:
             raise TypeError(f"model must be a path to a local directory, got {type(self.model).__name__}")
         self.model = os.path.expanduser(os.fspath(self.model))
         if not os.path.isdir(self.model):
-            raise ValueError(f"model directory {self.model!r} does not exist (models load from local directories)")
+            raise ValueError(
+                f"model directory {self.model!r} does not exist (models load from local directories)"
+            )
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model directory {self.model!r} has no config.json")
         names = os.listdir(self.model)
         if not any(n.endswith(".safetensors") for n in names):
             others = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
             why = (
-                f" (found {', '.join(sorted(others))}: pickle checkpoints are never loaded, convert them to safetensors)"
+                f" (found {', '.join(sorted(others))}: pickle checkpoints are never loaded, "
+                "convert them to safetensors)"
                 if others
                 else ""
             )
@@ -87,8 +90,14 @@ class Config:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
 
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kvcache_block_size",
-                     "tensor_parallel_size", "cpu_kvcache_bytes"):
+        for name in (
+            "max_num_batched_tokens",
+            "max_num_seqs",
+            "max_model_len",
+            "kvcache_block_size",
+            "tensor_parallel_size",
+            "cpu_kvcache_bytes",
+        ):
             positive_int(name)
         if self.kvcache_block_size % KV_BLOCK_SIZE_MULTIPLE:
             raise ValueError(
@@ -97,13 +106,21 @@ class Config:
             )
         if not 1 <= self.tensor_parallel_size <= MAX_TENSOR_PARALLEL_SIZE:
             raise ValueError(
-                f"tensor_parallel_size must be in 1..{MAX_TENSOR_PARALLEL_SIZE}, got {self.tensor_parallel_size}"
+                f"tensor_parallel_size must be in 1..{MAX_TENSOR_PARALLEL_SIZE}, "
+                f"got {self.tensor_parallel_size}"
             )
         if isinstance(self.num_kvcache_blocks, bool) or not isinstance(self.num_kvcache_blocks, int):
-            raise TypeError(f"num_kvcache_blocks must be an int, got {type(self.num_kvcache_blocks).__name__}")
+            raise TypeError(
+                f"num_kvcache_blocks must be an int, got {type(self.num_kvcache_blocks).__name__}"
+            )
         if self.num_kvcache_blocks != -1 and self.num_kvcache_blocks < 1:
-            raise ValueError(f"num_kvcache_blocks must be -1 (size automatically) or >= 1, got {self.num_kvcache_blocks}")
-        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"num_kvcache_blocks must be -1 (size automatically) or >= 1, got {self.num_kvcache_blocks}"
+            )
+        if (
+            not isinstance(self.gpu_memory_utilization, (int, float))
+            or not 0.0 < self.gpu_memory_utilization <= 1.0
+        ):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("enforce_eager", "overlap_scheduling"):
             if not isinstance(getattr(self, name), bool):
@@ -113,8 +130,12 @@ class Config:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu") or self.device.startswith("cuda")
+        ):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
     # ---- values resolved once the machine is known -------------------------------------------
@@ -127,11 +148,15 @@ class Config:
         dev = torch.device(name)
         if dev.type == "cuda":
             if not torch.cuda.is_available():
-                raise ValueError(f"device={self.device!r} was asked for but CUDA is not available on this machine")
+                raise ValueError(
+                    f"device={self.device!r} was asked for but CUDA is not available on this machine"
+                )
             if dev.index is None:
                 dev = torch.device("cuda", torch.cuda.current_device())
             if dev.index >= torch.cuda.device_count():
-                raise ValueError(f"device={self.device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+                raise ValueError(
+                    f"device={self.device!r}: this machine has {torch.cuda.device_count()} GPU(s)"
+                )
         return dev
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
@@ -152,6 +177,7 @@ def make_config(model: Any, kwargs: dict[str, Any]) -> Config:
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise TypeError(
-            f"unknown engine argument(s) {', '.join(unknown)}; valid ones are: {', '.join(a for a in allowed if a != 'model')}"
+            f"unknown engine argument(s) {', '.join(unknown)}; "
+            f"valid ones are: {', '.join(a for a in allowed if a != 'model')}"
         )
     return Config(model, **kwargs)

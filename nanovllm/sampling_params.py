@@ -18,9 +18,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise TypeError(f"SamplingParams.temperature must be a number, got {type(self.temperature).__name__}")
+            raise TypeError(
+                f"SamplingParams.temperature must be a number, got {type(self.temperature).__name__}"
+            )
         if not self.temperature >= 0.0 or self.temperature == float("inf"):
-            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, got {self.temperature}")
+            raise ValueError(
+                f"SamplingParams.temperature must be a finite number >= 0, got {self.temperature}"
+            )
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
             raise TypeError(f"SamplingParams.max_tokens must be an int, got {type(self.max_tokens).__name__}")
         if self.max_tokens < 1:

@@ -25,13 +25,27 @@ class AttentionBackend(ABC):
         """Raise ValueError if this backend cannot compute in `dtype`."""
 
     @abstractmethod
-    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+    def store_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
         """Write k, v `[num_tokens, num_kv_heads, head_dim]` into the cache; slot -1 is skipped."""
 
     @abstractmethod
-    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         """Causal attention of the new tokens over their sequence's prefix and themselves.
 
         Without `meta.block_tables` the keys are exactly the new k, v; with it they are read
@@ -39,8 +53,14 @@ class AttentionBackend(ABC):
         """
 
     @abstractmethod
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         """One query per sequence over its `meta.context_lens` cached tokens; `[batch, heads, dim]`."""
 
 
@@ -66,15 +86,19 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> Atten
 
         return TorchAttentionBackend()
     if device.type != "cuda":
-        raise ValueError(f"attention_backend={name!r} needs a CUDA device; on {device.type} use 'torch' or 'auto'")
+        raise ValueError(
+            f"attention_backend={name!r} needs a CUDA device; on {device.type} use 'torch' or 'auto'"
+        )
     if name == "triton":
         from nanovllm.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
     if name == "flash-attn":
         if not flash_attn_available():
-            raise ValueError("attention_backend='flash-attn' was asked for but the flash_attn package does not "
-                             "import; install it (pip install 'nano-vllm[flash-attn]') or use 'triton'")
+            raise ValueError(
+                "attention_backend='flash-attn' was asked for but the flash_attn package does not "
+                "import; install it (pip install 'nano-vllm[flash-attn]') or use 'triton'"
+            )
         from nanovllm.attention.flash_attn_backend import FlashAttnBackend
 
         return FlashAttnBackend()

@@ -15,13 +15,17 @@ class FlashAttnBackend(AttentionBackend):
 
     def check_dtype(self, dtype) -> None:
         if dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"attention_backend='flash-attn' runs in float16 or bfloat16, not {dtype}; "
-                             f"pass dtype='bfloat16' or use attention_backend='triton'")
+            raise ValueError(
+                f"attention_backend='flash-attn' runs in float16 or bfloat16, not {dtype}; "
+                f"pass dtype='bfloat16' or use attention_backend='triton'"
+            )
 
     def check_block_size(self, block_size: int) -> None:
         if block_size % FLASH_ATTN_BLOCK_SIZE_MULTIPLE:
-            raise ValueError(f"attention_backend='flash-attn' needs kvcache_block_size to be a multiple of "
-                             f"{FLASH_ATTN_BLOCK_SIZE_MULTIPLE}, got {block_size}")
+            raise ValueError(
+                f"attention_backend='flash-attn' needs kvcache_block_size to be a multiple of "
+                f"{FLASH_ATTN_BLOCK_SIZE_MULTIPLE}, got {block_size}"
+            )
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
         store_kvcache(k, v, k_cache, v_cache, slot_mapping)
@@ -30,15 +34,27 @@ class FlashAttnBackend(AttentionBackend):
         if meta.block_tables is not None:
             k, v = k_cache, v_cache
         return flash_attn_varlen_func(
-            q, k, v, cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=meta.cu_seqlens_k,
-            max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k, softmax_scale=scale, causal=True,
+            q,
+            k,
+            v,
+            cu_seqlens_q=meta.cu_seqlens_q,
+            cu_seqlens_k=meta.cu_seqlens_k,
+            max_seqlen_q=meta.max_seqlen_q,
+            max_seqlen_k=meta.max_seqlen_k,
+            softmax_scale=scale,
+            causal=True,
             block_table=meta.block_tables,
         )
 
     def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
         o = flash_attn_with_kvcache(
             q.unsqueeze(1),  # [batch, 1, num_heads, head_dim]
-            k_cache, v_cache, cache_seqlens=meta.context_lens, block_table=meta.block_tables,
-            softmax_scale=scale, causal=True, num_splits=meta.num_splits or 1,
+            k_cache,
+            v_cache,
+            cache_seqlens=meta.context_lens,
+            block_table=meta.block_tables,
+            softmax_scale=scale,
+            causal=True,
+            num_splits=meta.num_splits or 1,
         )
         return o.squeeze(1)  # [batch, num_heads, head_dim]

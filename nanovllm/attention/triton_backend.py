@@ -16,9 +16,19 @@ class TritonAttentionBackend(AttentionBackend):
     def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale):
         if meta.block_tables is not None:  # some sequence has a cached prefix: keys come from the cache
             k, v = k_cache, v_cache
-        return prefill_attention(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
-                                 meta.max_seqlen_k, scale, block_tables=meta.block_tables)
+        return prefill_attention(
+            q,
+            k,
+            v,
+            meta.cu_seqlens_q,
+            meta.cu_seqlens_k,
+            meta.max_seqlen_q,
+            meta.max_seqlen_k,
+            scale,
+            block_tables=meta.block_tables,
+        )
 
     def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
-        return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                num_splits=meta.num_splits)
+        return decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, num_splits=meta.num_splits
+        )

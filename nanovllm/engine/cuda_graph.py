@@ -28,9 +28,16 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class CUDAGraphRunner:
-    def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_num_blocks_per_seq: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device,
-                 num_splits: Callable[[int], int]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_num_seqs: int,
+        max_num_blocks_per_seq: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_splits: Callable[[int], int],
+    ):
         self.model = model
         self.num_splits = num_splits
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
@@ -47,9 +54,13 @@ class CUDAGraphRunner:
         self._capture()
 
     def _metadata(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(is_prefill=False, slot_mapping=self.slot_mapping[:bs],
-                                 context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs],
-                                 num_splits=self.num_splits(bs))
+        return AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self.slot_mapping[:bs],
+            context_lens=self.context_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            num_splits=self.num_splits(bs),
+        )
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -68,7 +79,9 @@ class CUDAGraphRunner:
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.max_batch_size
 
-    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def replay(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """Hidden states `[batch, hidden]` of one decode step."""
         bs = input_ids.numel()
         graph_bs = next(s for s in self.batch_sizes if s >= bs)

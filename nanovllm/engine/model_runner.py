@@ -15,8 +15,8 @@ from nanovllm.kernels.paged_attention import default_num_splits
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.registry import get_model_class, resolve_architecture
-from nanovllm.utils.context import AttentionMetadata, set_forward_context
 from nanovllm.utils.compile import enable_compilation
+from nanovllm.utils.context import AttentionMetadata, set_forward_context
 from nanovllm.utils.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -85,12 +85,20 @@ class ModelRunner:
             if self.backend.supports_cuda_graphs:
                 from nanovllm.engine.cuda_graph import CUDAGraphRunner
 
-                self.graph_runner = CUDAGraphRunner(self.model, config.max_num_seqs, self.max_num_blocks_per_seq,
-                                                    hf_config.hidden_size, self.dtype, self.device,
-                                                    self.decode_num_splits)
+                self.graph_runner = CUDAGraphRunner(
+                    self.model,
+                    config.max_num_seqs,
+                    self.max_num_blocks_per_seq,
+                    hf_config.hidden_size,
+                    self.dtype,
+                    self.device,
+                    self.decode_num_splits,
+                )
             else:
-                logger.info("attention backend %r cannot be captured in CUDA graphs: decoding eagerly",
-                            self.backend.name)
+                logger.info(
+                    "attention backend %r cannot be captured in CUDA graphs: decoding eagerly",
+                    self.backend.name,
+                )
 
     # ---- start-up ----------------------------------------------------------------------------
 
@@ -107,8 +115,9 @@ class ModelRunner:
         seqs = [Sequence(-1, [0] * seq_len, SamplingParams(), self.block_size) for _ in range(num_seqs)]
         self.run(ScheduledBatch("prefill", seqs, [seq_len] * num_seqs))
         # The largest decode batch computes logits and samples for max_num_seqs rows at once.
-        hidden = torch.zeros(cfg.max_num_seqs, self.config.hf_config.hidden_size, dtype=self.dtype,
-                             device=self.device)
+        hidden = torch.zeros(
+            cfg.max_num_seqs, self.config.hf_config.hidden_size, dtype=self.dtype, device=self.device
+        )
         self.sampler(self.model.compute_logits(hidden), torch.ones(cfg.max_num_seqs, device=self.device))
         torch.cuda.synchronize()
 
@@ -131,9 +140,9 @@ class ModelRunner:
                 num_blocks = budget // block_bytes
                 if num_blocks < 1:
                     raise ValueError(
-                        f"no GPU memory left for the KV cache: the budget is {budget / 2**30:.2f} GiB after the "
-                        f"model and activations (gpu_memory_utilization={cfg.gpu_memory_utilization}); one block "
-                        f"needs {block_bytes / 2**20:.1f} MiB"
+                        f"no GPU memory left for the KV cache: the budget is {budget / 2**30:.2f} GiB "
+                        f"after the model and activations (gpu_memory_utilization="
+                        f"{cfg.gpu_memory_utilization}); one block needs {block_bytes / 2**20:.1f} MiB"
                     )
             else:
                 # No useful free-memory figure on a CPU: spend a fixed budget, but never more than
@@ -144,13 +153,25 @@ class ModelRunner:
         layer = self.attention_layers[0]
         # [K/V, layers, blocks, block_size, kv_heads, head_dim]. Zeroed: attention may load slots past a
         # sequence's end (masked out), and uninitialised memory can hold NaNs, which a mask does not undo.
-        self.kv_cache = torch.zeros(2, len(self.attention_layers), cfg.num_kvcache_blocks, self.block_size,
-                                    layer.num_kv_heads, layer.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(
+            2,
+            len(self.attention_layers),
+            cfg.num_kvcache_blocks,
+            self.block_size,
+            layer.num_kv_heads,
+            layer.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
         for i, attn in enumerate(self.attention_layers):
             attn.k_cache = self.kv_cache[0, i]
             attn.v_cache = self.kv_cache[1, i]
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", cfg.num_kvcache_blocks, self.block_size,
-                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB)",
+            cfg.num_kvcache_blocks,
+            self.block_size,
+            self.kv_cache.numel() * self.kv_cache.element_size() / 2**30,
+        )
 
     def exit(self) -> None:
         """Free the CUDA graphs, the KV cache and the weights."""
@@ -245,8 +266,9 @@ class ModelRunner:
         sizes = graph_batch_sizes(self.config.max_num_seqs)
         bucket = next((s for s in sizes if s >= batch_size), batch_size)
         layer = self.attention_layers[0]
-        return default_num_splits(self.device, bucket, layer.num_kv_heads, self.max_num_blocks_per_seq,
-                                  self.block_size)
+        return default_num_splits(
+            self.device, bucket, layer.num_kv_heads, self.max_num_blocks_per_seq, self.block_size
+        )
 
     def _decode_input_ids(self, seqs: list[Sequence]) -> torch.Tensor:
         """Each sequence's newest token. A token still being sampled by the previous step (overlap
@@ -264,9 +286,15 @@ class ModelRunner:
     # ---- running -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def run_model(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """Logits at each sequence's last new token: `[num_seqs, vocab]`."""
-        if not meta.is_prefill and self.graph_runner is not None and self.graph_runner.can_run(input_ids.numel()):
+        if (
+            not meta.is_prefill
+            and self.graph_runner is not None
+            and self.graph_runner.can_run(input_ids.numel())
+        ):
             hidden = self.graph_runner.replay(input_ids, positions, meta)
         else:
             with set_forward_context(meta):

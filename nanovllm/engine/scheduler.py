@@ -38,8 +38,14 @@ class LaunchedBatch:
 class Scheduler:
     """Prefill-first scheduling with chunked prefill, LIFO preemption and prefix caching."""
 
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, eos: int | None,
-                 block_manager: BlockManager, max_model_len: int):
+    def __init__(
+        self,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        eos: int | None,
+        block_manager: BlockManager,
+        max_model_len: int,
+    ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len

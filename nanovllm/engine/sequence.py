@@ -24,9 +24,19 @@ class Sequence:
     """
 
     __slots__ = (
-        "seq_id", "status", "token_ids", "last_token", "num_tokens", "num_prompt_tokens",
-        "num_computed_tokens", "num_cached_tokens", "block_table", "block_size",
-        "temperature", "max_tokens", "ignore_eos",
+        "seq_id",
+        "status",
+        "token_ids",
+        "last_token",
+        "num_tokens",
+        "num_prompt_tokens",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "block_table",
+        "block_size",
+        "temperature",
+        "max_tokens",
+        "ignore_eos",
     )
 
     def __init__(self, seq_id: int, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
@@ -51,8 +61,10 @@ class Sequence:
         return self.token_ids[key]
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, status={self.status.name}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens}, blocks={self.block_table})")
+        return (
+            f"Sequence(id={self.seq_id}, status={self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_table})"
+        )
 
     @property
     def is_finished(self) -> bool:

@@ -20,14 +20,18 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings_per_partition = divide(num_embeddings, self.tp_size, "vocabulary size")
         self.vocab_start_idx = self.num_embeddings_per_partition * self.tp_rank
         self.vocab_end_idx = self.vocab_start_idx + self.num_embeddings_per_partition
-        self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_partition, embedding_dim), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(self.num_embeddings_per_partition, embedding_dim), requires_grad=False
+        )
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         shard = param.data.size(0)
         src = loaded_weight.narrow(0, self.tp_rank * shard, shard)
         if param.data.shape != src.shape:
-            raise ValueError(f"shape mismatch: parameter slice is {tuple(param.shape)}, checkpoint has {tuple(src.shape)}")
+            raise ValueError(
+                f"shape mismatch: parameter slice is {tuple(param.shape)}, checkpoint has {tuple(src.shape)}"
+            )
         param.data.copy_(src)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

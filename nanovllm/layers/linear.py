@@ -13,7 +13,9 @@ from nanovllm.utils.parallel import all_reduce, divide, get_tp_rank, get_tp_size
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.shape != src.shape:
-        raise ValueError(f"shape mismatch: parameter slice is {tuple(dst.shape)}, checkpoint has {tuple(src.shape)}")
+        raise ValueError(
+            f"shape mismatch: parameter slice is {tuple(dst.shape)}, checkpoint has {tuple(src.shape)}"
+        )
     dst.copy_(src)
 
 
@@ -78,8 +80,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """Query, key and value projections in one matmul, heads split across ranks."""
 
-    def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
-                 total_num_kv_heads: int | None = None, bias: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        head_size: int,
+        total_num_heads: int,
+        total_num_kv_heads: int | None = None,
+        bias: bool = False,
+    ):
         tp_size = get_tp_size()
         total_num_kv_heads = total_num_kv_heads or total_num_heads
         self.head_size = head_size
@@ -91,7 +99,9 @@ class QKVParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id: str) -> None:
         q_size = self.num_heads * self.head_size
         kv_size = self.num_kv_heads * self.head_size
-        offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[loaded_shard_id]
+        offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[
+            loaded_shard_id
+        ]
         dst = param.data.narrow(self.tp_dim, offset, size)
         src = loaded_weight.chunk(self.tp_size, self.tp_dim)[self.tp_rank]
         _copy_checked(dst, src)

@@ -33,15 +33,32 @@ CHAT_TEMPLATE = (
 )
 
 TINY_QWEN3 = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-6,
-    tie_word_embeddings=True, initializer_range=0.5,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    initializer_range=0.5,
 )
 # Qwen3-0.6B's published configuration (the reference benchmark model).
 QWEN3_0_6B = dict(
-    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
-    tie_word_embeddings=True, rope_theta=1000000.0, initializer_range=0.02,
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+    initializer_range=0.02,
 )
 
 
@@ -57,15 +74,21 @@ def build_tokenizer(vocab_size: int, out_dir: str) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
 
 
-def write_random_checkpoint(out_dir: str, hf_config, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> None:
+def write_random_checkpoint(
+    out_dir: str, hf_config, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> None:
     """Save random weights for `hf_config` as model.safetensors, with transformers' tensor names."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -88,7 +111,9 @@ def write_random_checkpoint(out_dir: str, hf_config, dtype: torch.dtype = torch.
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
-def build_qwen3_checkpoint(out_dir: str, overrides: dict, dtype: torch.dtype, tokenizer_vocab: int = 400) -> str:
+def build_qwen3_checkpoint(
+    out_dir: str, overrides: dict, dtype: torch.dtype, tokenizer_vocab: int = 400
+) -> str:
     """Write config.json, random weights and a small tokenizer for a Qwen3 model into `out_dir`."""
     from transformers import Qwen3Config
 

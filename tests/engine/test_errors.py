@@ -54,7 +54,9 @@ def test_directory_without_safetensors(qwen3_tied, tmp_path):
 
 
 def test_unsupported_architecture(qwen3_tied, tmp_path):
-    path = copy_model(qwen3_tied, tmp_path / "m", edit_config=lambda c: c.update(architectures=["GPT2LMHeadModel"]))
+    path = copy_model(
+        qwen3_tied, tmp_path / "m", edit_config=lambda c: c.update(architectures=["GPT2LMHeadModel"])
+    )
     with pytest.raises(ValueError, match="unsupported model architecture.*Qwen3ForCausalLM"):
         LLM(path)
 
@@ -64,26 +66,32 @@ def test_unknown_keyword(qwen3_tied):
         LLM(qwen3_tied, max_num_seq=4)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(kvcache_block_size=24), "multiple of 16"),
-    (dict(kvcache_block_size=0), ">= 1"),
-    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
-    (dict(tensor_parallel_size=9), "tensor_parallel_size"),
-    (dict(num_kvcache_blocks=0), "num_kvcache_blocks"),
-    (dict(dtype="float8"), "dtype"),
-    (dict(attention_backend="triton", device="cpu"), "needs a CUDA device"),
-    (dict(max_num_seqs=0), "max_num_seqs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kvcache_block_size=24), "multiple of 16"),
+        (dict(kvcache_block_size=0), ">= 1"),
+        (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+        (dict(tensor_parallel_size=9), "tensor_parallel_size"),
+        (dict(num_kvcache_blocks=0), "num_kvcache_blocks"),
+        (dict(dtype="float8"), "dtype"),
+        (dict(attention_backend="triton", device="cpu"), "needs a CUDA device"),
+        (dict(max_num_seqs=0), "max_num_seqs"),
+    ],
+)
 def test_invalid_config_values(qwen3_tied, kwargs, match):
     with pytest.raises(ValueError, match=match):
         LLM(qwen3_tied, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=-0.5), "temperature"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(max_tokens=0), "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(max_tokens=0), "max_tokens"),
+    ],
+)
 def test_invalid_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
@@ -95,15 +103,18 @@ def test_sampling_params_types():
     assert SamplingParams(temperature=0).temperature == 0.0  # greedy is allowed
 
 
-@pytest.mark.parametrize("prompt, exc, match", [
-    ([], ValueError, "empty"),
-    ("", ValueError, "empty"),
-    ([1, 2, 512], ValueError, "outside the vocabulary"),
-    ([-1, 2], ValueError, "outside the vocabulary"),
-    ([1] * 65, ValueError, "max_model_len"),
-    ([1.5, 2], TypeError, "token ids"),
-    (None, TypeError, "prompt"),
-])
+@pytest.mark.parametrize(
+    "prompt, exc, match",
+    [
+        ([], ValueError, "empty"),
+        ("", ValueError, "empty"),
+        ([1, 2, 512], ValueError, "outside the vocabulary"),
+        ([-1, 2], ValueError, "outside the vocabulary"),
+        ([1] * 65, ValueError, "max_model_len"),
+        ([1.5, 2], TypeError, "token ids"),
+        (None, TypeError, "prompt"),
+    ],
+)
 def test_bad_prompts_leave_engine_usable(llm, prompt, exc, match):
     good = random_prompts(2, [5, 9])
     with pytest.raises(exc, match=match):

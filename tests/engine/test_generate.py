@@ -62,7 +62,9 @@ def test_prefix_cache_hits_reduce_prefill_and_keep_outputs(qwen3_tied, reference
     second, prefilled_second, _ = run_steps(llm, second_prompts, GREEDY)
     # Each second-round prompt reuses the 48 shared tokens computed by the first round.
     assert prefilled_second == sum(len(p) for p in second_prompts) - 2 * 48
-    for prompt, out in zip([shared + tails[0]] + second_prompts, list(first.values()) + list(second.values())):
+    for prompt, out in zip(
+        [shared + tails[0]] + second_prompts, list(first.values()) + list(second.values())
+    ):
         assert out == reference(prompt, GREEDY.max_tokens)
     assert_all_blocks_free(llm)
 
@@ -101,8 +103,13 @@ def test_preemption_keeps_outputs(qwen3_tied, reference, monkeypatch, overlap):
 @pytest.mark.parametrize("overlap", [True, False])
 def test_chunked_prefill_keeps_outputs(qwen3_tied, reference, overlap):
     prompts = random_prompts(3, [50, 37, 9], seed=11)
-    llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=64, max_num_batched_tokens=16,
-              overlap_scheduling=overlap)
+    llm = LLM(
+        qwen3_tied,
+        kvcache_block_size=16,
+        num_kvcache_blocks=64,
+        max_num_batched_tokens=16,
+        overlap_scheduling=overlap,
+    )
     chunks = []
     ids = [llm.add_request(p, GREEDY) for p in prompts]
     outputs = {}
@@ -134,7 +141,9 @@ def test_step_reports_prefill_then_decode(qwen3_tied):
 def test_max_tokens_and_eos(qwen3_tied):
     llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=16)
     prompt = random_prompts(1, [8], seed=4)[0]
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True), use_tqdm=False
+    )
     tokens = out[0]["token_ids"]
     assert len(tokens) == 30
     # Make the 5th generated token the EOS: generation must stop right there (EOS included).
@@ -143,7 +152,9 @@ def test_max_tokens_and_eos(qwen3_tied):
         pytest.skip("the chosen EOS occurs earlier in this random completion")
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30), use_tqdm=False)
     assert out[0]["token_ids"] == tokens[:5]
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True), use_tqdm=False
+    )
     assert out[0]["token_ids"] == tokens
     assert_all_blocks_free(llm)
 
@@ -158,8 +169,9 @@ def test_string_prompts_and_per_prompt_params(qwen3_tied):
 
 def test_sampling_with_temperature_runs_and_stays_in_vocab(qwen3_tied):
     llm = LLM(qwen3_tied, kvcache_block_size=16, num_kvcache_blocks=16)
-    out = llm.generate(random_prompts(3, [5]), SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True),
-                       use_tqdm=False)
+    out = llm.generate(
+        random_prompts(3, [5]), SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
     assert all(len(o["token_ids"]) == 8 and all(0 <= t < 512 for t in o["token_ids"]) for o in out)
 
 

@@ -20,9 +20,16 @@ BACKENDS = ["triton", "torch"] + (["flash-attn"] if flash_attn_available() else 
 @pytest.fixture(scope="module")
 def model_d128(tmp_path_factory):
     """head_dim 128 (what the trimmed flash-attn build supports), 8 query heads over 2 KV heads."""
-    return write_hf_checkpoint(tmp_path_factory.mktemp("qwen3_d128"), seed=3, hidden_size=256,
-                               intermediate_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-                               max_position_embeddings=2048)
+    return write_hf_checkpoint(
+        tmp_path_factory.mktemp("qwen3_d128"),
+        seed=3,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=2048,
+    )
 
 
 def record_logits(llm: LLM) -> list[torch.Tensor]:
@@ -43,8 +50,14 @@ def record_logits(llm: LLM) -> list[torch.Tensor]:
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_fp32_greedy_equals_transformers(qwen3_tied, hf_tied, backend):
     prompts = random_prompts(6, [3, 17, 33, 1, 60, 120])
-    llm = LLM(qwen3_tied, device="cuda", dtype="float32", attention_backend=backend, kvcache_block_size=16,
-              num_kvcache_blocks=128)
+    llm = LLM(
+        qwen3_tied,
+        device="cuda",
+        dtype="float32",
+        attention_backend=backend,
+        kvcache_block_size=16,
+        num_kvcache_blocks=128,
+    )
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, outputs):
         assert out["token_ids"] == hf_greedy(hf_tied, prompt, GREEDY.max_tokens)
@@ -54,12 +67,21 @@ def test_fp32_greedy_equals_transformers(qwen3_tied, hf_tied, backend):
 def test_fp32_prefix_cache_preemption_and_chunking(qwen3_tied, hf_tied, monkeypatch):
     preempted = []
     original = Scheduler.preempt
-    monkeypatch.setattr(Scheduler, "preempt", lambda self, seq: (preempted.append(seq.seq_id), original(self, seq)))
+    monkeypatch.setattr(
+        Scheduler, "preempt", lambda self, seq: (preempted.append(seq.seq_id), original(self, seq))
+    )
     shared = random_prompts(1, [48], seed=7)[0]
     prompts = [shared + t for t in random_prompts(4, [5, 9, 20, 30], seed=8)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    llm = LLM(qwen3_tied, device="cuda", dtype="float32", attention_backend="triton", kvcache_block_size=16,
-              num_kvcache_blocks=9, max_num_batched_tokens=40)
+    llm = LLM(
+        qwen3_tied,
+        device="cuda",
+        dtype="float32",
+        attention_backend="triton",
+        kvcache_block_size=16,
+        num_kvcache_blocks=9,
+        max_num_batched_tokens=40,
+    )
     first = llm.generate(prompts[:1], params, use_tqdm=False)
     rest = llm.generate(prompts[1:], params, use_tqdm=False)
     assert preempted, "expected the 9-block cache to force a preemption"
@@ -76,8 +98,16 @@ def test_cuda_graphs_give_eager_tokens(model_d128, backend, dtype):
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     results = []
     for eager in (True, False):
-        llm = LLM(model_d128, device="cuda", dtype=dtype, attention_backend=backend, enforce_eager=eager,
-                  kvcache_block_size=256, num_kvcache_blocks=64, max_num_seqs=32)
+        llm = LLM(
+            model_d128,
+            device="cuda",
+            dtype=dtype,
+            attention_backend=backend,
+            enforce_eager=eager,
+            kvcache_block_size=256,
+            num_kvcache_blocks=64,
+            max_num_seqs=32,
+        )
         assert (llm.model_runner.graph_runner is None) == eager
         results.append([o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)])
         llm.exit()
@@ -91,8 +121,15 @@ def test_backends_agree(model_d128, dtype):
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     runs = {}
     for backend in BACKENDS:
-        llm = LLM(model_d128, device="cuda", dtype=dtype, attention_backend=backend, enforce_eager=True,
-                  kvcache_block_size=256, num_kvcache_blocks=32)
+        llm = LLM(
+            model_d128,
+            device="cuda",
+            dtype=dtype,
+            attention_backend=backend,
+            enforce_eager=True,
+            kvcache_block_size=256,
+            num_kvcache_blocks=32,
+        )
         logits = record_logits(llm)
         tokens = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
         runs[backend] = (tokens, logits)
@@ -100,17 +137,29 @@ def test_backends_agree(model_d128, dtype):
     ref_tokens, ref_logits = runs["torch"]
     for backend, (tokens, logits) in runs.items():
         same = sum(a == b for a, b in zip(tokens, ref_tokens))
-        assert same >= len(prompts) - 1, f"{backend}: {same}/{len(prompts)} completions equal the torch backend's"
+        assert same >= len(prompts) - 1, (
+            f"{backend}: {same}/{len(prompts)} completions equal the torch backend's"
+        )
         # The first step (prefill) sees identical inputs: logits must be close.
-        torch.testing.assert_close(logits[0], ref_logits[0], rtol=0.05, atol=0.05 * ref_logits[0].abs().max().item())
+        torch.testing.assert_close(
+            logits[0], ref_logits[0], rtol=0.05, atol=0.05 * ref_logits[0].abs().max().item()
+        )
 
 
 def test_bf16_logits_close_to_transformers(model_d128):
     prompt = random_prompts(1, [90], seed=4)[0]
-    llm = LLM(model_d128, device="cuda", dtype="bfloat16", attention_backend="triton", kvcache_block_size=256,
-              num_kvcache_blocks=8)
+    llm = LLM(
+        model_d128,
+        device="cuda",
+        dtype="bfloat16",
+        attention_backend="triton",
+        kvcache_block_size=256,
+        num_kvcache_blocks=8,
+    )
     logits = record_logits(llm)
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False
+    )
     hf = load_hf_model(model_d128)
     full = torch.tensor([prompt + out[0]["token_ids"]])
     with torch.no_grad():
@@ -124,8 +173,14 @@ def test_bf16_logits_close_to_transformers(model_d128):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_nan_in_unused_cache_slots_is_ignored(qwen3_tied, hf_tied, backend):
     prompts = random_prompts(4, [5, 20, 33, 70], seed=12)
-    llm = LLM(qwen3_tied, device="cuda", dtype="float32", attention_backend=backend, kvcache_block_size=16,
-              num_kvcache_blocks=64)
+    llm = LLM(
+        qwen3_tied,
+        device="cuda",
+        dtype="float32",
+        attention_backend=backend,
+        kvcache_block_size=16,
+        num_kvcache_blocks=64,
+    )
     llm.model_runner.kv_cache.fill_(float("nan"))
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, outputs):

@@ -12,9 +12,14 @@ def our_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
     """Logits at every position of one prompt, through the engine's loaded model (no KV cache)."""
     n = len(prompt)
     meta = AttentionMetadata(
-        is_prefill=True, slot_mapping=torch.full((n,), -1), cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32),
-        cu_seqlens_k=torch.tensor([0, n], dtype=torch.int32), max_seqlen_q=n, max_seqlen_k=n,
-        seqlens_q=[n], seqlens_k=[n],
+        is_prefill=True,
+        slot_mapping=torch.full((n,), -1),
+        cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32),
+        cu_seqlens_k=torch.tensor([0, n], dtype=torch.int32),
+        max_seqlen_q=n,
+        max_seqlen_k=n,
+        seqlens_q=[n],
+        seqlens_k=[n],
     )
     model = llm.model_runner.model
     with torch.inference_mode(), set_forward_context(meta):
