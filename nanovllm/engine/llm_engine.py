@@ -2,6 +2,7 @@
 
 import atexit
 import itertools
+from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from time import perf_counter
 
@@ -10,9 +11,10 @@ from transformers import AutoTokenizer
 
 from nanovllm.config import make_config
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.detokenizer import IncrementalDetokenizer, find_stop
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence
 from nanovllm.models.registry import resolve_architecture
 from nanovllm.sampling_params import SamplingParams
 
@@ -35,11 +37,12 @@ class LLMEngine:
         self._exited = False
         self.model_runner = ModelRunner(config)
         self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, eos,
-                                   self.block_manager, config.max_model_len)
+        self.scheduler = Scheduler(
+            config.max_num_seqs, config.max_num_batched_tokens, eos, self.block_manager, config.max_model_len
+        )
         self._inflight = None  # (LaunchedBatch, StepResult) of a step not yet read back
         self._seq_ids = itertools.count()
-        self._seqs: dict[int, Sequence] = {}
+        self._requests: dict[int, Request] = {}
         atexit.register(self.exit)
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -73,15 +76,18 @@ class LLMEngine:
         ):
             token_ids = list(prompt)
         else:
-            raise TypeError(f"a prompt must be a string or a list of token ids (ints), got {type(prompt).__name__}")
+            raise TypeError(
+                f"a prompt must be a string or a list of token ids (ints), got {type(prompt).__name__}"
+            )
         if not token_ids:
             raise ValueError("the prompt is empty: at least one token is needed")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         if len(token_ids) > self.config.max_model_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens, more than max_model_len="
-                             f"{self.config.max_model_len}")
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, more than max_model_len={self.config.max_model_len}"
+            )
         return token_ids
 
     def _make_sequence(self, prompt: Prompt, sampling_params: SamplingParams) -> Sequence:
@@ -93,25 +99,28 @@ class LLMEngine:
         needed = (longest + bs - 1) // bs
         if needed > self.block_manager.num_blocks:
             raise ValueError(
-                f"a request of {len(token_ids)} prompt tokens and max_tokens={sampling_params.max_tokens} can "
-                f"need {needed} KV blocks of {bs} tokens, but the cache has only {self.block_manager.num_blocks}"
+                f"a request of {len(token_ids)} prompt tokens and max_tokens={sampling_params.max_tokens} "
+                f"can need {needed} KV blocks of {bs} tokens, but the cache has only "
+                f"{self.block_manager.num_blocks}"
             )
         return Sequence(next(self._seq_ids), token_ids, sampling_params, bs)
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams) -> int:
         """Queue one request; returns its sequence id."""
         self._check_alive()
-        seq = self._make_sequence(prompt, sampling_params)
-        self._seqs[seq.seq_id] = seq
+        return self._enqueue(self._make_sequence(prompt, sampling_params))
+
+    def _enqueue(self, seq: Sequence) -> int:
+        self._requests[seq.seq_id] = Request(seq, self.tokenizer)
         self.scheduler.add(seq)
         return seq.seq_id
 
     def abort_request(self, seq_id: int) -> None:
         """Drop a queued or running request and free its KV blocks."""
-        seq = self._seqs.pop(seq_id, None)
-        if seq is None:
+        request = self._requests.pop(seq_id, None)
+        if request is None:
             raise ValueError(f"no unfinished request with id {seq_id}")
-        self.scheduler.abort(seq)
+        self.scheduler.abort(request.seq)
 
     # ---- stepping ----------------------------------------------------------------------------
 
@@ -122,51 +131,77 @@ class LLMEngine:
         With overlap scheduling the step is launched on the GPU and the previous step's tokens are
         read back while it runs, so a request can be reported one call after its last step.
         """
+        finished, _, num_tokens = self._step()
+        outputs = [(r.seq.seq_id, r.seq.completion_token_ids) for r in finished]
+        return outputs, num_tokens
+
+    def _step(self) -> tuple[list["Request"], list["Request"], int]:
+        """One step: (requests finished, requests that got new tokens, tokens processed)."""
         self._check_alive()
-        finished = []
+        updated: list[Request] = []
         batch = self.scheduler.try_schedule()
         if batch is None and self._inflight is not None:
             # Nothing can start until the step in flight is read back (it may free blocks).
-            finished += self._finalize_inflight()
+            updated += self._finalize_inflight()
             batch = self.scheduler.try_schedule()
-        if batch is None:
-            if self.scheduler.is_finished():
-                return self._outputs(finished), 0
+        num_tokens = 0
+        if batch is not None:
+            result = self.model_runner.launch(batch)
+            launched = self.scheduler.on_launched(batch)
+            updated += self._finalize_inflight()
+            self._inflight = (launched, result)
+            if not self.config.overlap_scheduling or not self.scheduler.has_unlaunched_work():
+                updated += self._finalize_inflight()
+            num_tokens = batch.num_tokens if batch.is_prefill else -len(batch.seqs)
+        elif not self.scheduler.is_finished():
             raise RuntimeError("scheduler has no sequence to run although requests are pending")
-        result = self.model_runner.launch(batch)
-        launched = self.scheduler.on_launched(batch)
-        finished += self._finalize_inflight()
-        self._inflight = (launched, result)
-        if not self.config.overlap_scheduling or not self.scheduler.has_unlaunched_work():
-            finished += self._finalize_inflight()
-        num_tokens = batch.num_tokens if batch.is_prefill else -len(batch.seqs)
-        return self._outputs(finished), num_tokens
+        updated = list(dict.fromkeys(updated))  # one request can get tokens from two reads in one call
+        finished = [r for r in updated if r.seq.is_finished]
+        for request in finished:
+            self._requests.pop(request.seq.seq_id, None)
+        return finished, updated, num_tokens
 
-    def _finalize_inflight(self) -> list[Sequence]:
+    def _finalize_inflight(self) -> list["Request"]:
+        """Read back the step in flight and apply its tokens; returns the requests that got one."""
         if self._inflight is None:
             return []
         launched, result = self._inflight
         self._inflight = None
-        return self.scheduler.finalize(launched, result.tolist())
+        tokens = result.tolist()
+        logprobs = result.logprobs()
+        self.scheduler.finalize(launched, tokens)
+        row_of = {id(seq): i for i, seq in enumerate(launched.batch.seqs)}
+        updated = []
+        for seq, index in launched.accepted:
+            request = self._requests.get(seq.seq_id)
+            if request is None:
+                continue
+            if logprobs is not None and seq.params.logprobs is not None:
+                request.logprobs.append(logprobs[row_of[id(seq)]])
+            request.on_token(index, self.scheduler)
+            updated.append(request)
+        return updated
 
-    def _outputs(self, finished: list[Sequence]) -> list[tuple[int, list[int]]]:
-        outputs = []
-        for seq in finished:
-            self._seqs.pop(seq.seq_id, None)
-            outputs.append((seq.seq_id, seq.completion_token_ids))
-        return outputs
+    def _drain_after_error(self) -> None:
+        """After an exception mid-step: apply the step in flight if it can be read, else drop it and
+        abort the requests it held (their placeholder tokens would never be filled)."""
+        if self._inflight is None:
+            return
+        launched, _ = self._inflight
+        try:
+            self._finalize_inflight()
+        except BaseException:
+            self._inflight = None
+            for seq in launched.batch.seqs:
+                if seq.seq_id in self._requests:
+                    self.abort_request(seq.seq_id)
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and self._inflight is None
 
-    def generate(
-        self,
-        prompts: list[str] | list[list[int]],
-        sampling_params: SamplingParams | list[SamplingParams],
-        use_tqdm: bool = True,
-    ) -> list[dict]:
-        """Complete every prompt; returns `{"text", "token_ids"}` per prompt, in prompt order."""
-        self._check_alive()
+    # ---- batch entry points -------------------------------------------------------------------
+
+    def _queue_all(self, prompts, sampling_params) -> list[Sequence]:
         if isinstance(prompts, str) or not isinstance(prompts, SequenceABC):
             raise TypeError("prompts must be a list of strings or a list of token-id lists")
         if isinstance(sampling_params, SequenceABC):
@@ -177,36 +212,192 @@ class LLMEngine:
             params = [sampling_params] * len(prompts)
         # Validate every request before queueing any, so a bad one leaves nothing behind.
         seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, params)]
-        order = {}
-        for i, seq in enumerate(seqs):
-            order[seq.seq_id] = i
-            self._seqs[seq.seq_id] = seq
-            self.scheduler.add(seq)
-        results: list[list[int] | None] = [None] * len(seqs)
+        for seq in seqs:
+            self._enqueue(seq)
+        return seqs
+
+    def _abort_unfinished(self, seqs: list[Sequence]) -> None:
+        self._drain_after_error()
+        for seq in seqs:
+            if seq.seq_id in self._requests:
+                self.abort_request(seq.seq_id)
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams],
+        use_tqdm: bool = True,
+    ) -> list[dict]:
+        """Complete every prompt. Returns one dict per prompt, in prompt order: `text`, `token_ids`,
+        `finish_reason` ("stop" or "length") and, when asked for, `logprobs`."""
+        self._check_alive()
+        seqs = self._queue_all(prompts, sampling_params)
+        order = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        results: list[dict | None] = [None] * len(seqs)
         pbar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
         try:
             remaining = len(seqs)
-            while remaining:
+            while remaining > 0:
                 t = perf_counter()
-                finished, num_tokens = self.step()
+                finished, _, num_tokens = self._step()
                 dt = perf_counter() - t
                 if num_tokens > 0:
                     prefill_tps = num_tokens / dt
-                else:
+                elif num_tokens < 0:
                     decode_tps = -num_tokens / dt
                 pbar.set_postfix(Prefill=f"{int(prefill_tps)}tok/s", Decode=f"{int(decode_tps)}tok/s")
-                for seq_id, token_ids in finished:
-                    if seq_id in order:
-                        results[order[seq_id]] = token_ids
+                for request in finished:
+                    i = order.get(request.seq.seq_id)
+                    if i is not None:
+                        results[i] = request.output()
                         remaining -= 1
                         pbar.update(1)
         except BaseException:
-            self._inflight = None  # its tokens belong to requests aborted below
-            for seq in seqs:
-                if seq.seq_id in self._seqs:
-                    self.abort_request(seq.seq_id)
+            self._abort_unfinished(seqs)
             raise
         finally:
             pbar.close()
-        return [{"text": self.tokenizer.decode(ids), "token_ids": ids} for ids in results]
+        return results
+
+    def stream(
+        self,
+        prompts: list[str] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams],
+    ) -> Iterator[dict]:
+        """Generate like `generate`, yielding what is new as it comes: dicts with `index` (the prompt's
+        position), `text` and `token_ids` (new since that prompt's last result), `finished` and
+        `finish_reason`. Joined, a prompt's pieces equal what `generate` returns for it."""
+        self._check_alive()
+        seqs = self._queue_all(prompts, sampling_params)
+        order = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        remaining = len(seqs)
+        try:
+            while remaining > 0:
+                _, updated, _ = self._step()
+                for request in updated:
+                    i = order.get(request.seq.seq_id)
+                    if i is None:
+                        continue
+                    delta = request.delta()
+                    if delta is None:
+                        continue
+                    remaining -= delta["finished"]
+                    yield {"index": i, **delta}
+        except BaseException:  # GeneratorExit (the caller stopped early) included
+            self._abort_unfinished(seqs)
+            raise
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams],
+        use_tqdm: bool = True,
+    ) -> list[dict]:
+        """Answer one conversation (a list of {"role", "content"} dicts) or a list of them, through the
+        tokenizer's chat template with the generation prompt added. Returns `generate`'s dicts."""
+        if not isinstance(messages, list) or not messages:
+            raise TypeError(
+                "messages must be a conversation (a list of role/content dicts) or a list of them"
+            )
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template")
+        prompts = []
+        for conv in conversations:
+            if not isinstance(conv, list) or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in conv
+            ):
+                raise TypeError("each message must be a dict with 'role' and 'content'")
+            prompts.append(
+                self.tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
+            )
+        prompts = [
+            list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+class Request:
+    """Engine-side state of one request: text for stop strings and streaming, log-probabilities."""
+
+    def __init__(self, seq: Sequence, tokenizer):
+        self.seq = seq
+        self.tokenizer = tokenizer
+        self.logprobs: list[dict[int, float]] = []
+        self.stops = seq.params.stop or []
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.num_seen = 0  # completion tokens given to the detokenizer
+        self.stop_text: str | None = None  # the text cut at a stop string, once one matched
+        self.sent_tokens = 0  # streaming: completion tokens already yielded
+        self.sent_text = 0  # streaming: characters already yielded
+
+    def known_completion(self) -> list[int]:
+        """Completion token ids without a trailing token still being sampled."""
+        ids = self.seq.completion_token_ids
+        while ids and ids[-1] == PLACEHOLDER_TOKEN:
+            ids = ids[:-1]
+        return ids
+
+    def _advance_text(self, final: bool) -> None:
+        completion = self.known_completion()
+        if self.num_seen < len(completion) or final:
+            self.detokenizer.add(completion[self.num_seen :], final=final)
+            self.num_seen = len(completion)
+
+    def on_token(self, index: int, scheduler) -> None:
+        """A sampled token was filled in at `index`: look for stop strings."""
+        if not self.stops or self.stop_text is not None:
+            return
+        before = len(self.detokenizer.text)
+        # Stop strings are searched in released text; hold nothing back once the sequence is done.
+        pending = self.seq.completion_token_ids[: index + 1 - self.seq.num_prompt_tokens]
+        self.detokenizer.add(pending[self.num_seen :], final=self.seq.is_finished)
+        self.num_seen = len(pending)
+        cut = find_stop(self.detokenizer.text, self.stops, before)
+        if cut is not None:
+            self.stop_text = self.detokenizer.text[:cut]
+            if not self.seq.is_finished:
+                scheduler.stop_early(self.seq, index + 1, "stop")
+            else:
+                self.seq.finish_reason = "stop"
+
+    def text(self) -> str:
+        if self.stop_text is not None:
+            return self.stop_text
+        return self.tokenizer.decode(self.seq.completion_token_ids)
+
+    def output(self) -> dict:
+        out = {
+            "text": self.text(),
+            "token_ids": self.seq.completion_token_ids,
+            "finish_reason": self.seq.finish_reason,
+        }
+        if self.seq.params.logprobs is not None:
+            out["logprobs"] = self.logprobs[: len(out["token_ids"])]
+        return out
+
+    def delta(self) -> dict | None:
+        """What is new since the last delta (streaming), or None if nothing is."""
+        finished = self.seq.is_finished
+        if self.stop_text is not None:
+            text = self.stop_text
+        else:
+            self._advance_text(final=finished)
+            text = self.detokenizer.text
+            if self.stops and not finished:
+                # Hold back what could be the start of a stop string still being generated.
+                hold = max(len(stop) for stop in self.stops) - 1
+                text = text[: max(self.sent_text, len(text) - hold)]
+        new_tokens = self.known_completion()[self.sent_tokens :]
+        new_text = text[self.sent_text :]
+        if not new_tokens and not new_text and not finished:
+            return None
+        self.sent_tokens += len(new_tokens)
+        self.sent_text = len(text)
+        return {
+            "text": new_text,
+            "token_ids": new_tokens,
+            "finished": finished,
+            "finish_reason": self.seq.finish_reason if finished else None,
+        }

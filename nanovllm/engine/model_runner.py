@@ -2,9 +2,11 @@
 
 import gc
 import logging
+import random
 from contextlib import contextmanager
 
 import torch
+import xxhash
 
 from nanovllm.attention import select_backend
 from nanovllm.config import Config
@@ -13,7 +15,7 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels.paged_attention import default_num_splits
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, SamplingTensors
 from nanovllm.models.registry import get_model_class, resolve_architecture
 from nanovllm.utils.compile import enable_compilation
 from nanovllm.utils.context import AttentionMetadata, set_forward_context
@@ -23,19 +25,48 @@ logger = logging.getLogger(__name__)
 
 
 class StepResult:
-    """Sampled tokens of a launched step, read back on demand. On CUDA the tokens are copied into
-    pinned host memory without blocking and an event marks when they are there."""
+    """Sampled tokens (and asked-for log-probabilities) of a launched step, read back on demand. On
+    CUDA they are copied into pinned host memory without blocking and an event marks their arrival."""
 
-    def __init__(self, tokens: torch.Tensor, host: torch.Tensor | None = None, event=None):
-        self._tokens = tokens
-        self._host = host
-        self._event = event
+    def __init__(self, device_tensors: dict[str, torch.Tensor], on_cuda: bool):
+        self._event = None
+        if on_cuda:
+            host = {
+                k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in device_tensors.items()
+            }
+            for k, v in device_tensors.items():
+                host[k].copy_(v, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._tensors = host
+        else:
+            self._tensors = device_tensors
+
+    def _wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
 
     def tolist(self) -> list[int]:
-        if self._event is None:
-            return self._tokens.tolist()
-        self._event.synchronize()
-        return self._host.tolist()
+        self._wait()
+        return self._tensors["tokens"].tolist()
+
+    def logprobs(self) -> list[dict[int, float]] | None:
+        """Per row: {token id: log-probability} for the sampled token and the top N, or None if no
+        row asked for log-probabilities."""
+        self._wait()
+        if "sampled_logprobs" not in self._tensors:
+            return None
+        tokens = self._tensors["tokens"].tolist()
+        sampled = self._tensors["sampled_logprobs"].tolist()
+        top_ids = self._tensors["top_ids"].tolist()
+        top_lps = self._tensors["top_logprobs"].tolist()
+        rows = []
+        for token, lp, ids, lps in zip(tokens, sampled, top_ids, top_lps):
+            row = dict(zip(ids, lps))
+            row[token] = lp
+            rows.append(row)
+        return rows
 
 
 @contextmanager
@@ -303,24 +334,45 @@ class ModelRunner:
                 hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]  # [num_seqs, hidden]
         return self.model.compute_logits(hidden)
 
+    def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        """Per-row sampling settings; seeds and truncation only when some row uses them."""
+        params = [seq.params for seq in seqs]
+        st = SamplingTensors(self._to_device([p.temperature for p in params], torch.float32))
+        if any(p.seed is not None for p in params):
+            keys = []
+            for seq, p in zip(seqs, params):
+                if p.seed is None:
+                    key = random.getrandbits(64)
+                else:  # depends only on the seed and which completion token is being drawn
+                    key = xxhash.xxh64_intdigest(f"{p.seed}:{seq.num_completion_tokens}".encode())
+                keys.append([key & 0xFFFFFFFF, key >> 32])
+            st.keys = self._to_device(keys, torch.int64)
+        if any(p.needs_truncation for p in params):
+            st.top_k = self._to_device(
+                [p.top_k if p.top_k > 0 else self.vocab_size for p in params], torch.int64
+            )
+            st.top_p = self._to_device([p.top_p for p in params], torch.float32)
+            st.min_p = self._to_device([p.min_p for p in params], torch.float32)
+        return st
+
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> StepResult:
         """Start one scheduled step; its sampled tokens (one per sequence) come from the result."""
         prepare = self.prepare_prefill if batch.is_prefill else self.prepare_decode
         input_ids, positions, meta = prepare(batch)
-        temperatures = self._to_device([seq.temperature for seq in batch.seqs], torch.float32)
+        sampling = self.sampling_tensors(batch.seqs)
         logits = self.run_model(input_ids, positions, meta)
-        tokens = self.sampler(logits, temperatures)
+        tokens = self.sampler(logits, sampling)
         # Kept on the device so the next decode step can read tokens not yet seen by the host.
         self._prev_tokens = tokens
         self._prev_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
-        if self.device.type != "cuda":
-            return StepResult(tokens)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return StepResult(tokens, host, event)
+        out = {"tokens": tokens}
+        num_logprobs = max((seq.params.logprobs or 0) for seq in batch.seqs)
+        if any(seq.params.logprobs is not None for seq in batch.seqs):
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # [num_seqs, vocab]
+            out["sampled_logprobs"] = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            out["top_logprobs"], out["top_ids"] = logprobs.topk(num_logprobs, dim=-1)
+        return StepResult(out, self.device.type == "cuda")
 
     def run(self, batch: ScheduledBatch) -> list[int]:
         """Run one scheduled step and return one sampled token per sequence."""

@@ -1,7 +1,7 @@
 """Continuous batching: which sequences run in the next step, and how many tokens each."""
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from nanovllm.engine.block_manager import BlockManager
@@ -33,6 +33,8 @@ class LaunchedBatch:
 
     batch: ScheduledBatch
     sampling: list[int | None]
+    # Filled by Scheduler.finalize: (sequence, index) of every sampled token it took.
+    accepted: list[tuple[Sequence, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -156,6 +158,7 @@ class Scheduler:
         for seq, index, token_id in zip(launched.batch.seqs, launched.sampling, token_ids):
             if index is None or seq.status == SequenceStatus.FINISHED:
                 continue
+            launched.accepted.append((seq, index))
             assert token_id is not None and seq.token_ids[index] == PLACEHOLDER_TOKEN, seq
             seq.token_ids[index] = token_id
             if index == seq.num_tokens - 1:
@@ -184,10 +187,23 @@ class Scheduler:
         self.block_manager.deallocate(seq)
 
     def _should_stop(self, seq: Sequence, token_id: int, length: int) -> bool:
-        """Whether `seq` stops once its first `length` tokens (ending with `token_id`) exist."""
-        if not seq.ignore_eos and self.eos is not None and token_id == self.eos:
+        """Whether `seq` stops once its first `length` tokens (ending with `token_id`) exist; sets the
+        finish reason."""
+        stop_ids = seq.params.stop_token_ids
+        is_eos = not seq.ignore_eos and self.eos is not None and token_id == self.eos
+        if is_eos or (stop_ids and token_id in stop_ids):
+            seq.finish_reason = "stop"
             return True
-        return length - seq.num_prompt_tokens >= seq.max_tokens or length >= self.max_model_len
+        if length - seq.num_prompt_tokens >= seq.max_tokens or length >= self.max_model_len:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def stop_early(self, seq: Sequence, length: int, reason: str) -> None:
+        """Finish `seq` keeping its first `length` tokens (e.g. a stop string matched)."""
+        seq.truncate(length)
+        seq.finish_reason = reason
+        self._finish(seq)
 
     def abort(self, seq: Sequence) -> None:
         """Drop a waiting or running sequence and free its blocks."""

@@ -37,6 +37,8 @@ class Sequence:
         "temperature",
         "max_tokens",
         "ignore_eos",
+        "params",
+        "finish_reason",
     )
 
     def __init__(self, seq_id: int, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
@@ -53,6 +55,8 @@ class Sequence:
         self.temperature = sampling_params.temperature
         self.max_tokens = sampling_params.max_tokens
         self.ignore_eos = sampling_params.ignore_eos
+        self.params = sampling_params
+        self.finish_reason: str | None = None  # "stop" or "length" once finished
 
     def __len__(self) -> int:
         return self.num_tokens
