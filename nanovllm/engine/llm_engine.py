@@ -15,7 +15,7 @@ from nanovllm.engine.detokenizer import IncrementalDetokenizer, find_stop
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence
-from nanovllm.models.registry import resolve_architecture
+from nanovllm.models.registry import check_model_config
 from nanovllm.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -24,7 +24,7 @@ Prompt = str | list[int]
 class LLMEngine:
     def __init__(self, model: str, **kwargs):
         config = make_config(model, kwargs)
-        resolve_architecture(config.hf_config)  # refuse unsupported models before loading anything
+        check_model_config(config.hf_config, config.max_model_len)  # refuse unservable models before loading
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model, use_fast=True)
         eos = self.tokenizer.eos_token_id

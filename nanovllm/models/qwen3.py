@@ -1,4 +1,7 @@
-"""Qwen3: grouped-query attention with per-head RMSNorm on q and k, rotary positions, SwiGLU MLP."""
+"""Qwen3: grouped-query attention with per-head RMSNorm on q and k, rotary positions, SwiGLU MLP.
+
+The classes here are also the shared base of the Llama-like families (llama.py, qwen2.py,
+mistral.py), which subclass them to switch the q/k norm off and choose the projection biases."""
 
 import torch
 from torch import nn
@@ -8,12 +11,42 @@ from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from nanovllm.layers.rotary_embedding import get_rope, rope_parameters
+from nanovllm.layers.rotary_embedding import check_rope_parameters, get_rope, rope_parameters
 from nanovllm.utils.parallel import get_tp_size
 
 
+def check_mlp_config(config) -> None:
+    """Refuse MLP settings the SwiGLU block does not implement."""
+    if config.hidden_act != "silu":
+        raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (supported: 'silu')")
+    if getattr(config, "mlp_bias", False):
+        raise ValueError("mlp_bias=True is not supported (MLP projections without bias only)")
+
+
+def sliding_window(config) -> int | None:
+    """The attention window some layer of this checkpoint uses, or None when every layer sees the
+    whole context. Qwen configs keep a `sliding_window` number with `use_sliding_window: false`, and
+    transformers 5 lists per-layer kinds in `layer_types`."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return int(window) if "sliding_attention" in layer_types else None
+    # transformers 4 Qwen configs: the layers from max_window_layers on use the window.
+    first = getattr(config, "max_window_layers", None)
+    if first is not None and first >= config.num_hidden_layers:
+        return None
+    return int(window)
+
+
 class Qwen3Attention(nn.Module):
-    def __init__(self, config, qk_norm: bool = True):
+    """Also the attention of the Llama-like families: `qk_norm` off, and the projections' biases
+    (`qkv_bias`, `o_bias`) default to the config's `attention_bias`."""
+
+    def __init__(
+        self, config, qk_norm: bool = True, qkv_bias: bool | None = None, o_bias: bool | None = None
+    ):
         super().__init__()
         tp_size = get_tp_size()
         self.total_num_heads = config.num_attention_heads
@@ -23,10 +56,17 @@ class Qwen3Attention(nn.Module):
         self.num_kv_heads = self.total_num_kv_heads // tp_size
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.total_num_heads,
-                                          self.total_num_kv_heads, bias=bias)
-        self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, config.hidden_size, bias=bias)
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            self.head_dim,
+            self.total_num_heads,
+            self.total_num_kv_heads,
+            bias=bias if qkv_bias is None else qkv_bias,
+        )
+        self.o_proj = RowParallelLinear(
+            self.total_num_heads * self.head_dim, config.hidden_size, bias=bias if o_bias is None else o_bias
+        )
         self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, rope_parameters(config))
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
         self.qk_norm = qk_norm
@@ -51,8 +91,7 @@ class Qwen3Attention(nn.Module):
 class Qwen3MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (supported: 'silu')")
+        check_mlp_config(config)
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
         self.act_fn = SiluAndMul()
@@ -112,6 +151,22 @@ class Qwen3ForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     model_cls = Qwen3Model
+
+    @classmethod
+    def check_config(cls, config, max_model_len: int) -> None:
+        """Refuse, before anything is built or loaded, a checkpoint this class cannot serve exactly.
+
+        We attend over the whole context in every layer, so a sliding attention window smaller than
+        `max_model_len` is refused (a window at least that long never hides a token)."""
+        check_mlp_config(config)
+        check_rope_parameters(rope_parameters(config))
+        window = sliding_window(config)
+        if window is not None and window < max_model_len:
+            raise ValueError(
+                f"this checkpoint uses sliding-window attention (sliding_window={window}), which is not "
+                f"implemented; it can be served only with max_model_len <= {window} "
+                f"(got max_model_len={max_model_len})"
+            )
 
     def __init__(self, config):
         super().__init__()

@@ -7,6 +7,9 @@ from torch import nn
 # architecture name -> (module, class)
 _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("nanovllm.models.qwen3", "Qwen3ForCausalLM"),
+    "Qwen2ForCausalLM": ("nanovllm.models.qwen2", "Qwen2ForCausalLM"),
+    "LlamaForCausalLM": ("nanovllm.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("nanovllm.models.mistral", "MistralForCausalLM"),
 }
 
 
@@ -29,3 +32,14 @@ def resolve_architecture(hf_config) -> str:
 def get_model_class(architecture: str) -> type[nn.Module]:
     module, cls = _MODELS[architecture]
     return getattr(importlib.import_module(module), cls)
+
+
+def check_model_config(hf_config, max_model_len: int) -> None:
+    """Refuse, before any weight is loaded, a checkpoint we cannot serve exactly with this engine
+    max_model_len: an unsupported architecture (the error lists ours), or settings the model class
+    does not implement (e.g. a sliding attention window smaller than max_model_len, an unknown rope
+    type, an MLP bias). Each model class may define `check_config(hf_config, max_model_len)`."""
+    cls = get_model_class(resolve_architecture(hf_config))
+    check = getattr(cls, "check_config", None)
+    if check is not None:
+        check(hf_config, max_model_len)

@@ -1,0 +1,23 @@
+"""Qwen2 and Qwen2.5: the Llama decoder with a bias on the q, k and v projections (none on o)."""
+
+from nanovllm.models.qwen3 import Qwen3Attention, Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
+
+
+class Qwen2Attention(Qwen3Attention):
+    def __init__(self, config):
+        super().__init__(config, qk_norm=False, qkv_bias=True, o_bias=False)
+
+
+class Qwen2DecoderLayer(Qwen3DecoderLayer):
+    attention_cls = Qwen2Attention
+
+
+class Qwen2Model(Qwen3Model):
+    layer_cls = Qwen2DecoderLayer
+
+
+class Qwen2ForCausalLM(Qwen3ForCausalLM):
+    """Sliding-window checkpoints (`use_sliding_window: true` with some layer windowed) are refused by
+    `check_config` unless the window covers max_model_len; Qwen2.5 releases ship with it off."""
+
+    model_cls = Qwen2Model
