@@ -122,6 +122,18 @@ class Scheduler:
             return None
         return ScheduledBatch("decode", seqs, [1] * len(seqs))
 
+    def unschedule(self, batch: ScheduledBatch) -> None:
+        """Undo scheduling a batch whose launch failed. A prefill batch moved the prompts it completes
+        to the running queue, where they would decode with K/V never computed: put them back at the
+        front of the waiting queue, in order (they keep their blocks). A decode batch needs nothing."""
+        if not batch.is_prefill:
+            return
+        for seq in reversed(batch.seqs):
+            if seq.status == SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                seq.status = SequenceStatus.WAITING
+                self.waiting.appendleft(seq)
+
     def will_finish(self, seq: Sequence) -> bool:
         """Whether `seq` stops at its newest token whatever its value (max_tokens, max_model_len)."""
         return seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
