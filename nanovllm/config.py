@@ -14,6 +14,8 @@ KV_BLOCK_SIZE_MULTIPLE = 16
 FLASH_ATTN_BLOCK_SIZE_MULTIPLE = 256
 # Largest tensor-parallel group we support (one host, up to 8 GPUs).
 MAX_TENSOR_PARALLEL_SIZE = 8
+# Smallest shared-memory segment rank 0 may use to send calls to the tensor-parallel workers.
+MIN_TP_SHM_BYTES = 64 << 10
 
 _DTYPES = {
     "float32": torch.float32,
@@ -46,13 +48,18 @@ class Config:
     torch_compile: bool | None = None
     # On CPU, `num_kvcache_blocks=-1` sizes the KV cache from this many bytes (see README).
     cpu_kvcache_bytes: int = 2 << 30
+    # Tensor parallelism: size of the shared-memory segment carrying each call (method name and
+    # pickled arguments) from rank 0 to the workers, and the seconds any rank waits for a peer (process
+    # group start-up, collectives, worker replies) before giving up.
+    tp_shm_bytes: int = 4 << 20
+    tp_timeout_s: float = 60.0
     hf_config: PretrainedConfig = field(init=False, repr=False)
     eos: int = field(init=False, default=-1)
 
     def __post_init__(self) -> None:
         self._check_model_dir()
         self._check_numbers()
-        self.hf_config = AutoConfig.from_pretrained(self.model)
+        self.hf_config = AutoConfig.from_pretrained(self.model, trust_remote_code=False)
         max_pos = getattr(self.hf_config, "max_position_embeddings", None)
         if max_pos is not None:
             self.max_model_len = min(self.max_model_len, int(max_pos))
@@ -109,6 +116,16 @@ class Config:
                 f"tensor_parallel_size must be in 1..{MAX_TENSOR_PARALLEL_SIZE}, "
                 f"got {self.tensor_parallel_size}"
             )
+        if isinstance(self.tp_shm_bytes, bool) or not isinstance(self.tp_shm_bytes, int):
+            raise TypeError(f"tp_shm_bytes must be an int, got {type(self.tp_shm_bytes).__name__}")
+        if self.tp_shm_bytes < MIN_TP_SHM_BYTES:
+            raise ValueError(f"tp_shm_bytes must be >= {MIN_TP_SHM_BYTES} (64 KiB), got {self.tp_shm_bytes}")
+        if (
+            isinstance(self.tp_timeout_s, bool)
+            or not isinstance(self.tp_timeout_s, (int, float))
+            or not self.tp_timeout_s > 0
+        ):
+            raise ValueError(f"tp_timeout_s must be a positive number of seconds, got {self.tp_timeout_s!r}")
         if isinstance(self.num_kvcache_blocks, bool) or not isinstance(self.num_kvcache_blocks, int):
             raise TypeError(
                 f"num_kvcache_blocks must be an int, got {type(self.num_kvcache_blocks).__name__}"

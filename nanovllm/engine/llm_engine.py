@@ -1,7 +1,9 @@
 """The offline engine: tokenizes requests, schedules steps and runs them on the model."""
 
 import atexit
+import functools
 import itertools
+import weakref
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from time import perf_counter
@@ -12,13 +14,18 @@ from transformers import AutoTokenizer
 from nanovllm.config import make_config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import IncrementalDetokenizer, find_stop
-from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence
+from nanovllm.engine.tp import create_model_runner
 from nanovllm.models.registry import check_model_config
 from nanovllm.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+
+
+def _exit_if_alive(engine: "weakref.ref[LLMEngine]") -> None:
+    if (alive := engine()) is not None:
+        alive.exit()
 
 
 class LLMEngine:
@@ -26,7 +33,7 @@ class LLMEngine:
         config = make_config(model, kwargs)
         check_model_config(config.hf_config, config.max_model_len)  # refuse unservable models before loading
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model, use_fast=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model, use_fast=True, trust_remote_code=False)
         eos = self.tokenizer.eos_token_id
         if eos is None:
             eos = getattr(config.hf_config, "eos_token_id", None)
@@ -35,7 +42,7 @@ class LLMEngine:
         config.eos = -1 if eos is None else eos
         self.vocab_size = config.hf_config.vocab_size
         self._exited = False
-        self.model_runner = ModelRunner(config)
+        self.model_runner = create_model_runner(config)  # workers too when tensor-parallel
         self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size)
         self.scheduler = Scheduler(
             config.max_num_seqs, config.max_num_batched_tokens, eos, self.block_manager, config.max_model_len
@@ -43,7 +50,10 @@ class LLMEngine:
         self._inflight = None  # (LaunchedBatch, StepResult) of a step not yet read back
         self._seq_ids = itertools.count()
         self._requests: dict[int, Request] = {}
-        atexit.register(self.exit)
+        # Exit at interpreter exit. The hook holds the engine weakly: atexit.register(self.exit) would keep
+        # an engine dropped without exit(), its weights and its KV cache alive until the interpreter exits.
+        self._exit_hook = functools.partial(_exit_if_alive, weakref.ref(self))
+        atexit.register(self._exit_hook)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -52,7 +62,7 @@ class LLMEngine:
         if self._exited:
             return
         self._exited = True
-        atexit.unregister(self.exit)
+        atexit.unregister(self._exit_hook)
         self._inflight = None
         self.model_runner.exit()
 
@@ -146,7 +156,11 @@ class LLMEngine:
             batch = self.scheduler.try_schedule()
         num_tokens = 0
         if batch is not None:
-            result = self.model_runner.launch(batch)
+            try:
+                result = self.model_runner.launch(batch)
+            except BaseException:  # KeyboardInterrupt included: a later step must run the batch again
+                self.scheduler.unschedule(batch)
+                raise
             launched = self.scheduler.on_launched(batch)
             updated += self._finalize_inflight()
             self._inflight = (launched, result)
@@ -166,9 +180,9 @@ class LLMEngine:
         if self._inflight is None:
             return []
         launched, result = self._inflight
-        self._inflight = None
-        tokens = result.tolist()
+        tokens = result.tolist()  # may raise (or be interrupted): the step then stays in flight
         logprobs = result.logprobs()
+        self._inflight = None
         self.scheduler.finalize(launched, tokens)
         row_of = {id(seq): i for i, seq in enumerate(launched.batch.seqs)}
         updated = []
@@ -253,6 +267,8 @@ class LLMEngine:
                         results[i] = request.output()
                         remaining -= 1
                         pbar.update(1)
+                if remaining > 0 and self.is_finished():
+                    raise RuntimeError(f"{remaining} request(s) vanished from the scheduler (internal error)")
         except BaseException:
             self._abort_unfinished(seqs)
             raise

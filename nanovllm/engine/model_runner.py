@@ -6,6 +6,7 @@ import random
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 import xxhash
 
 from nanovllm.attention import select_backend
@@ -20,6 +21,7 @@ from nanovllm.models.registry import get_model_class, resolve_architecture
 from nanovllm.utils.compile import enable_compilation
 from nanovllm.utils.context import AttentionMetadata, set_forward_context
 from nanovllm.utils.loader import load_model
+from nanovllm.utils.parallel import get_tp_rank, get_tp_size
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,9 @@ class ModelRunner:
     def __init__(self, config: Config):
         self.config = config
         self.block_size = config.kvcache_block_size
+        # Tensor parallelism: the process group (if any) is set up before the runner is built.
+        self.tp_rank = get_tp_rank()
+        self.tp_size = get_tp_size()
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         self.backend = select_backend(config.attention_backend, self.device, self.dtype)
@@ -149,7 +154,9 @@ class ModelRunner:
         hidden = torch.zeros(
             cfg.max_num_seqs, self.config.hf_config.hidden_size, dtype=self.dtype, device=self.device
         )
-        self.sampler(self.model.compute_logits(hidden), torch.ones(cfg.max_num_seqs, device=self.device))
+        logits = self.model.compute_logits(hidden)  # None on tensor-parallel workers
+        if logits is not None:
+            self.sampler(logits, torch.ones(cfg.max_num_seqs, device=self.device))
         torch.cuda.synchronize()
 
     def _bytes_per_block(self) -> int:
@@ -169,6 +176,10 @@ class ModelRunner:
                 current = stats["allocated_bytes.all.current"]
                 budget = int(total * cfg.gpu_memory_utilization) - used - peak + current
                 num_blocks = budget // block_bytes
+                if self.tp_size > 1:  # every rank must hold the same number of blocks
+                    agreed = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
+                    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+                    num_blocks = int(agreed.item())
                 if num_blocks < 1:
                     raise ValueError(
                         f"no GPU memory left for the KV cache: the budget is {budget / 2**30:.2f} GiB "
@@ -203,6 +214,10 @@ class ModelRunner:
             self.block_size,
             self.kv_cache.numel() * self.kv_cache.element_size() / 2**30,
         )
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """This rank's parameter shapes by name (with tensor parallelism: its shards)."""
+        return {name: tuple(p.shape) for name, p in self.model.named_parameters()}
 
     def exit(self) -> None:
         """Free the CUDA graphs, the KV cache and the weights."""
@@ -356,13 +371,25 @@ class ModelRunner:
         return st
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> StepResult:
-        """Start one scheduled step; its sampled tokens (one per sequence) come from the result."""
+    def launch(self, batch: ScheduledBatch) -> StepResult | None:
+        """Start one scheduled step; its sampled tokens (one per sequence) come from the result.
+        Tensor-parallel workers run the same step (their logits gather on rank 0), receive rank 0's
+        tokens for their next decode inputs, and return None."""
         prepare = self.prepare_prefill if batch.is_prefill else self.prepare_decode
         input_ids, positions, meta = prepare(batch)
-        sampling = self.sampling_tensors(batch.seqs)
-        logits = self.run_model(input_ids, positions, meta)
-        tokens = self.sampler(logits, sampling)
+        if self.tp_rank == 0:
+            sampling = self.sampling_tensors(batch.seqs)
+            logits = self.run_model(input_ids, positions, meta)
+            tokens = self.sampler(logits, sampling)
+        else:
+            self.run_model(input_ids, positions, meta)
+            tokens = torch.empty(len(batch.seqs), dtype=torch.int64, device=self.device)
+        if self.tp_size > 1:
+            dist.broadcast(tokens, src=0)
+            if self.tp_rank > 0:
+                self._prev_tokens = tokens
+                self._prev_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
+                return None
         # Kept on the device so the next decode step can read tokens not yet seen by the host.
         self._prev_tokens = tokens
         self._prev_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
@@ -374,6 +401,7 @@ class ModelRunner:
             out["top_logprobs"], out["top_ids"] = logprobs.topk(num_logprobs, dim=-1)
         return StepResult(out, self.device.type == "cuda")
 
-    def run(self, batch: ScheduledBatch) -> list[int]:
-        """Run one scheduled step and return one sampled token per sequence."""
-        return self.launch(batch).tolist()
+    def run(self, batch: ScheduledBatch) -> list[int] | None:
+        """Run one scheduled step and return one sampled token per sequence (None on a worker)."""
+        result = self.launch(batch)
+        return None if result is None else result.tolist()

@@ -124,4 +124,5 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, on rank 0, so the all-reduce does not count it tp_size times.
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        return all_reduce(y)
+        # This layer's own size decides: a process group another engine started is not ours.
+        return all_reduce(y) if self.tp_size > 1 else y

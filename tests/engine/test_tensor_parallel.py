@@ -1,0 +1,166 @@
+"""Tensor parallelism on CPU (gloo): worker processes, shared-memory calls, failures and clean-up."""
+
+import multiprocessing
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.tp import SHM_PREFIX, check_tp_config
+from tests.conftest import TINY, random_prompts
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+# A small cache (6 blocks of 16 tokens for up to 4 sequences of up to 64 tokens) forces preemption.
+ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=10, max_model_len=256, dtype="float32")
+TP = dict(tensor_parallel_size=2, tp_timeout_s=20.0, tp_shm_bytes=64 << 10)
+
+
+def _prompts() -> list[list[int]]:
+    # Two prompts share a 32-token prefix (two full blocks): the later one hits the prefix cache.
+    base = random_prompts(4, [40, 23, 35, 9], seed=3)
+    return base + [base[0][:32] + [7, 8, 9]]
+
+
+def _our_shm() -> list[str]:
+    return [name for name in os.listdir("/dev/shm") if name.startswith(SHM_PREFIX)]
+
+
+def _generate_spied(llm: LLM, monkeypatch) -> tuple[list[list[int]], list[int], list[int]]:
+    """Greedy tokens, the sequences preempted and the prefix-cache hits (tokens) seen on rank 0."""
+    preempted, cached = [], []
+    preempt, allocate = Scheduler.preempt, BlockManager.allocate
+
+    def spy_preempt(self, seq):
+        preempted.append(seq.seq_id)
+        return preempt(self, seq)
+
+    def spy_allocate(self, seq):
+        allocate(self, seq)
+        cached.append(seq.num_cached_tokens)
+
+    with monkeypatch.context() as m:
+        m.setattr(Scheduler, "preempt", spy_preempt)
+        m.setattr(BlockManager, "allocate", spy_allocate)
+        outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
+    return [o["token_ids"] for o in outs], preempted, cached
+
+
+class TestSharedEngine:
+    @pytest.fixture(scope="class")
+    def engines(self, qwen3_tied):
+        """TP=1 reference tokens (computed first: no other engine may start while a TP one lives), and
+        one TP=2 engine shared by the tests of this class."""
+        with pytest.MonkeyPatch.context() as mp:
+            ref = LLM(qwen3_tied, **ENGINE)
+            reference = _generate_spied(ref, mp)
+            ref.exit()
+        llm = LLM(qwen3_tied, **ENGINE, **TP)
+        yield llm, reference
+        llm.exit()
+
+    def test_greedy_tokens_match_tp1(self, engines, monkeypatch):
+        llm, (ref_tokens, ref_preempted, ref_cached) = engines
+        tokens, preempted, cached = _generate_spied(llm, monkeypatch)
+        assert ref_preempted and preempted, "the cache was meant to be too small: no preemption happened"
+        assert max(cached) >= 32 and max(ref_cached) >= 32, "the shared prefix was meant to hit the cache"
+        assert tokens == ref_tokens
+        llm.block_manager.check_integrity()
+
+    def test_each_rank_holds_its_shard(self, engines):
+        llm, _ = engines
+        rank0, rank1 = llm.model_runner.call("param_shapes")
+        assert rank0 == rank1
+        h, heads, kv, d, inter, vocab = (
+            TINY[k]
+            for k in (
+                "hidden_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "intermediate_size",
+                "vocab_size",
+            )
+        )
+        layer = "model.layers.0."
+        assert rank1["model.embed_tokens.weight"] == (vocab // 2, h)
+        assert rank1[layer + "self_attn.qkv_proj.weight"] == ((heads + 2 * kv) * d // 2, h)
+        assert rank1[layer + "self_attn.o_proj.weight"] == (h, heads * d // 2)
+        assert rank1[layer + "mlp.gate_up_proj.weight"] == (2 * inter // 2, h)
+        assert rank1[layer + "mlp.down_proj.weight"] == (h, inter // 2)
+        assert rank1[layer + "input_layernorm.weight"] == (h,)  # replicated
+
+    def test_call_too_big_for_shared_memory(self, engines):
+        llm, _ = engines
+        with pytest.raises(ValueError, match=r"65536 \(tp_shm_bytes\)"):
+            llm.model_runner.call("param_shapes", b"x" * (100 << 10))
+        assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"]  # still usable
+
+    def test_one_live_tp_engine_per_process(self, engines, qwen3_tied):
+        for tp in (2, 1):
+            with pytest.raises(RuntimeError, match="exit"):
+                LLM(qwen3_tied, **{**ENGINE, **TP, "tensor_parallel_size": tp})
+
+
+def test_engines_one_after_another_leave_nothing(qwen3_tied):
+    before = set(_our_shm())
+    results = []
+    for _ in range(2):
+        llm = LLM(qwen3_tied, **ENGINE, **TP)
+        assert llm.model_runner._shm.name.startswith(SHM_PREFIX)
+        results.append(llm.generate([[5, 6, 7, 8]], GREEDY, use_tqdm=False)[0]["token_ids"])
+        llm.exit()
+        llm.exit()  # idempotent
+    assert results[0] == results[1]
+    assert set(_our_shm()) <= before
+    assert multiprocessing.active_children() == []
+
+
+def test_killed_worker_raises_naming_rank(qwen3_tied):
+    llm = LLM(qwen3_tied, **ENGINE, **TP)
+    worker = llm.model_runner.processes[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1"):
+        llm.generate(_prompts(), GREEDY, use_tqdm=False)
+    assert time.monotonic() - start < 60
+    with pytest.raises(RuntimeError, match="rank 1"):  # and again, without hanging
+        llm.generate([[1, 2]], GREEDY, use_tqdm=False)
+    llm.exit()
+    assert llm.model_runner._shm.name not in _our_shm()
+    assert multiprocessing.active_children() == []
+    # A new engine can start afterwards.
+    again = LLM(qwen3_tied, **ENGINE, tensor_parallel_size=1)
+    again.exit()
+
+
+def test_heads_not_divisible(qwen3_tied):
+    with pytest.raises(
+        ValueError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"
+    ):
+        LLM(qwen3_tied, **ENGINE, tensor_parallel_size=3)
+    assert multiprocessing.active_children() == []
+
+
+def test_check_tp_config():
+    cfg = SimpleNamespace(num_attention_heads=24, num_key_value_heads=8, vocab_size=300, intermediate_size=96)
+    with pytest.raises(
+        ValueError, match=r"num_key_value_heads \(8\) is not divisible by tensor_parallel_size \(3\)"
+    ):
+        check_tp_config(cfg, 3)
+    with pytest.raises(
+        ValueError, match=r"vocab_size \(300\) is not divisible by tensor_parallel_size \(8\)"
+    ):
+        check_tp_config(SimpleNamespace(**{**vars(cfg), "num_attention_heads": 8}), 8)
+    check_tp_config(cfg, 4, "cuda", 4)
+    with pytest.raises(ValueError, match="needs one GPU per rank, but this machine has 2"):
+        check_tp_config(cfg, 4, "cuda", 2)
+
+
+def test_shm_size_validated(qwen3_tied):
+    with pytest.raises(ValueError, match="tp_shm_bytes must be >= 65536"):
+        LLM(qwen3_tied, **ENGINE, tensor_parallel_size=2, tp_shm_bytes=1 << 10)
