@@ -181,20 +181,20 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload, notes: list[
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in wl.max_tokens]
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     step_tokens: list[int] = []
-    engine_step = llm.step
+    engine_step = llm._step
 
-    def counting_step() -> tuple[list, int]:  # generate() calls self.step(): note each step's token count
+    def counting_step():  # generate() runs self._step(): note each step's token count
         out = engine_step()
-        step_tokens.append(out[1])
+        step_tokens.append(out[-1])
         return out
 
-    llm.step = counting_step
+    llm._step = counting_step
     _sync()
     start = time.perf_counter()
     outputs = llm.generate(wl.prompts, params, use_tqdm=False)
     _sync()
     seconds = time.perf_counter() - start
-    del llm.step
+    del llm._step
     runner = llm.model_runner
     prefill = [n for n in step_tokens if n > 0]
     decode = [-n for n in step_tokens if n < 0]
