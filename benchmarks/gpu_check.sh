@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything to check and time on the lent GPU in one call; prints a short table last.
-#   bash benchmarks/gpu_check.sh [tests] [kernels] [bench] [bench-extra]     (default: all)
+#   bash benchmarks/gpu_check.sh [tests] [kernels] [bench] [bench-extra] [peers]   (default: tests kernels bench)
 # Results go to $OUT (the device tool's output folder) or benchmarks/results/latest.
 # flash-attn is picked up from .fa/ when that folder exists (a test tool, never a dependency).
 set -uo pipefail
@@ -26,9 +26,17 @@ for part in $parts; do
         summary+=("bench $backend: $(grep '^Total:' "$OUT/bench_$backend.log" | tail -1)")
       done ;;
     bench-extra)
-      python3 bench.py --attention-backend triton --enforce-eager --json "$OUT/bench_eager.json" 2>&1 \
-        | tee "$OUT/bench_eager.log" | tail -3
-      summary+=("bench triton eager: $(grep '^Total:' "$OUT/bench_eager.log" | tail -1)") ;;
+      for opts in "--enforce-eager" "--no-overlap" "--shared-prefix 512"; do
+        name=$(echo "$opts" | tr -d ' -')
+        python3 bench.py --attention-backend triton $opts --json "$OUT/bench_$name.json" 2>&1 \
+          | tee "$OUT/bench_$name.log" | grep -E "^(Total|Floor)"
+        summary+=("bench triton $opts: $(grep '^Total:' "$OUT/bench_$name.log" | tail -1)")
+      done
+      python3 benchmarks/profile_step.py --attention-backend triton 2>&1 | tail -7
+      python3 benchmarks/profile_step.py --attention-backend triton --no-overlap 2>&1 | tail -7 ;;
+    peers)  # about 4 minutes: transformers' continuous batching on the same workload
+      python3 bench.py --engine hf --json "$OUT/bench_hf.json" 2>&1 | tee "$OUT/bench_hf.log" | tail -3
+      summary+=("bench hf: $(grep '^Total:' "$OUT/bench_hf.log" | tail -1)") ;;
   esac
 done
 echo "================ summary ================"
