@@ -18,7 +18,8 @@ for part in $parts; do
       summary+=("tests: $(tail -1 "$OUT/pytest_cuda.log")") ;;
     kernels)
       python3 benchmarks/bench_attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -30
-      summary+=("kernels: see attention.log") ;;
+      python3 benchmarks/bench_sampler.py 2>&1 | tee "$OUT/sampler.log" | tail -6
+      summary+=("kernels: see attention.log and sampler.log") ;;
     bench)
       for backend in triton flash-attn; do
         python3 bench.py --attention-backend $backend --json "$OUT/bench_$backend.json" 2>&1 \

@@ -299,3 +299,25 @@ def test_model_files_are_one_per_family():
     """Each family resolves to its own class through the one registry."""
     for arch in ("Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"):
         assert get_model_class(resolve_architecture(SimpleNamespace(architectures=[arch]))).__name__ == arch
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
+def test_fp32_greedy_on_gpu_matches_transformers(family, backend):
+    path, hf, _ = family
+    llm = LLM(
+        path,
+        device="cuda",
+        dtype="float32",
+        attention_backend=backend,
+        num_kvcache_blocks=32,
+        kvcache_block_size=16,
+    )
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        for prompt, out in zip(PROMPTS, outs):
+            assert out["token_ids"] == hf_greedy(hf, prompt, GREEDY_TOKENS)
+    finally:
+        llm.exit()

@@ -1,0 +1,53 @@
+"""Time the sampler at the benchmark's shape (batch 256 x vocabulary 151,936) on the GPU.
+
+    PYTHONPATH=. python3 benchmarks/bench_sampler.py [--batch 256] [--vocab 151936]
+
+Rows: plain temperature (the bench.py path), with top-k/top-p/min-p (a sort), with per-request seeds
+(counter-based noise), and both. Medians of triton.testing.do_bench, compiled as the engine compiles them.
+"""
+
+import argparse
+
+import torch
+import triton
+
+from nanovllm.layers.sampler import Sampler, SamplingTensors
+from nanovllm.utils.compile import enable_compilation
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=151936)
+    args = parser.parse_args()
+    enable_compilation()
+    dev = torch.device("cuda")
+    b, v = args.batch, args.vocab
+    logits = torch.randn(b, v, device=dev, dtype=torch.bfloat16) * 4
+    temps = torch.full((b,), 0.6, device=dev)
+    keys = torch.randint(0, 2**32, (b, 2), device=dev, dtype=torch.int64)
+    trunc = dict(
+        top_k=torch.full((b,), 50, device=dev),
+        top_p=torch.full((b,), 0.9, device=dev),
+        min_p=torch.full((b,), 0.05, device=dev),
+    )
+    cases = {
+        "temperature only": SamplingTensors(temps),
+        "top-k 50, top-p 0.9, min-p 0.05": SamplingTensors(temps, **trunc),
+        "seeded (hashed noise)": SamplingTensors(temps, keys=keys),
+        "seeded + truncation": SamplingTensors(temps, keys=keys, **trunc),
+    }
+    sampler = Sampler()
+    rows = []
+    for name, params in cases.items():
+        ms = triton.testing.do_bench(
+            lambda p=params: sampler(logits, p), warmup=100, rep=500, return_mode="median"
+        )
+        rows.append((name, ms))
+    print(f"\nsampler, batch {b} x vocab {v}, {torch.cuda.get_device_name()}")
+    for name, ms in rows:
+        print(f"{name:<36} {ms * 1000:8.1f} us")
+
+
+if __name__ == "__main__":
+    main()
