@@ -50,15 +50,23 @@ class Workload:
         return sum(self.max_tokens)
 
 
-def make_workload(num_seqs: int, max_input_len: int, max_output_len: int, shared_prefix: int = 0,
-                  vocab_size: int | None = None) -> Workload:
+def make_workload(
+    num_seqs: int,
+    max_input_len: int,
+    max_output_len: int,
+    shared_prefix: int = 0,
+    vocab_size: int | None = None,
+) -> Workload:
     """The reference draws in the reference order: all prompts first, then all max_tokens."""
+
     def low(high: int) -> int:
         return 100 if high >= 100 else max(1, high // 4)
 
     random.seed(0)
-    prompts = [[random.randint(0, TOKEN_ID_HIGH)
-                for _ in range(random.randint(low(max_input_len), max_input_len))] for _ in range(num_seqs)]
+    prompts = [
+        [random.randint(0, TOKEN_ID_HIGH) for _ in range(random.randint(low(max_input_len), max_input_len))]
+        for _ in range(num_seqs)
+    ]
     max_tokens = [random.randint(low(max_output_len), max_output_len) for _ in range(num_seqs)]
     if shared_prefix > 0:
         rng = random.Random(1)
@@ -72,6 +80,7 @@ def make_workload(num_seqs: int, max_input_len: int, max_output_len: int, shared
 
 
 # ---- the bandwidth limit -----------------------------------------------------------------------------------
+
 
 def _head_dim(cfg: Any) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -90,8 +99,12 @@ def decode_bytes(wl: Workload, weight_bytes: int, kv_token_bytes: int) -> dict[s
         n = m - 1  # the decode steps this request takes part in
         read += n * len(prompt) + n * (n + 1) // 2  # sum over s = 1..n of (prompt_len + s)
         written += n
-    parts = {"steps": steps, "weights": steps * weight_bytes, "kv_read": read * kv_token_bytes,
-             "kv_write": written * kv_token_bytes}
+    parts = {
+        "steps": steps,
+        "weights": steps * weight_bytes,
+        "kv_read": read * kv_token_bytes,
+        "kv_write": written * kv_token_bytes,
+    }
     parts["total"] = parts["weights"] + parts["kv_read"] + parts["kv_write"]
     return parts
 
@@ -137,6 +150,7 @@ def human(n: float, unit: str = "B") -> str:
 
 # ---- engines: each returns (seconds, generated tokens, details) --------------------------------------------
 
+
 def _sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -149,16 +163,25 @@ def _device(name: str) -> torch.device:
 def summary(values: list[int]) -> dict[str, float]:
     if not values:
         return {"steps": 0}
-    return {"steps": len(values), "sum": sum(values), "min": min(values), "max": max(values),
-            "mean": statistics.fmean(values), "median": statistics.median(values)}
+    return {
+        "steps": len(values),
+        "sum": sum(values),
+        "min": min(values),
+        "max": max(values),
+        "mean": statistics.fmean(values),
+        "median": statistics.median(values),
+    }
 
 
 def memory_stats() -> dict[str, int] | None:
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None
     free, total = torch.cuda.mem_get_info()
-    return {"max_memory_allocated": torch.cuda.max_memory_allocated(), "used_total_minus_free": total - free,
-            "total": total}
+    return {
+        "max_memory_allocated": torch.cuda.max_memory_allocated(),
+        "used_total_minus_free": total - free,
+        "total": total,
+    }
 
 
 Result = tuple[float, int, dict[str, Any]]  # seconds, generated tokens, details
@@ -168,8 +191,15 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload, notes: list[
     from nanovllm import LLM, SamplingParams
     from nanovllm.config import Config
 
-    names = ("max_model_len", "enforce_eager", "device", "dtype", "attention_backend",
-             "gpu_memory_utilization", "kvcache_block_size")
+    names = (
+        "max_model_len",
+        "enforce_eager",
+        "device",
+        "dtype",
+        "attention_backend",
+        "gpu_memory_utilization",
+        "kvcache_block_size",
+    )
     kwargs: dict[str, Any] = {name: getattr(args, name) for name in names}
     if args.no_overlap:
         if "overlap_scheduling" in {f.name for f in dataclasses.fields(Config)}:
@@ -199,12 +229,18 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload, notes: list[
     prefill = [n for n in step_tokens if n > 0]
     decode = [-n for n in step_tokens if n < 0]
     details = {
-        "attention_backend": runner.backend.name, "dtype": str(runner.dtype).removeprefix("torch."),
+        "attention_backend": runner.backend.name,
+        "dtype": str(runner.dtype).removeprefix("torch."),
         "elem_size": torch.empty(0, dtype=runner.dtype).element_size(),
-        "weight_bytes": param_bytes(runner.model), "memory": memory_stats(),
-        "engine_config": {f.name: getattr(llm.config, f.name) for f in dataclasses.fields(llm.config)
-                          if f.name != "hf_config"},
-        "steps": {"prefill_tokens_per_step": summary(prefill), "decode_batch_size": summary(decode)}}
+        "weight_bytes": param_bytes(runner.model),
+        "memory": memory_stats(),
+        "engine_config": {
+            f.name: getattr(llm.config, f.name)
+            for f in dataclasses.fields(llm.config)
+            if f.name != "hf_config"
+        },
+        "steps": {"prefill_tokens_per_step": summary(prefill), "decode_batch_size": summary(decode)},
+    }
     llm.exit()
     return seconds, sum(len(o["token_ids"]) for o in outputs), details
 
@@ -215,24 +251,32 @@ def run_hf(args: argparse.Namespace, path: str, wl: Workload, notes: list[str]) 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     device = _device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else \
-        torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype != "auto"
+        else torch.float32
+        if device.type == "cpu"
+        else torch.bfloat16
+    )
     if args.attention_backend == "flash-attn":
         attn = "flash_attention_2"
     else:  # transformers 5.17 calls paged SDPA "paged|sdpa"; 5.24 dropped the prefix ("sdpa" is paged there)
         attn = "paged|sdpa" if "paged|sdpa" in ALL_ATTENTION_FUNCTIONS else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
     no_flash = "flash" not in attn and "auto_switch_to_flash" in {
-        f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+        f.name for f in dataclasses.fields(ContinuousBatchingConfig)
+    }
     gen_config = GenerationConfig(do_sample=False, max_new_tokens=max(wl.max_tokens), eos_token_id=-1)
     cb_config = ContinuousBatchingConfig(**({"auto_switch_to_flash": False} if no_flash else {}))
     init_kwargs: dict[str, Any] = {"generation_config": gen_config, "continuous_batching_config": cb_config}
     if "workload_hints" in inspect.signature(model.init_continuous_batching).parameters:
         from transformers.generation.continuous_batching.utils import WorkloadHints
 
-        init_kwargs["workload_hints"] = WorkloadHints(max_prompt_length=max(map(len, wl.prompts)),
-                                                      max_generated_length=max(wl.max_tokens),
-                                                      num_requests=len(wl.prompts))
+        init_kwargs["workload_hints"] = WorkloadHints(
+            max_prompt_length=max(map(len, wl.prompts)),
+            max_generated_length=max(wl.max_tokens),
+            num_requests=len(wl.prompts),
+        )
     manager = model.init_continuous_batching(**init_kwargs)
     eos = {"eos_token_id": -1} if "eos_token_id" in inspect.signature(manager.add_request).parameters else {}
 
@@ -264,18 +308,30 @@ def run_hf(args: argparse.Namespace, path: str, wl: Workload, notes: list[str]) 
         mem = memory_stats()
     finally:
         manager.stop(block=True)
-    return seconds, generated, {
-        "attention_backend": f"transformers:{attn}", "dtype": str(dtype).removeprefix("torch."),
-        "elem_size": torch.empty(0, dtype=dtype).element_size(), "weight_bytes": param_bytes(model),
-        "memory": mem}
+    return (
+        seconds,
+        generated,
+        {
+            "attention_backend": f"transformers:{attn}",
+            "dtype": str(dtype).removeprefix("torch."),
+            "elem_size": torch.empty(0, dtype=dtype).element_size(),
+            "weight_bytes": param_bytes(model),
+            "memory": mem,
+        },
+    )
 
 
 def run_vllm(args: argparse.Namespace, path: str, wl: Workload, notes: list[str]) -> Result:
     from vllm import LLM as VLLM
     from vllm import SamplingParams as VSP
 
-    llm = VLLM(path, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, dtype=args.dtype,
-               gpu_memory_utilization=args.gpu_memory_utilization)
+    llm = VLLM(
+        path,
+        enforce_eager=args.enforce_eager,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
     params = [VSP(temperature=0.6, ignore_eos=True, max_tokens=m) for m in wl.max_tokens]
     llm.generate(["Benchmark: "], VSP(), use_tqdm=False)
     prompts = [{"prompt_token_ids": p} for p in wl.prompts]
@@ -285,12 +341,21 @@ def run_vllm(args: argparse.Namespace, path: str, wl: Workload, notes: list[str]
     _sync()
     seconds = time.perf_counter() - start
     weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    return seconds, sum(len(o.outputs[0].token_ids) for o in outputs), {
-        "attention_backend": "vllm", "dtype": args.dtype, "elem_size": 4 if args.dtype == "float32" else 2,
-        "weight_bytes": weights, "memory": memory_stats()}
+    return (
+        seconds,
+        sum(len(o.outputs[0].token_ids) for o in outputs),
+        {
+            "attention_backend": "vllm",
+            "dtype": args.dtype,
+            "elem_size": 4 if args.dtype == "float32" else 2,
+            "weight_bytes": weights,
+            "memory": memory_stats(),
+        },
+    )
 
 
 # ---- reporting ---------------------------------------------------------------------------------------------
+
 
 def git_commit() -> str | None:
     try:
@@ -356,17 +421,26 @@ def main(argv: list[str] | None = None) -> None:
     path = resolve_model(args.model)
     cfg = AutoConfig.from_pretrained(path)
     random_weights = os.path.isfile(os.path.join(path, "nanovllm_builtin.json"))
-    wl = make_workload(args.num_seqs, args.max_input_len, args.max_output_len, args.shared_prefix,
-                       cfg.vocab_size)
+    wl = make_workload(
+        args.num_seqs, args.max_input_len, args.max_output_len, args.shared_prefix, cfg.vocab_size
+    )
     reference = all(getattr(args, k) == v for k, v in REFERENCE.items())
     if reference:
         assert (wl.output_tokens, wl.prompt_tokens) == REFERENCE_TOKENS, "the reference workload drifted"
-    print(f"Workload: {len(wl.prompts)} requests, {wl.prompt_tokens:,} prompt tokens, {wl.output_tokens:,} "
-          f"output tokens{' (reference)' if reference else ''}, shared prefix {args.shared_prefix}")
+    print(
+        f"Workload: {len(wl.prompts)} requests, {wl.prompt_tokens:,} prompt tokens, {wl.output_tokens:,} "
+        f"output tokens{' (reference)' if reference else ''}, shared prefix {args.shared_prefix}"
+    )
     device = _device(args.device)
     bandwidth = copy_bandwidth(device)
-    print("Copy bandwidth: " + (f"{human(bandwidth, 'B/s')} (1 GiB device copy, read + write, median of 10)"
-                                if bandwidth else f"not measured on {device.type} (CUDA only)"))
+    print(
+        "Copy bandwidth: "
+        + (
+            f"{human(bandwidth, 'B/s')} (1 GiB device copy, read + write, median of 10)"
+            if bandwidth
+            else f"not measured on {device.type} (CUDA only)"
+        )
+    )
 
     notes: list[str] = []
     engine = {"nanovllm": run_nanovllm, "hf": run_hf, "vllm": run_vllm}[args.engine]
@@ -382,34 +456,60 @@ def main(argv: list[str] | None = None) -> None:
     floor_s = parts["total"] / bandwidth if bandwidth else None
     limit = wl.output_tokens / floor_s if floor_s else None
     limit_prefill = wl.output_tokens / (floor_s + tflop / PREFILL_TFLOPS) if floor_s else None
-    print(f"Decode must move {human(parts['total'])} in {parts['steps']} steps: weights "
-          f"{human(details['weight_bytes'])} x {parts['steps']} = {human(parts['weights'])} + KV read "
-          f"{human(parts['kv_read'])} + KV write {human(parts['kv_write'])} ({kv_token:,} B/token, "
-          f"{details['dtype']}); prefill is ~{tflop:.3g} TFLOP of matmuls")
+    print(
+        f"Decode must move {human(parts['total'])} in {parts['steps']} steps: weights "
+        f"{human(details['weight_bytes'])} x {parts['steps']} = {human(parts['weights'])} + KV read "
+        f"{human(parts['kv_read'])} + KV write {human(parts['kv_write'])} ({kv_token:,} B/token, "
+        f"{details['dtype']}); prefill is ~{tflop:.3g} TFLOP of matmuls"
+    )
     if floor_s:
-        print(f"Floor {floor_s:.2f} s: limit {limit:,.0f} tok/s ({limit_prefill:,.0f} tok/s counting prefill "
-              f"at {PREFILL_TFLOPS:.0f} TFLOP/s); achieved {throughput / limit:.1%} of the limit")
+        print(
+            f"Floor {floor_s:.2f} s: limit {limit:,.0f} tok/s ({limit_prefill:,.0f} tok/s counting prefill "
+            f"at {PREFILL_TFLOPS:.0f} TFLOP/s); achieved {throughput / limit:.1%} of the limit"
+        )
     mem = details.get("memory")
     if mem:
-        print(f"GPU memory: peak allocated {mem['max_memory_allocated'] / 2**30:.2f} GiB, in use at the end "
-              f"{mem['used_total_minus_free'] / 2**30:.2f} of {mem['total'] / 2**30:.2f} GiB "
-              f"(gpu_memory_utilization {args.gpu_memory_utilization})")
-    print(f"Engine {args.engine}, attention {details['attention_backend']}, {details['dtype']}, model {path}"
-          + (" (random weights)" if random_weights else ""))
+        print(
+            f"GPU memory: peak allocated {mem['max_memory_allocated'] / 2**30:.2f} GiB, in use at the end "
+            f"{mem['used_total_minus_free'] / 2**30:.2f} of {mem['total'] / 2**30:.2f} GiB "
+            f"(gpu_memory_utilization {args.gpu_memory_utilization})"
+        )
+    print(
+        f"Engine {args.engine}, attention {details['attention_backend']}, {details['dtype']}, model {path}"
+        + (" (random weights)" if random_weights else "")
+    )
     if args.json:
         result = {
-            "engine": args.engine, "model": path, "random_weights": random_weights, "options": vars(args),
-            "total_tokens": wl.output_tokens, "prompt_tokens": wl.prompt_tokens, "seconds": seconds,
-            "tok_per_s": throughput, "device": str(device),
+            "engine": args.engine,
+            "model": path,
+            "random_weights": random_weights,
+            "options": vars(args),
+            "total_tokens": wl.output_tokens,
+            "prompt_tokens": wl.prompt_tokens,
+            "seconds": seconds,
+            "tok_per_s": throughput,
+            "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "versions": versions(), "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "bandwidth": {"copy_bytes_per_s": bandwidth, "kv_bytes_per_token": kv_token,
-                          "weight_bytes": details["weight_bytes"], "decode_bytes": parts, "floor_s": floor_s,
-                          "limit_tok_per_s": limit, "fraction_of_limit": limit and throughput / limit,
-                          "prefill_tflop": tflop, "limit_with_prefill_tok_per_s": limit_prefill},
-            "memory": mem, "gpu_memory_utilization": args.gpu_memory_utilization,
-            "attention_backend": details["attention_backend"], "notes": notes,
-            **{k: details[k] for k in ("dtype", "steps", "engine_config") if k in details}}
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "bandwidth": {
+                "copy_bytes_per_s": bandwidth,
+                "kv_bytes_per_token": kv_token,
+                "weight_bytes": details["weight_bytes"],
+                "decode_bytes": parts,
+                "floor_s": floor_s,
+                "limit_tok_per_s": limit,
+                "fraction_of_limit": limit and throughput / limit,
+                "prefill_tflop": tflop,
+                "limit_with_prefill_tok_per_s": limit_prefill,
+            },
+            "memory": mem,
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "attention_backend": details["attention_backend"],
+            "notes": notes,
+            **{k: details[k] for k in ("dtype", "steps", "engine_config") if k in details},
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"Wrote {args.json}")

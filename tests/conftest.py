@@ -11,9 +11,17 @@ from nanovllm.utils.builtin_model import build_tokenizer
 # Large initializer range: random models then have peaky logits, so greedy argmax does not flip on
 # rounding differences between implementations.
 TINY = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-6,
-    initializer_range=0.5, rope_theta=10000.0,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    initializer_range=0.5,
+    rope_theta=10000.0,
 )
 
 
@@ -25,8 +33,12 @@ def write_hf_checkpoint(path, arch: str = "Qwen3ForCausalLM", seed: int = 0, **o
     build_tokenizer(400, str(path))
     tok = transformers.AutoTokenizer.from_pretrained(str(path))
     config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
-    config = config_cls(**{**TINY, "tie_word_embeddings": True, **overrides},
-                        eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=None)
+    config = config_cls(
+        **{**TINY, "tie_word_embeddings": True, **overrides},
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
     config.architectures = [arch]
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).to(torch.float32)
@@ -47,9 +59,14 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy completion of one prompt, without EOS stopping."""
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +78,9 @@ def qwen3_tied(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def qwen3_untied(tmp_path_factory) -> str:
     """Untied LM head, no GQA (4 query heads, 4 KV heads)."""
-    return write_hf_checkpoint(tmp_path_factory.mktemp("qwen3_untied"), seed=1, tie_word_embeddings=False,
-                               num_key_value_heads=4)
+    return write_hf_checkpoint(
+        tmp_path_factory.mktemp("qwen3_untied"), seed=1, tie_word_embeddings=False, num_key_value_heads=4
+    )
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_runs_the_workload_and_writes_json(qwen3_tied, tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--model", qwen3_tied, "--num-seqs", "6", "--max-input-len", "30",
-           "--max-output-len", "12", "--kvcache-block-size", "16", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    cmd = [
+        sys.executable,
+        "bench.py",
+        "--model",
+        qwen3_tied,
+        "--num-seqs",
+        "6",
+        "--max-input-len",
+        "30",
+        "--max-output-len",
+        "12",
+        "--kvcache-block-size",
+        "16",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"Total: (\d+)tok, Time: [\d.]+s, Throughput: [\d.]+tok/s", last)

@@ -602,8 +602,13 @@ def _corrupt_used_set_missing(bm):
 
 
 CORRUPTIONS = [
-    _corrupt_double_free, _corrupt_free_and_used, _corrupt_lost_block, _corrupt_used_ref_zero,
-    _corrupt_free_ref_one, _corrupt_map_to_wrong_block, _corrupt_partial_hashed_block,
+    _corrupt_double_free,
+    _corrupt_free_and_used,
+    _corrupt_lost_block,
+    _corrupt_used_ref_zero,
+    _corrupt_free_ref_one,
+    _corrupt_map_to_wrong_block,
+    _corrupt_partial_hashed_block,
     _corrupt_used_set_missing,
 ]
 
@@ -617,4 +622,3 @@ def test_check_integrity_catches_corruption(corrupt):
     corrupt(bm)
     with pytest.raises(AssertionError):
         bm.check_integrity()
-

@@ -30,8 +30,9 @@ def next_token(history: list[int]) -> int:
     return xxhash.xxh64(np.asarray(history, dtype=np.int64).tobytes()).intdigest() % VOCAB
 
 
-def reference_completion(prompt: list[int], sp: SamplingParams, eos: int | None,
-                         max_model_len: int) -> list[int]:
+def reference_completion(
+    prompt: list[int], sp: SamplingParams, eos: int | None, max_model_len: int
+) -> list[int]:
     """What generation must produce, computed without any scheduling."""
     tokens = list(prompt)
     out: list[int] = []
@@ -83,13 +84,20 @@ class FakeModel:
         return out
 
 
-def make_seq(seq_id: int, prompt: list[int], block_size: int, max_tokens: int = 8,
-             ignore_eos: bool = False) -> Sequence:
+def make_seq(
+    seq_id: int, prompt: list[int], block_size: int, max_tokens: int = 8, ignore_eos: bool = False
+) -> Sequence:
     return Sequence(seq_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos), block_size)
 
 
-def make_scheduler(num_blocks: int, block_size: int = 4, max_num_seqs: int = 8, budget: int = 64,
-                   eos: int | None = EOS, max_model_len: int = 1024) -> Scheduler:
+def make_scheduler(
+    num_blocks: int,
+    block_size: int = 4,
+    max_num_seqs: int = 8,
+    budget: int = 64,
+    eos: int | None = EOS,
+    max_model_len: int = 1024,
+) -> Scheduler:
     return Scheduler(max_num_seqs, budget, eos, BlockManager(num_blocks, block_size), max_model_len)
 
 
@@ -152,8 +160,9 @@ def test_prefill_in_arrival_order_up_to_max_num_seqs():
 
     run_to_end(sched, model)
     for s in seqs:
-        assert s.completion_token_ids == reference_completion(s.prompt_token_ids, SamplingParams(
-            max_tokens=3, ignore_eos=True), EOS, 1024)
+        assert s.completion_token_ids == reference_completion(
+            s.prompt_token_ids, SamplingParams(max_tokens=3, ignore_eos=True), EOS, 1024
+        )
         assert s.is_finished
 
 
@@ -208,8 +217,9 @@ def test_waiting_sequence_that_cannot_get_blocks_lets_running_ones_decode():
     assert batch.phase == "decode" and ids(batch.seqs) == [0]
     assert b.block_table == [] and c.block_table == [] and list(sched.waiting) == [b, c]
     run_to_end(sched, model)
-    assert a.completion_token_ids == reference_completion(a.prompt_token_ids, SamplingParams(
-        max_tokens=3, ignore_eos=True), EOS, 1024)
+    assert a.completion_token_ids == reference_completion(
+        a.prompt_token_ids, SamplingParams(max_tokens=3, ignore_eos=True), EOS, 1024
+    )
     assert b.num_completion_tokens == 1
 
 
@@ -304,8 +314,9 @@ def test_chunked_prefill_with_budget_one():
     sched.add(a)
     batches = run_to_end(sched, model)
     assert [(b.phase, b.num_new_tokens) for b in batches] == [("prefill", [1])] * 6 + [("decode", [1])]
-    assert a.completion_token_ids == reference_completion(a.prompt_token_ids, SamplingParams(
-        max_tokens=2, ignore_eos=True), EOS, 1024)
+    assert a.completion_token_ids == reference_completion(
+        a.prompt_token_ids, SamplingParams(max_tokens=2, ignore_eos=True), EOS, 1024
+    )
 
 
 # ---- preemption ------------------------------------------------------------------------------------
@@ -355,8 +366,10 @@ def test_preemption_takes_the_most_recently_admitted_sequence():
     assert recomputes == {2: (0, 5), 3: (0, 5)}
 
     big = make_scheduler(64, max_num_seqs=8)
-    big_seqs = [make_seq(i, s.prompt_token_ids, 4, max_tokens=s.max_tokens, ignore_eos=s.ignore_eos)
-                for i, s in enumerate(seqs + [late])]
+    big_seqs = [
+        make_seq(i, s.prompt_token_ids, 4, max_tokens=s.max_tokens, ignore_eos=s.ignore_eos)
+        for i, s in enumerate(seqs + [late])
+    ]
     for s in big_seqs:
         big.add(s)
     batches = run_to_end(big, FakeModel(big.block_manager))
@@ -382,8 +395,9 @@ def test_last_running_sequence_preempts_itself():
     sched.postprocess(batch, model.run(batch))
     run_to_end(sched, model)
     for s in (a, b):
-        assert s.completion_token_ids == reference_completion(s.prompt_token_ids, SamplingParams(
-            max_tokens=8, ignore_eos=True), EOS, 1024)
+        assert s.completion_token_ids == reference_completion(
+            s.prompt_token_ids, SamplingParams(max_tokens=8, ignore_eos=True), EOS, 1024
+        )
 
 
 def test_preemption_with_shared_prefix_blocks():
@@ -562,8 +576,9 @@ def test_exact_duplicate_prompt_recomputes_its_last_block():
     assert batch.num_new_tokens == [4] and again.num_cached_tokens == 4
     assert again.block_table == [0, 2]  # block 0 revived, the last block computed into a fresh one
     run_to_end(sched, model)
-    assert again.completion_token_ids == reference_completion(prompt, SamplingParams(
-        max_tokens=3, ignore_eos=True), EOS, 1024)
+    assert again.completion_token_ids == reference_completion(
+        prompt, SamplingParams(max_tokens=3, ignore_eos=True), EOS, 1024
+    )
 
 
 def test_block_filled_by_a_sampled_token_is_not_a_hit_before_it_is_computed():
@@ -639,8 +654,13 @@ def workloads(draw):
     )
 
 
-def check_step(sched: Scheduler, batch: ScheduledBatch, waiting_before: list[Sequence],
-               running_before: list[Sequence], head_fits: bool) -> None:
+def check_step(
+    sched: Scheduler,
+    batch: ScheduledBatch,
+    waiting_before: list[Sequence],
+    running_before: list[Sequence],
+    head_fits: bool,
+) -> None:
     """What one `schedule()` may do, given the queues before it."""
     k = len(batch.seqs)
     assert 1 <= k <= sched.max_num_seqs
@@ -652,8 +672,11 @@ def check_step(sched: Scheduler, batch: ScheduledBatch, waiting_before: list[Seq
             assert n >= 1 and seq.num_computed_tokens + n <= seq.num_tokens
             if j > 0:
                 assert seq.num_computed_tokens + n == seq.num_tokens  # only the first is chunked
-        done = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                if s.num_computed_tokens + n == s.num_tokens]
+        done = [
+            s
+            for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+            if s.num_computed_tokens + n == s.num_tokens
+        ]
         assert list(sched.running) == running_before + done
         assert list(sched.waiting) == [s for s in waiting_before if s not in done]
     else:
@@ -662,7 +685,7 @@ def check_step(sched: Scheduler, batch: ScheduledBatch, waiting_before: list[Seq
         assert batch.seqs == running_before[:k]
         preempted = [s for s in running_before if s.status == SequenceStatus.WAITING]
         # Victims are the most recently admitted ones, back at the front of the queue in order.
-        assert preempted == running_before[len(running_before) - len(preempted):]
+        assert preempted == running_before[len(running_before) - len(preempted) :]
         assert list(sched.waiting) == preempted + waiting_before
         assert all(s.block_table == [] and s.num_computed_tokens == 0 for s in preempted)
         assert all(len(s.block_table) == s.num_blocks for s in batch.seqs)
