@@ -200,6 +200,15 @@ class BlockManager:
             token_ids = seq.block(i)
             self._register(block, self.compute_hash(token_ids, prev_hash), token_ids)
 
+    def forget_unfilled_block(self, seq: Sequence) -> None:
+        """Undo `may_append`'s hashing of the block `seq`'s newest token completes, for a decode step
+        that never ran (that token's K/V was not written)."""
+        if seq.num_tokens % self.block_size or len(seq.block_table) < seq.num_blocks:
+            return
+        block = self.blocks[seq.block_table[seq.num_blocks - 1]]
+        if block.ref_count == 1:
+            self._forget_hash(block)
+
     def check_integrity(self) -> None:
         """Raise AssertionError if the free/used sets, reference counts or hash map disagree."""
         free = set(self.free_block_ids)

@@ -4,6 +4,7 @@ import atexit
 import functools
 import itertools
 import weakref
+from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from time import perf_counter
@@ -47,7 +48,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             config.max_num_seqs, config.max_num_batched_tokens, eos, self.block_manager, config.max_model_len
         )
-        self._inflight = None  # (LaunchedBatch, StepResult) of a step not yet read back
+        # (LaunchedBatch, StepResult) of launched steps not yet read back, oldest first (at most 2)
+        self._inflight: deque = deque()
         self._seq_ids = itertools.count()
         self._requests: dict[int, Request] = {}
         # Exit at interpreter exit. The hook holds the engine weakly: atexit.register(self.exit) would keep
@@ -63,7 +65,7 @@ class LLMEngine:
             return
         self._exited = True
         atexit.unregister(self._exit_hook)
-        self._inflight = None
+        self._inflight.clear()
         self.model_runner.exit()
 
     def __enter__(self):
@@ -113,6 +115,11 @@ class LLMEngine:
                 f"can need {needed} KV blocks of {bs} tokens, but the cache has only "
                 f"{self.block_manager.num_blocks}"
             )
+        if sampling_params.logprobs is not None and sampling_params.logprobs > self.vocab_size:
+            raise ValueError(
+                f"SamplingParams.logprobs={sampling_params.logprobs} is more than the vocabulary "
+                f"({self.vocab_size} tokens)"
+            )
         return Sequence(next(self._seq_ids), token_ids, sampling_params, bs)
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams) -> int:
@@ -150,9 +157,9 @@ class LLMEngine:
         self._check_alive()
         updated: list[Request] = []
         batch = self.scheduler.try_schedule()
-        if batch is None and self._inflight is not None:
-            # Nothing can start until the step in flight is read back (it may free blocks).
-            updated += self._finalize_inflight()
+        if batch is None and self._inflight:
+            # Nothing can start until the steps in flight are read back (they may free blocks).
+            updated += self._finalize_all()
             batch = self.scheduler.try_schedule()
         num_tokens = 0
         if batch is not None:
@@ -161,11 +168,11 @@ class LLMEngine:
             except BaseException:  # KeyboardInterrupt included: a later step must run the batch again
                 self.scheduler.unschedule(batch)
                 raise
-            launched = self.scheduler.on_launched(batch)
-            updated += self._finalize_inflight()
-            self._inflight = (launched, result)
+            self._inflight.append((self.scheduler.on_launched(batch), result))
+            if len(self._inflight) > 1:  # read back the previous step while this one runs
+                updated += self._finalize_oldest()
             if not self.config.overlap_scheduling or not self.scheduler.has_unlaunched_work():
-                updated += self._finalize_inflight()
+                updated += self._finalize_all()
             num_tokens = batch.num_tokens if batch.is_prefill else -len(batch.seqs)
         elif not self.scheduler.is_finished():
             raise RuntimeError("scheduler has no sequence to run although requests are pending")
@@ -175,14 +182,19 @@ class LLMEngine:
             self._requests.pop(request.seq.seq_id, None)
         return finished, updated, num_tokens
 
-    def _finalize_inflight(self) -> list["Request"]:
-        """Read back the step in flight and apply its tokens; returns the requests that got one."""
-        if self._inflight is None:
-            return []
-        launched, result = self._inflight
-        tokens = result.tolist()  # may raise (or be interrupted): the step then stays in flight
+    def _finalize_all(self) -> list["Request"]:
+        updated = []
+        while self._inflight:
+            updated += self._finalize_oldest()
+        return updated
+
+    def _finalize_oldest(self) -> list["Request"]:
+        """Read back the oldest step in flight and apply its tokens; returns the requests that got
+        one. If reading raises (or is interrupted), the step stays in flight."""
+        launched, result = self._inflight[0]
+        tokens = result.tolist()
         logprobs = result.logprobs()
-        self._inflight = None
+        self._inflight.popleft()
         self.scheduler.finalize(launched, tokens)
         row_of = {id(seq): i for i, seq in enumerate(launched.batch.seqs)}
         updated = []
@@ -197,21 +209,20 @@ class LLMEngine:
         return updated
 
     def _drain_after_error(self) -> None:
-        """After an exception mid-step: apply the step in flight if it can be read, else drop it and
-        abort the requests it held (their placeholder tokens would never be filled)."""
-        if self._inflight is None:
-            return
-        launched, _ = self._inflight
+        """After an exception mid-step: apply the steps in flight that can be read; if one cannot,
+        drop it and those after it and abort their requests (their placeholders would never fill)."""
         try:
-            self._finalize_inflight()
+            self._finalize_all()
         except BaseException:
-            self._inflight = None
-            for seq in launched.batch.seqs:
-                if seq.seq_id in self._requests:
-                    self.abort_request(seq.seq_id)
+            dropped = list(self._inflight)
+            self._inflight.clear()
+            for launched, _ in dropped:
+                for seq in launched.batch.seqs:
+                    if seq.seq_id in self._requests:
+                        self.abort_request(seq.seq_id)
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished() and self._inflight is None
+        return self.scheduler.is_finished() and not self._inflight
 
     # ---- batch entry points -------------------------------------------------------------------
 

@@ -387,19 +387,23 @@ class ModelRunner:
         if self.tp_size > 1:
             dist.broadcast(tokens, src=0)
             if self.tp_rank > 0:
-                self._prev_tokens = tokens
-                self._prev_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
+                self._remember_tokens(batch, tokens)
                 return None
-        # Kept on the device so the next decode step can read tokens not yet seen by the host.
-        self._prev_tokens = tokens
-        self._prev_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
         out = {"tokens": tokens}
-        num_logprobs = max((seq.params.logprobs or 0) for seq in batch.seqs)
         if any(seq.params.logprobs is not None for seq in batch.seqs):
+            num_logprobs = min(max(seq.params.logprobs or 0 for seq in batch.seqs), logits.shape[-1])
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # [num_seqs, vocab]
             out["sampled_logprobs"] = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
             out["top_logprobs"], out["top_ids"] = logprobs.topk(num_logprobs, dim=-1)
-        return StepResult(out, self.device.type == "cuda")
+        result = StepResult(out, self.device.type == "cuda")
+        self._remember_tokens(batch, tokens)  # last: a step that raised above must not be remembered
+        return result
+
+    def _remember_tokens(self, batch: ScheduledBatch, tokens: torch.Tensor) -> None:
+        """Keep the sampled tokens on the device: the next decode step reads those the host has not
+        seen yet (overlap scheduling) from here."""
+        self._prev_tokens = tokens
+        self._prev_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
 
     def run(self, batch: ScheduledBatch) -> list[int] | None:
         """Run one scheduled step and return one sampled token per sequence (None on a worker)."""

@@ -125,8 +125,12 @@ class Scheduler:
     def unschedule(self, batch: ScheduledBatch) -> None:
         """Undo scheduling a batch whose launch failed. A prefill batch moved the prompts it completes
         to the running queue, where they would decode with K/V never computed: put them back at the
-        front of the waiting queue, in order (they keep their blocks). A decode batch needs nothing."""
+        front of the waiting queue, in order (they keep their blocks)."""
         if not batch.is_prefill:
+            # may_append hashed the blocks these steps' tokens would complete: their last slot was
+            # never written, so they must not be served from the prefix cache.
+            for seq in batch.seqs:
+                self.block_manager.forget_unfilled_block(seq)
             return
         for seq in reversed(batch.seqs):
             if seq.status == SequenceStatus.RUNNING:
