@@ -187,9 +187,8 @@ def memory_stats() -> dict[str, int] | None:
 Result = tuple[float, int, dict[str, Any]]  # seconds, generated tokens, details
 
 
-def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload, notes: list[str]) -> Result:
+def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
     from nanovllm import LLM, SamplingParams
-    from nanovllm.config import Config
 
     names = (
         "max_model_len",
@@ -201,12 +200,7 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload, notes: list[
         "kvcache_block_size",
     )
     kwargs: dict[str, Any] = {name: getattr(args, name) for name in names}
-    if args.no_overlap:
-        if "overlap_scheduling" in {f.name for f in dataclasses.fields(Config)}:
-            kwargs["overlap_scheduling"] = False
-        else:
-            notes.append("--no-overlap: Config has no overlap_scheduling field; nothing was turned off")
-            print(notes[-1])
+    kwargs["overlap_scheduling"] = not args.no_overlap
     llm = LLM(path, **kwargs)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in wl.max_tokens]
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
@@ -245,7 +239,7 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload, notes: list[
     return seconds, sum(len(o["token_ids"]) for o in outputs), details
 
 
-def run_hf(args: argparse.Namespace, path: str, wl: Workload, notes: list[str]) -> Result:
+def run_hf(args: argparse.Namespace, path: str, wl: Workload) -> Result:
     """transformers' continuous batching (ContinuousBatchingManager): greedy, EOS disabled (-1)."""
     from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -321,7 +315,7 @@ def run_hf(args: argparse.Namespace, path: str, wl: Workload, notes: list[str]) 
     )
 
 
-def run_vllm(args: argparse.Namespace, path: str, wl: Workload, notes: list[str]) -> Result:
+def run_vllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
     from vllm import LLM as VLLM
     from vllm import SamplingParams as VSP
 
@@ -442,9 +436,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
 
-    notes: list[str] = []
     engine = {"nanovllm": run_nanovllm, "hf": run_hf, "vllm": run_vllm}[args.engine]
-    seconds, generated, details = engine(args, path, wl, notes)
+    seconds, generated, details = engine(args, path, wl)
     if generated != wl.output_tokens:
         raise RuntimeError(f"the engine generated {generated} tokens, expected {wl.output_tokens}")
     throughput = wl.output_tokens / seconds
@@ -507,7 +500,6 @@ def main(argv: list[str] | None = None) -> None:
             "memory": mem,
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "attention_backend": details["attention_backend"],
-            "notes": notes,
             **{k: details[k] for k in ("dtype", "steps", "engine_config") if k in details},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

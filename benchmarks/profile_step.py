@@ -14,7 +14,6 @@ each request's cached tokens' K/V (and the new token's K/V write) over the measu
 """
 
 import argparse
-import dataclasses
 import json
 import random
 import statistics
@@ -99,9 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_engine(args: argparse.Namespace, path: str, max_tokens: int, notes: list[str]) -> Any:
+def build_engine(args: argparse.Namespace, path: str, max_tokens: int) -> Any:
     from nanovllm import LLM
-    from nanovllm.config import Config
 
     kwargs: dict[str, Any] = dict(
         attention_backend=args.attention_backend,
@@ -111,12 +109,7 @@ def build_engine(args: argparse.Namespace, path: str, max_tokens: int, notes: li
         max_model_len=max(4096, args.context + max_tokens),
         max_num_seqs=max(512, args.num_seqs),
     )
-    if args.no_overlap:
-        if "overlap_scheduling" in {f.name for f in dataclasses.fields(Config)}:
-            kwargs["overlap_scheduling"] = False
-        else:
-            notes.append("--no-overlap: Config has no overlap_scheduling field; nothing was turned off")
-            print(notes[-1])
+    kwargs["overlap_scheduling"] = not args.no_overlap
     return LLM(path, **kwargs)
 
 
@@ -131,9 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     path = bench.resolve_model(args.model)
     device = bench._device(args.device)
     bandwidth = bench.copy_bandwidth(device)
-    notes: list[str] = []
     max_tokens = args.warmup + args.steps + PROFILE_STEPS + 16
-    llm = build_engine(args, path, max_tokens, notes)
+    llm = build_engine(args, path, max_tokens)
     runner = llm.model_runner
     cfg = runner.config.hf_config
     rng = random.Random(0)
@@ -209,7 +201,6 @@ def main(argv: list[str] | None = None) -> None:
             "model": path,
             "options": vars(args),
             "device": str(device),
-            "notes": notes,
             "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
             "attention_backend": backend,
             "dtype": dtype,

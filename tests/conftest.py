@@ -6,22 +6,12 @@ import os
 import pytest
 import torch
 
-from nanovllm.utils.builtin_model import build_tokenizer
+from nanovllm.utils.builtin_model import TINY_QWEN3, build_tokenizer
 
-# Large initializer range: random models then have peaky logits, so greedy argmax does not flip on
-# rounding differences between implementations.
-TINY = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=1024,
-    rms_norm_eps=1e-6,
-    initializer_range=0.5,
-    rope_theta=10000.0,
+# The built-in tiny Qwen3's shapes. Its large initializer range makes logits peaky, so greedy argmax
+# does not flip on rounding differences between implementations. Tying is set per checkpoint.
+TINY = {k: v for k, v in TINY_QWEN3.items() if k != "tie_word_embeddings"} | dict(
+    max_position_embeddings=1024, rope_theta=10000.0
 )
 
 

@@ -99,8 +99,9 @@ class BlockManager:
             return None
         return block_id
 
-    def _prefix_hits(self, seq: Sequence) -> list[int]:
-        """Block ids of the sequence's leading cached blocks (never its last block)."""
+    def prefix_hits(self, seq: Sequence) -> list[int]:
+        """Block ids of the sequence's leading cached blocks (never its last block). Pass the result
+        to the methods below to hash the prompt once."""
         hits: list[int] = []
         h: int | None = None
         for i in range(seq.num_blocks - 1):  # the last block of a prompt is always computed
@@ -114,32 +115,32 @@ class BlockManager:
 
     # ---- public API --------------------------------------------------------------------------
 
-    def num_blocks_to_allocate(self, seq: Sequence) -> int:
+    def num_blocks_to_allocate(self, seq: Sequence, hits: list[int] | None = None) -> int:
         """Free blocks that `allocate(seq)` would consume (revived cached blocks count as free)."""
-        hits_in_use = sum(1 for b in self._prefix_hits(seq) if self.blocks[b].ref_count > 0)
-        return seq.num_blocks - hits_in_use
+        hits = self.prefix_hits(seq) if hits is None else hits
+        return seq.num_blocks - sum(1 for b in hits if self.blocks[b].ref_count > 0)
 
-    def num_cached_tokens(self, seq: Sequence) -> int:
+    def num_cached_tokens(self, seq: Sequence, hits: list[int] | None = None) -> int:
         """Leading tokens of `seq` that `allocate` would take from the prefix cache."""
-        return len(self._prefix_hits(seq)) * self.block_size
+        return len(self.prefix_hits(seq) if hits is None else hits) * self.block_size
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence, hits: list[int] | None = None) -> bool:
         """Whether every block of `seq` can be allocated now."""
-        return self.num_blocks_to_allocate(seq) <= self.num_free_blocks
+        return self.num_blocks_to_allocate(seq, hits) <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
+    def allocate(self, seq: Sequence, hits: list[int] | None = None) -> None:
         """Give `seq` a block table for all its tokens, reusing cached prefix blocks.
 
         Sets `seq.num_cached_tokens` and `seq.num_computed_tokens` to the tokens covered by hits.
         """
         if seq.block_table:
             raise ValueError(f"sequence {seq.seq_id} already holds blocks {seq.block_table}")
-        if not self.can_allocate(seq):
+        hits = self.prefix_hits(seq) if hits is None else hits
+        if not self.can_allocate(seq, hits):
             raise ValueError(
-                f"sequence {seq.seq_id} needs {self.num_blocks_to_allocate(seq)} free KV blocks, "
+                f"sequence {seq.seq_id} needs {self.num_blocks_to_allocate(seq, hits)} free KV blocks, "
                 f"only {self.num_free_blocks} are free"
             )
-        hits = self._prefix_hits(seq)
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count > 0:

@@ -336,12 +336,9 @@ class LLMEngine:
                 isinstance(m, dict) and "role" in m and "content" in m for m in conv
             ):
                 raise TypeError("each message must be a dict with 'role' and 'content'")
-            prompts.append(
-                self.tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
-            )
-        prompts = [
-            list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts
-        ]
+            ids = self.tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
+            # transformers 5 returns a BatchEncoding here, 4 a plain list of ids
+            prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
 
@@ -378,9 +375,8 @@ class Request:
             return
         before = len(self.detokenizer.text)
         # Stop strings are searched in released text; hold nothing back once the sequence is done.
-        pending = self.seq.completion_token_ids[: index + 1 - self.seq.num_prompt_tokens]
-        self.detokenizer.add(pending[self.num_seen :], final=self.seq.is_finished)
-        self.num_seen = len(pending)
+        # Tokens are filled in order, so every known completion token ends at `index`.
+        self._advance_text(final=self.seq.is_finished)
         cut = find_stop(self.detokenizer.text, self.stops, before)
         if cut is not None:
             self.stop_text = self.detokenizer.text[:cut]

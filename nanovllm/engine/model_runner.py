@@ -110,6 +110,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.vocab_size = hf_config.vocab_size
         self.max_num_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
+        self.graph_batch_sizes = graph_batch_sizes(config.max_num_seqs)  # also decode's split-K buckets
         self.kv_cache = torch.tensor([])
         self.graph_runner = None
         self._prev_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
@@ -309,8 +310,7 @@ class ModelRunner:
     def decode_num_splits(self, batch_size: int) -> int:
         """Split-K factor for a decode batch, the same whether or not it runs in a CUDA graph: chosen
         for the graph bucket the batch falls in and the full block-table width."""
-        sizes = graph_batch_sizes(self.config.max_num_seqs)
-        bucket = next((s for s in sizes if s >= batch_size), batch_size)
+        bucket = next((s for s in self.graph_batch_sizes if s >= batch_size), batch_size)
         layer = self.attention_layers[0]
         return default_num_splits(
             self.device, bucket, layer.num_kv_heads, self.max_num_blocks_per_seq, self.block_size

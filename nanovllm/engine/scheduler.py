@@ -80,13 +80,14 @@ class Scheduler:
             if len(seqs) == self.max_num_seqs or budget == 0 or seq.has_pending_token:
                 break
             if not seq.block_table:  # not started: needs blocks for the whole sequence
-                if not self.block_manager.can_allocate(seq):
+                hits = self.block_manager.prefix_hits(seq)  # hash the prompt once for all three calls
+                if not self.block_manager.can_allocate(seq, hits):
                     break
                 # Cache hits shrink the tokens to compute: count them before taking blocks.
-                remaining = seq.num_tokens - self.block_manager.num_cached_tokens(seq)
+                remaining = seq.num_tokens - self.block_manager.num_cached_tokens(seq, hits)
                 if remaining > budget and seqs:
                     break
-                self.block_manager.allocate(seq)
+                self.block_manager.allocate(seq, hits)
             remaining = seq.num_tokens - seq.num_computed_tokens
             if remaining > budget and seqs:  # only the first sequence may be chunked
                 break

@@ -39,8 +39,8 @@ def _generate_spied(llm: LLM, monkeypatch) -> tuple[list[list[int]], list[int], 
         preempted.append(seq.seq_id)
         return preempt(self, seq)
 
-    def spy_allocate(self, seq):
-        allocate(self, seq)
+    def spy_allocate(self, seq, *args):
+        allocate(self, seq, *args)
         cached.append(seq.num_cached_tokens)
 
     with monkeypatch.context() as m:
