@@ -156,8 +156,19 @@ class ModelRunner:
             cfg.max_num_seqs, self.config.hf_config.hidden_size, dtype=self.dtype, device=self.device
         )
         logits = self.model.compute_logits(hidden)  # None on tensor-parallel workers
-        if logits is not None:
-            self.sampler(logits, torch.ones(cfg.max_num_seqs, device=self.device))
+        if logits is not None:  # the truncating path (a sort) needs the most memory
+            n = cfg.max_num_seqs
+            self.sampler(
+                logits,
+                SamplingTensors(
+                    torch.ones(n, device=self.device),
+                    keys=torch.zeros(n, 2, dtype=torch.int64, device=self.device),
+                    top_k=torch.full((n,), self.vocab_size, device=self.device),
+                    top_p=torch.full((n,), 0.9, device=self.device),
+                    min_p=torch.zeros(n, device=self.device),
+                ),
+            )
+            self.sampler(logits, torch.ones(n, device=self.device))
         torch.cuda.synchronize()
 
     def _bytes_per_block(self) -> int:
@@ -352,7 +363,10 @@ class ModelRunner:
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         """Per-row sampling settings; seeds and truncation only when some row uses them."""
         params = [seq.params for seq in seqs]
-        st = SamplingTensors(self._to_device([p.temperature for p in params], torch.float32))
+        st = SamplingTensors(
+            self._to_device([p.temperature for p in params], torch.float32),
+            all_greedy=all(p.temperature == 0 for p in params),
+        )
         if any(p.seed is not None for p in params):
             keys = []
             for seq, p in zip(seqs, params):

@@ -212,3 +212,57 @@ def test_kv_cache_sized_from_gpu_memory(qwen3_tied):
     blocks, used = out.stdout.split()[-2:]
     assert int(blocks) > 100
     assert float(used) <= 0.31  # the CUDA context is outside PyTorch's accounting: a little slack
+
+
+@pytest.fixture
+def compiled_ops():
+    from nanovllm.utils.compile import enable_compilation
+
+    enable_compilation()  # what every CUDA engine does at start-up (process-wide)
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+@pytest.mark.parametrize("truncate", [False, True])
+def test_compiled_sampler_distribution_on_gpu(compiled_ops, seeded, truncate):
+    """The compiled sampler (both paths, both noise sources) draws from the right distribution."""
+    from nanovllm.layers.sampler import Sampler, SamplingTensors
+
+    torch.manual_seed(0)
+    n, dev = 30000, torch.device("cuda")
+    probs = torch.tensor([0.1, 0.5, 0.15, 0.25], device=dev)
+    logits = probs.log().expand(n, -1).to(torch.bfloat16).contiguous()
+    params = SamplingTensors(torch.ones(n, device=dev))
+    expected = probs.double().cpu()
+    if seeded:
+        params.keys = torch.randint(0, 2**32, (n, 2), device=dev, dtype=torch.int64)
+    if truncate:  # top-p 0.7 keeps tokens 1 and 3
+        params.top_k = torch.full((n,), 4, device=dev)
+        params.top_p = torch.full((n,), 0.7, device=dev)
+        params.min_p = torch.zeros(n, device=dev)
+        expected = torch.tensor([0.0, 0.5 / 0.75, 0.0, 0.25 / 0.75], dtype=torch.double)
+    freq = torch.bincount(Sampler()(logits, params).cpu(), minlength=4).double() / n
+    assert torch.allclose(freq, expected, atol=0.015), freq
+
+
+def test_sampling_api_on_gpu(model_d128):
+    """top-k 1 equals greedy, and a seeded truncated request gives the same tokens alone and in a
+    batch, through CUDA graphs and the compiled sampler; logprobs come back."""
+    llm = LLM(model_d128, device="cuda", dtype="bfloat16", kvcache_block_size=256, num_kvcache_blocks=32)
+    prompts = random_prompts(5, [5, 40, 130], seed=41)
+    greedy = llm.generate(prompts, GREEDY, use_tqdm=False)
+    top1 = SamplingParams(temperature=0.8, top_k=1, max_tokens=16, ignore_eos=True)
+    assert [o["token_ids"] for o in llm.generate(prompts, top1, use_tqdm=False)] == [
+        o["token_ids"] for o in greedy
+    ]
+    seeded = SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, seed=7, max_tokens=24, ignore_eos=True, logprobs=2
+    )
+    alone = llm.generate(prompts[:1], seeded, use_tqdm=False)[0]
+    hot = SamplingParams(temperature=1.2, max_tokens=30, ignore_eos=True)
+    batch = llm.generate(prompts, [seeded] + [hot] * 4, use_tqdm=False)
+    assert batch[0]["token_ids"] == alone["token_ids"]
+    assert len(alone["logprobs"]) == 24
+    for token, step in zip(alone["token_ids"], alone["logprobs"]):
+        assert token in step and all(v <= 0 for v in step.values())
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    llm.exit()

@@ -1,6 +1,6 @@
 import torch
 
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, SamplingTensors, exponential, hashed_uniform
 
 
 def test_temperature_draws_follow_softmax():
@@ -26,3 +26,31 @@ def test_zero_temperature_is_argmax_per_row():
     out = Sampler()(logits, temps)
     assert torch.equal(out[1::2], logits[1::2].argmax(-1))
     assert not torch.equal(out[::2], logits[::2].argmax(-1))  # 32 draws from flat rows: not all argmax
+
+
+def test_seeded_draws_follow_softmax():
+    """Counter-based noise (one key per row) gives the same distribution as torch's generator."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.tensor([0.5, 1.0, 2.0, -1.0, 0.0])
+    n = 40000
+    keys = torch.randint(0, 2**32, (n, 2), generator=gen, dtype=torch.int64)
+    params = SamplingTensors(torch.full((n,), 0.7), keys=keys)
+    freq = torch.bincount(Sampler()(logits.expand(n, -1).clone(), params), minlength=5).double() / n
+    expected = torch.softmax(logits.double() / 0.7, dim=-1)
+    assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
+
+
+def test_exponential_noise_is_positive_and_finite_at_the_grid_ends():
+    # 0 and the largest 24-bit uniform: E = 0 would make its token win whatever its probability.
+    e = exponential(torch.tensor([0.0, 1.0 - 2.0**-24, 0.5]))
+    assert torch.all(e > 0) and torch.all(torch.isfinite(e))
+    keys = torch.randint(0, 2**32, (4, 2), dtype=torch.int64)
+    u = hashed_uniform(keys, torch.arange(50000))
+    assert u.min() >= 0 and u.max() < 1
+    assert torch.equal(u, hashed_uniform(keys, torch.arange(50000)))
+
+
+def test_all_greedy_flag_skips_the_draw():
+    logits = torch.randn(8, 100)
+    params = SamplingTensors(torch.zeros(8), all_greedy=True)
+    assert torch.equal(Sampler()(logits, params), logits.argmax(-1))
