@@ -19,6 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--profile", action="store_true", help="print each case's top GPU kernels")
     args = parser.parse_args()
     enable_compilation()
     dev = torch.device("cuda")
@@ -44,6 +45,13 @@ def main() -> None:
             lambda p=params: sampler(logits, p), warmup=100, rep=500, return_mode="median"
         )
         rows.append((name, ms))
+        if args.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    sampler(logits, params)
+                torch.cuda.synchronize()
+            print(f"--- {name}: 3 calls")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
     print(f"\nsampler, batch {b} x vocab {v}, {torch.cuda.get_device_name()}")
     for name, ms in rows:
         print(f"{name:<36} {ms * 1000:8.1f} us")
