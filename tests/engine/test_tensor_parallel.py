@@ -1,9 +1,14 @@
 """Tensor parallelism on CPU (gloo): worker processes, shared-memory calls, failures and clean-up."""
 
+import json
 import multiprocessing
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+from multiprocessing.shared_memory import SharedMemory
 from types import SimpleNamespace
 
 import pytest
@@ -164,3 +169,67 @@ def test_check_tp_config():
 def test_shm_size_validated(qwen3_tied):
     with pytest.raises(ValueError, match="tp_shm_bytes must be >= 65536"):
         LLM(qwen3_tied, **ENGINE, tensor_parallel_size=2, tp_shm_bytes=1 << 10)
+
+
+_TWO_AT_ONCE = """
+import json, os, sys, time
+from nanovllm import LLM, SamplingParams
+path, me, other = sys.argv[1], sys.argv[2], sys.argv[3]
+llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=10, max_model_len=256, dtype="float32",
+          tensor_parallel_size=2, tp_timeout_s=20.0, tp_shm_bytes=65536)
+open(me, "w").close()
+deadline = time.monotonic() + 120
+while not os.path.exists(other):  # both engines are alive from here on
+    assert time.monotonic() < deadline, "the other engine never came up"
+    time.sleep(0.05)
+out = llm.generate([[5, 6, 7, 8], [9, 10]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                   use_tqdm=False)
+print(json.dumps([o["token_ids"] for o in out]))
+llm.exit()
+"""
+
+
+def test_two_engines_alive_at_once_in_two_processes(qwen3_tied, tmp_path):
+    """What the original's fixed rendezvous port (2333) and shared-memory name ("nanovllm") break: two
+    programs with a tensor-parallel engine each, alive at the same time, while something else holds
+    that port and a segment of that name."""
+    before = set(_our_shm())
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        squatter.bind(("127.0.0.1", 2333))
+        squatter.listen()
+    except OSError:
+        pass  # already in use by someone else: just as good
+    shm = SharedMemory(name="nanovllm", create=True, size=4096)
+    try:
+        flags = [str(tmp_path / "a"), str(tmp_path / "b")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _TWO_AT_ONCE, qwen3_tied, flags[i], flags[1 - i]],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for i in (0, 1)
+        ]
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        shm.close()
+        shm.unlink()
+        squatter.close()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    tokens = [out.strip().splitlines()[-1] for out, _ in outs]
+    assert tokens[0] == tokens[1]  # same model, same greedy requests
+    ref = LLM(qwen3_tied, **ENGINE)
+    expected = ref.generate(
+        [[5, 6, 7, 8], [9, 10]],
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        use_tqdm=False,
+    )
+    ref.exit()
+    assert json.loads(tokens[0]) == [o["token_ids"] for o in expected]
+    assert set(_our_shm()) <= before
