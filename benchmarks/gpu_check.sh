@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Everything to check and time on the lent GPU in one call; prints a short table last.
-#   bash benchmarks/gpu_check.sh [tests] [kernels] [bench] [bench-extra] [peers]   (default: tests kernels bench)
+#   bash benchmarks/gpu_check.sh [tests] [kernels] [bench] [bench-extra] [baseline] [peers]
+#   (default: tests kernels bench)
+# `baseline` runs bench.py of an older commit in the same call, for a same-card comparison: export it
+# here first with `mkdir -p .baseline && git archive REV | tar -x -C .baseline` and carry `.baseline`.
 # Results go to $OUT (the device tool's output folder) or benchmarks/results/latest.
 # flash-attn is picked up from .fa/ when that folder exists (a test tool, never a dependency).
 set -uo pipefail
@@ -19,6 +22,7 @@ for part in $parts; do
     kernels)
       python3 benchmarks/bench_attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -30
       python3 benchmarks/bench_sampler.py 2>&1 | tee "$OUT/sampler.log" | tail -6
+      python3 benchmarks/sampler_parts.py 2>&1 | grep -E "^(batch|eager|compiled)" | tee "$OUT/sampler_parts.log"
       summary+=("kernels: see attention.log and sampler.log") ;;
     bench)
       for backend in triton flash-attn; do
@@ -35,6 +39,14 @@ for part in $parts; do
       done
       python3 benchmarks/profile_step.py --attention-backend triton 2>&1 | tail -7
       python3 benchmarks/profile_step.py --attention-backend triton --no-overlap 2>&1 | tail -7 ;;
+    baseline)
+      if [ -f .baseline/bench.py ]; then
+        PYTHONPATH="$PWD/.fa:$PWD/.baseline" python3 .baseline/bench.py --attention-backend triton \
+          --json "$OUT/bench_baseline.json" 2>&1 | tee "$OUT/bench_baseline.log" | grep -E "^(Total|Floor)"
+        summary+=("bench baseline (.baseline): $(grep '^Total:' "$OUT/bench_baseline.log" | tail -1)")
+      else
+        summary+=("baseline: no .baseline/bench.py (see the header of this script)")
+      fi ;;
     peers)  # about 4 minutes: transformers' continuous batching on the same workload
       python3 bench.py --engine hf --json "$OUT/bench_hf.json" 2>&1 | tee "$OUT/bench_hf.log" | tail -3
       summary+=("bench hf: $(grep '^Total:' "$OUT/bench_hf.log" | tail -1)") ;;

@@ -57,7 +57,8 @@ def _generate_spied(llm: LLM, monkeypatch) -> tuple[list[list[int]], list[int], 
 
 class TestSharedEngine:
     @pytest.fixture(scope="class")
-    def engines(self, qwen3_tied):
+    @classmethod
+    def engines(cls, qwen3_tied):
         """TP=1 reference tokens (computed first: no other engine may start while a TP one lives), and
         one TP=2 engine shared by the tests of this class."""
         with pytest.MonkeyPatch.context() as mp:
