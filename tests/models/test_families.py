@@ -98,6 +98,21 @@ def test_logits_and_greedy_match_transformers(family):
         llm.exit()
 
 
+@pytest.mark.parametrize("family", ["llama_untied", "qwen2"], indirect=True)
+def test_tensor_parallel_greedy_matches_transformers(family):
+    """Two ranks on CPU (gloo): biases of column- and row-parallel layers (o_proj's bias added once,
+    not per rank) and an untied, vocabulary-parallel LM head."""
+    path, hf, _ = family
+    llm = LLM(path, num_kvcache_blocks=16, kvcache_block_size=16, tensor_parallel_size=2, tp_timeout_s=30.0)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        for prompt, out in zip(PROMPTS, outs):
+            assert out["token_ids"] == hf_greedy(hf, prompt, GREEDY_TOKENS)
+    finally:
+        llm.exit()
+
+
 @pytest.mark.parametrize("family", ["qwen2"], indirect=True)
 def test_qwen2_biases_are_loaded(family):
     path, _, bias_names = family
