@@ -98,7 +98,12 @@ def _kept(
 
 @compilable
 def _draw_sorted(
-    probs: torch.Tensor, cumulative: torch.Tensor, order: torch.Tensor, top_p, min_p, keys
+    probs: torch.Tensor,
+    cumulative: torch.Tensor,
+    order: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    keys: torch.Tensor | None,
 ) -> torch.Tensor:
     """Position (in sorted order) of the token drawn from the truncated, renormalised distribution."""
     keep = _kept.fn(probs, cumulative, top_p, min_p)
