@@ -59,6 +59,15 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+def assert_greedy_matches_hf(llm, model, prompts: list[list[int]], max_tokens: int) -> None:
+    """The engine's greedy completions (EOS ignored) equal transformers' token for token."""
+    from nanovllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
+        assert out["token_ids"] == hf_greedy(model, prompt, max_tokens)
+
+
 @pytest.fixture(scope="session")
 def qwen3_tied(tmp_path_factory) -> str:
     """Tied embeddings, 4 query heads over 2 KV heads."""

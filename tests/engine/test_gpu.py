@@ -9,7 +9,13 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.attention.backend import flash_attn_available
 from nanovllm.engine.scheduler import Scheduler
-from tests.conftest import hf_greedy, load_hf_model, random_prompts, write_hf_checkpoint
+from tests.conftest import (
+    assert_greedy_matches_hf,
+    hf_greedy,
+    load_hf_model,
+    random_prompts,
+    write_hf_checkpoint,
+)
 
 pytestmark = pytest.mark.cuda
 
@@ -58,9 +64,7 @@ def test_fp32_greedy_equals_transformers(qwen3_tied, hf_tied, backend):
         kvcache_block_size=16,
         num_kvcache_blocks=128,
     )
-    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    for prompt, out in zip(prompts, outputs):
-        assert out["token_ids"] == hf_greedy(hf_tied, prompt, GREEDY.max_tokens)
+    assert_greedy_matches_hf(llm, hf_tied, prompts, GREEDY.max_tokens)
     llm.exit()
 
 
@@ -182,9 +186,7 @@ def test_nan_in_unused_cache_slots_is_ignored(qwen3_tied, hf_tied, backend):
         num_kvcache_blocks=64,
     )
     llm.model_runner.kv_cache.fill_(float("nan"))
-    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    for prompt, out in zip(prompts, outputs):
-        assert out["token_ids"] == hf_greedy(hf_tied, prompt, GREEDY.max_tokens)
+    assert_greedy_matches_hf(llm, hf_tied, prompts, GREEDY.max_tokens)
     llm.exit()
 
 

@@ -22,7 +22,14 @@ from nanovllm.models.registry import (
     resolve_architecture,
     supported_architectures,
 )
-from tests.conftest import TINY, hf_greedy, load_hf_model, random_prompts, write_hf_checkpoint
+from tests.conftest import (
+    TINY,
+    assert_greedy_matches_hf,
+    hf_greedy,
+    load_hf_model,
+    random_prompts,
+    write_hf_checkpoint,
+)
 from tests.models.test_qwen3 import our_logits
 
 LLAMA3_ROPE = dict(
@@ -90,10 +97,7 @@ def test_logits_and_greedy_match_transformers(family):
             with torch.no_grad():
                 ref = hf(torch.tensor([prompt])).logits[0]
             torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
-        params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
-        outs = llm.generate(PROMPTS, params, use_tqdm=False)
-        for prompt, out in zip(PROMPTS, outs):
-            assert out["token_ids"] == hf_greedy(hf, prompt, GREEDY_TOKENS)
+        assert_greedy_matches_hf(llm, hf, PROMPTS, GREEDY_TOKENS)
     finally:
         llm.exit()
 
@@ -105,10 +109,7 @@ def test_tensor_parallel_greedy_matches_transformers(family):
     path, hf, _ = family
     llm = LLM(path, num_kvcache_blocks=16, kvcache_block_size=16, tensor_parallel_size=2, tp_timeout_s=30.0)
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
-        outs = llm.generate(PROMPTS, params, use_tqdm=False)
-        for prompt, out in zip(PROMPTS, outs):
-            assert out["token_ids"] == hf_greedy(hf, prompt, GREEDY_TOKENS)
+        assert_greedy_matches_hf(llm, hf, PROMPTS, GREEDY_TOKENS)
     finally:
         llm.exit()
 
@@ -330,9 +331,6 @@ def test_fp32_greedy_on_gpu_matches_transformers(family, backend):
         kvcache_block_size=16,
     )
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
-        outs = llm.generate(PROMPTS, params, use_tqdm=False)
-        for prompt, out in zip(PROMPTS, outs):
-            assert out["token_ids"] == hf_greedy(hf, prompt, GREEDY_TOKENS)
+        assert_greedy_matches_hf(llm, hf, PROMPTS, GREEDY_TOKENS)
     finally:
         llm.exit()
