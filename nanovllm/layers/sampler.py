@@ -85,7 +85,6 @@ def _sorted_probs(
     return scaled.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf")).softmax(dim=-1)
 
 
-@compilable
 def _kept(
     probs: torch.Tensor, cumulative: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
 ) -> torch.Tensor:
@@ -106,7 +105,7 @@ def _draw_sorted(
     keys: torch.Tensor | None,
 ) -> torch.Tensor:
     """Position (in sorted order) of the token drawn from the truncated, renormalised distribution."""
-    keep = _kept.fn(probs, cumulative, top_p, min_p)
+    keep = _kept(probs, cumulative, top_p, min_p)
     return (probs.masked_fill(~keep, 0.0) / _noise(probs, keys, order)).argmax(dim=-1)
 
 
