@@ -6,12 +6,13 @@ generator; when a row has a seed, every row's uniforms come from a counter-based
 token id), and a seeded row's key depends only on its seed and the index of the token being sampled,
 so its draws do not depend on the rest of the batch.
 
-Two paths:
-- `sample` (temperature only, the common case): one fused pass over the logits once compiled; the
-  softmax is never materialised because argmax(p / E) = argmax(logits / T - log E).
-- `sample_truncated` (some row uses top-k, top-p or min-p): one stable sort of the logits, then the
-  truncation and the draw in sorted order. The prefix sum runs eagerly: Inductor (torch 2.11) fails to
-  generate code for a scan over a dynamically sized vocabulary on CUDA.
+The draw, `sample`, is one fused pass over the logits once compiled; the softmax is never
+materialised because argmax(p / E) = argmax(logits / T - log E). Top-k, top-p and min-p all keep the
+tokens whose logit reaches a per-row threshold (ties at the boundary kept), so when some row truncates
+the draw only masks the tokens below its threshold. The thresholds come from a Triton kernel on CUDA
+(a multi-way search, no sort: `nanovllm.kernels.truncation`) and from a sort elsewhere
+(`reference_thresholds`, the same rule). A row that does not truncate gets the threshold -inf and draws
+exactly what it would draw in a batch where no row truncates.
 """
 
 from dataclasses import dataclass
@@ -19,11 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nanovllm.kernels.truncation import truncation_thresholds as kernel_thresholds
 from nanovllm.utils.compile import compilable
 
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # odd multiplier of a well-known 32-bit integer hash; < 2**27, so products fit in int64
 _MIN_EXP = 2.0**-25  # below the smallest non-zero E a 24-bit uniform gives: E = 0 would always win
+_LOG2E = 1.4426950408889634
 
 
 @dataclass(slots=True)
@@ -64,72 +67,66 @@ def _noise(like: torch.Tensor, keys: torch.Tensor | None, token_ids: torch.Tenso
     return exponential(uniform)
 
 
-@compilable
-def sample(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
-    # logits: [num_seqs, vocab]; temperatures: [num_seqs]; keys: [num_seqs, 2] or None
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1)
-    token_ids = torch.arange(logits.shape[-1], device=logits.device)
-    noise = _noise(logits, keys, token_ids)
-    sampled = (logits / temperatures.clamp(min=1e-6).unsqueeze(1) - noise.log()).argmax(dim=-1)
-    return torch.where(temperatures == 0, greedy, sampled)
-
-
-@compilable
-def _sorted_probs(
-    sorted_logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor
-) -> torch.Tensor:
-    """Softmax of the temperature-scaled, top-k-truncated logits, in descending order."""
-    scaled = sorted_logits.float() / temperatures.clamp(min=1e-6).unsqueeze(1)
-    ranks = torch.arange(scaled.shape[-1], device=scaled.device)
-    return scaled.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf")).softmax(dim=-1)
-
-
-def _kept(
-    probs: torch.Tensor, cumulative: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-) -> torch.Tensor:
-    """Which sorted tokens survive top-p and min-p (top-k already gave the others probability 0)."""
-    mass_before = cumulative - probs  # probability of the more likely tokens
-    top_p_drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
-    min_p_drop = probs < min_p[:, None] * probs[:, :1]  # probs[:, 0] is the largest
-    return (probs > 0) & ~top_p_drop & ~min_p_drop
-
-
-@compilable
-def _draw_sorted(
-    probs: torch.Tensor,
-    cumulative: torch.Tensor,
-    order: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    keys: torch.Tensor | None,
-) -> torch.Tensor:
-    """Position (in sorted order) of the token drawn from the truncated, renormalised distribution."""
-    keep = _kept(probs, cumulative, top_p, min_p)
-    return (probs.masked_fill(~keep, 0.0) / _noise(probs, keys, order)).argmax(dim=-1)
-
-
-def _sort(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Stable, so ties keep token-id order whatever else is in the batch (seeded rows stay reproducible).
-    return logits.sort(dim=-1, descending=True, stable=True)
-
-
-def sample_truncated(
+def reference_thresholds(
     logits: torch.Tensor,
     temperatures: torch.Tensor,
-    keys: torch.Tensor | None,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     min_p: torch.Tensor,
 ) -> torch.Tensor:
-    """`sample` with top-k, top-p and min-p applied to the temperature-scaled distribution.
-    Sorting the raw logits gives the order of the scaled ones (T > 0 keeps order; T = 0 rows take
-    the first token, the argmax)."""
-    sorted_logits, order = _sort(logits)  # [num_seqs, vocab] each
-    probs = _sorted_probs(sorted_logits, temperatures, top_k)
-    pick = _draw_sorted(probs, probs.cumsum(dim=-1), order, top_p, min_p, keys)
-    sampled = order.gather(1, pick.unsqueeze(1)).squeeze(1)
-    return torch.where(temperatures == 0, order[:, 0], sampled)
+    """The truncation rule of `nanovllm.kernels.truncation` computed with a sort (CPU path and test
+    reference): float32 [num_seqs], keep the tokens whose logit is >= the row's value."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64 (tests)
+    vocab = x.shape[-1]
+    ordered = x.sort(dim=-1, descending=True).values
+    row_max = ordered[:, 0]
+    none = torch.full_like(row_max, float("-inf"))
+    kth = ordered.gather(1, (top_k.clamp(1, vocab) - 1).long().unsqueeze(1)).squeeze(1)
+    by_k = torch.where(top_k < vocab, kth, none)
+    temperatures = temperatures.to(x.dtype)
+    scale = _LOG2E / temperatures.clamp(min=1e-6)
+    weights = torch.exp2((ordered - row_max[:, None]) * scale[:, None]).masked_fill(
+        ordered < by_k[:, None], 0
+    )
+    mass = weights.cumsum(dim=-1)  # mass[j]: the kept tokens ranked 0..j
+    first = (mass < top_p[:, None] * mass[:, -1:]).sum(dim=-1).clamp(max=vocab - 1)  # first j reaching p
+    by_p = torch.where(top_p < 1, ordered.gather(1, first.unsqueeze(1)).squeeze(1), none)
+    by_min_p = torch.where(min_p > 0, row_max + temperatures * min_p.log(), none)
+    threshold = torch.maximum(torch.maximum(by_k, by_p), by_min_p)
+    return torch.where(temperatures > 0, threshold, none).float()
+
+
+def truncation_thresholds(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row logit thresholds for top-k, top-p and min-p: the Triton kernel on CUDA (no sort),
+    the sort-based reference elsewhere."""
+    if logits.is_cuda:
+        return kernel_thresholds(logits, temperatures, top_k, top_p, min_p)
+    return reference_thresholds(logits, temperatures, top_k, top_p, min_p)
+
+
+@compilable
+def sample(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    keys: torch.Tensor | None,
+    thresholds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    # logits: [num_seqs, vocab]; temperatures: [num_seqs]; keys: [num_seqs, 2] or None;
+    # thresholds: [num_seqs] or None, tokens with a smaller logit are never drawn.
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    token_ids = torch.arange(logits.shape[-1], device=logits.device)
+    noise = _noise(logits, keys, token_ids)
+    scores = logits / temperatures.clamp(min=1e-6).unsqueeze(1) - noise.log()
+    if thresholds is not None:
+        scores = scores.masked_fill(logits < thresholds.unsqueeze(1), float("-inf"))
+    return torch.where(temperatures == 0, greedy, scores.argmax(dim=-1))
 
 
 def truncate_logits(
@@ -137,11 +134,9 @@ def truncate_logits(
 ) -> torch.Tensor:
     """The logits with every token outside top-k, outside the top-p nucleus or below min-p set to
     -inf (the sampler's rule at temperature 1, spelled out for tests and callers)."""
-    sorted_logits, order = _sort(logits)
-    probs = _sorted_probs(sorted_logits, torch.ones(logits.shape[0], device=logits.device), top_k)
-    keep = _kept(probs, probs.cumsum(dim=-1), top_p, min_p)
-    kept_sorted = sorted_logits.masked_fill(~keep, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, kept_sorted)
+    ones = torch.ones(logits.shape[0], device=logits.device)
+    thresholds = truncation_thresholds(logits, ones, top_k, top_p, min_p)
+    return logits.masked_fill(logits < thresholds.unsqueeze(1), float("-inf"))
 
 
 class Sampler(nn.Module):
@@ -155,6 +150,7 @@ class Sampler(nn.Module):
             return logits.argmax(dim=-1)
         if params.top_k is None:
             return sample(logits, params.temperatures, params.keys)
-        return sample_truncated(
-            logits, params.temperatures, params.keys, params.top_k, params.top_p, params.min_p
-        )
+        # top_k = 1 is greedy, also where logits tie at the top (ties at a threshold are kept).
+        temperatures = params.temperatures.masked_fill(params.top_k == 1, 0.0)
+        thresholds = truncation_thresholds(logits, temperatures, params.top_k, params.top_p, params.min_p)
+        return sample(logits, temperatures, params.keys, thresholds)

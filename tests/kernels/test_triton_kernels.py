@@ -458,3 +458,77 @@ def test_prefill_matches_decode_for_last_token() -> None:
         q[last], kv.k_cache, kv.v_cache, kv.block_tables, context_lens, 0.125, num_splits=2
     )
     torch.testing.assert_close(out[last], decoded, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Truncation thresholds (top-k, top-p, min-p without a sort)
+# ---------------------------------------------------------------------------------------------------------
+def make_truncation_case(num_rows: int, vocab: int, dtype: torch.dtype, gen: torch.Generator):
+    """Rows covering each rule alone, combined, off, at temperature 0, with many ties and with -inf."""
+    logits = torch.randn(num_rows, vocab, generator=gen) * 4
+    logits[0::5] = logits[0::5].round()  # a few dozen distinct values: ties at every boundary
+    logits[1::5, : vocab // 3] = float("-inf")  # masked tokens (padding, bad words)
+    logits = logits.to(dtype)
+    temperatures = torch.rand(num_rows, generator=gen) * 1.5 + 0.2
+    top_k = torch.randint(1, 200, (num_rows,), generator=gen)
+    top_p = torch.rand(num_rows, generator=gen) * 0.95 + 0.02
+    min_p = torch.rand(num_rows, generator=gen) * 0.3
+    rule = torch.arange(num_rows) % 7  # 0: top-k, 1: top-p, 2: min-p, 3: all off, 4: greedy, 5-6: all
+    top_k[(rule == 1) | (rule == 2) | (rule == 3) | (rule == 4)] = vocab
+    top_k[5] = 1
+    top_p[(rule == 0) | (rule == 2) | (rule == 3)] = 1.0
+    min_p[(rule == 0) | (rule == 1) | (rule == 3)] = 0.0
+    temperatures[rule == 4] = 0.0
+    # A flat distribution cut by top-k first: top-p must weigh what top-k keeps, not the whole row.
+    temperatures[rule == 6], top_k[rule == 6], top_p[rule == 6] = 2.0, 50, 0.5
+    return logits, temperatures, top_k, top_p, min_p
+
+
+@direct
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_truncation_thresholds_match_the_sorted_reference(dtype: torch.dtype) -> None:
+    """Top-k thresholds equal the k-th largest logit exactly. Top-p and min-p compare sums and logs,
+    whose float32 rounding differs from the reference's: the kernel's threshold must lie between the
+    float64 reference's for top_p and min_p moved by a relative 1e-4 either way (thresholds fall as
+    top_p rises and rise with min_p)."""
+    from nanovllm.kernels.truncation import truncation_thresholds
+    from nanovllm.layers.sampler import reference_thresholds
+
+    num_rows, vocab = (70, 151936) if ON_GPU else (14, 1500)
+    logits, temps, top_k, top_p, min_p = make_truncation_case(num_rows, vocab, dtype, make_gen(300))
+    out = truncation_thresholds(*(t.to(DEVICE) for t in (logits, temps, top_k, top_p, min_p))).cpu()
+
+    exact = reference_thresholds(logits.double(), temps, top_k, top_p, min_p)
+    low = reference_thresholds(logits.double(), temps, top_k, (top_p * 1.0001).clamp(max=1), min_p * 0.9999)
+    high = reference_thresholds(logits.double(), temps, top_k, top_p * 0.9999, min_p * 1.0001)
+    assert torch.all((low <= out) & (out <= high)), (out, low, high)
+    only_k = (top_p == 1) & (min_p == 0)
+    assert torch.equal(out[only_k], exact[only_k])
+    assert torch.all(out[temps == 0] == float("-inf"))
+    assert torch.all(out[(top_k == vocab) & (top_p == 1) & (min_p == 0)] == float("-inf"))
+    assert out[5] == logits[5].float().max()  # top_k = 1
+    # Mostly the same float either way: boundaries within rounding are rare.
+    assert (out == exact).float().mean() > 0.8, (out, exact)
+    # Ties at a top-k boundary are all kept: a rounded row keeps more than k tokens.
+    for row in range(0, num_rows, 5):
+        if top_k[row] < vocab and top_p[row] == 1 and min_p[row] == 0:
+            assert (logits[row].float() >= out[row]).sum() >= top_k[row]
+
+
+@direct
+def test_truncation_thresholds_of_strided_rows_and_empty_batches() -> None:
+    from nanovllm.kernels.truncation import truncation_thresholds
+
+    gen = make_gen(301)
+    wide = torch.randn(3, 700, generator=gen).to(DEVICE)
+    logits = wide[:, :600]  # rows 700 apart
+    ones = torch.ones(3, device=DEVICE)
+    top_k = torch.tensor([1, 10, 600], device=DEVICE)
+    out = truncation_thresholds(logits, ones, top_k, ones, torch.zeros(3, device=DEVICE))
+    expected = logits.sort(dim=-1, descending=True).values[:, [0, 9]].diagonal()
+    assert torch.equal(out[:2], expected)
+    assert out[2] == float("-inf")
+    empty = torch.empty(0, device=DEVICE)
+    assert truncation_thresholds(logits[:0], empty, top_k[:0], empty, empty).shape == (0,)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        truncation_thresholds(logits.double(), ones, top_k, ones, ones)

@@ -1,6 +1,6 @@
 import torch
 
-from nanovllm.layers.sampler import Sampler, SamplingTensors, exponential, hashed_uniform
+from nanovllm.layers.sampler import Sampler, SamplingTensors, exponential, hashed_uniform, truncate_logits
 
 
 def test_temperature_draws_follow_softmax():
@@ -54,3 +54,42 @@ def test_all_greedy_flag_skips_the_draw():
     logits = torch.randn(8, 100)
     params = SamplingTensors(torch.zeros(8), all_greedy=True)
     assert torch.equal(Sampler()(logits, params), logits.argmax(-1))
+
+
+def test_ties_at_a_truncation_boundary_are_all_kept():
+    logits = torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0, -1.0]])
+    out = truncate_logits(logits, torch.tensor([2]), torch.tensor([1.0]), torch.tensor([0.0]))
+    assert torch.nonzero(out[0] > float("-inf")).flatten().tolist() == [1, 2, 4]
+    # top-p: the three tied tokens hold 3e2 / (3e2 + e + 1) of the mass; 0.5 is reached within the tie.
+    out = truncate_logits(logits, torch.tensor([6]), torch.tensor([0.5]), torch.tensor([0.0]))
+    assert torch.nonzero(out[0] > float("-inf")).flatten().tolist() == [1, 2, 4]
+
+
+def test_top_k_1_is_greedy_even_with_tied_maxima():
+    logits = torch.tensor([[0.5, 3.0, 3.0, 1.0]]).expand(200, -1).clone()
+    params = SamplingTensors(
+        torch.ones(200),
+        top_k=torch.ones(200, dtype=torch.int64),
+        top_p=torch.ones(200),
+        min_p=torch.zeros(200),
+    )
+    assert torch.all(Sampler()(logits, params) == 1)  # argmax's first index, as temperature 0 picks
+
+
+def test_untruncated_seeded_row_draws_the_same_beside_truncating_rows():
+    """A batch where some row truncates masks logits by thresholds; a row that does not truncate gets
+    -inf and must draw exactly what it draws when no row truncates (seeded rows stay reproducible)."""
+    gen = torch.Generator().manual_seed(5)
+    n, vocab = 64, 1000
+    logits = torch.randn(n, vocab, generator=gen) * 3
+    keys = torch.randint(0, 2**32, (n, 2), generator=gen, dtype=torch.int64)
+    temps = torch.full((n,), 0.9)
+    plain = Sampler()(logits, SamplingTensors(temps, keys=keys))
+    top_k = torch.full((n,), vocab)
+    top_k[::2] = 5
+    truncating = SamplingTensors(temps, keys=keys, top_k=top_k, top_p=torch.ones(n), min_p=torch.zeros(n))
+    mixed = Sampler()(logits, truncating)
+    assert torch.equal(mixed[1::2], plain[1::2])
+    top5 = logits.topk(5, dim=-1).indices
+    assert torch.all((top5[::2] == mixed[::2, None]).any(dim=-1))
+    assert not torch.equal(mixed[::2], plain[::2])  # 32 rows: truncation changed some draws
