@@ -52,7 +52,8 @@ def main() -> None:
     print(f"batch {b} x vocab {v}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     timed("argmax (all greedy)", lambda: logits.argmax(-1))
     timed(
-        "sort bf16 stable (the sort path's first step)", lambda: logits.sort(-1, descending=True, stable=True)
+        "sort bf16 stable (the sort path's first step)",
+        lambda: logits.sort(dim=-1, descending=True, stable=True),
     )
     timed("topk 64 bf16", lambda: logits.topk(64, dim=-1))
     for name, (k, p, mp) in rules.items():
@@ -77,8 +78,8 @@ def main() -> None:
     timed("compiled draw, hashed noise, thresholds", lambda: compiled(logits, temps, keys, thresholds))
     if args.sweep:
         default = (K.CANDIDATES, K.BLOCK, K.NUM_WARPS)
-        print("sweep: candidates, block, warps -> top-k / top-p / all three / all three at batch 16 (us)")
-        for c, block, warps in itertools.product((4, 8, 16, 32), (512, 1024, 2048), (4, 8)):
+        print("sweep: candidates, block, warps -> top-k, top-p, all three, all three at batch 16 (us)")
+        for c, block, warps in itertools.product((4, 8), (2048, 4096, 8192), (8, 16, 32)):
             K.CANDIDATES, K.BLOCK, K.NUM_WARPS = c, block, warps
             times = [
                 triton.testing.do_bench(
@@ -95,7 +96,10 @@ def main() -> None:
                     (rules["top-k 50 + top-p 0.9 + min-p 0.05"], 16),
                 ]
             ]
-            print(f"sweep {c:3d} {block:5d} {warps:2d}  " + "  ".join(f"{t:8.1f}" for t in times), flush=True)
+            print(
+                f"sweep {c:3d} {block:5d} {warps:2d}  " + "  ".join(f"{t:8.1f}" for t in times),
+                flush=True,
+            )
         K.CANDIDATES, K.BLOCK, K.NUM_WARPS = default
 
 
