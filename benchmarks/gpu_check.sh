@@ -22,7 +22,7 @@ for part in $parts; do
     kernels)
       python3 benchmarks/bench_attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -30
       python3 benchmarks/bench_sampler.py 2>&1 | tee "$OUT/sampler.log" | tail -6
-      python3 benchmarks/sampler_parts.py 2>&1 | grep -E "^(batch|eager|compiled)" | tee "$OUT/sampler_parts.log"
+      python3 benchmarks/sampler_parts.py 2>&1 | grep -v Warning | tee "$OUT/sampler_parts.log"
       summary+=("kernels: see attention.log and sampler.log") ;;
     bench)
       for backend in triton flash-attn; do

@@ -156,7 +156,7 @@ class ModelRunner:
             cfg.max_num_seqs, self.config.hf_config.hidden_size, dtype=self.dtype, device=self.device
         )
         logits = self.model.compute_logits(hidden)  # None on tensor-parallel workers
-        if logits is not None:  # the truncating path (a sort) needs the most memory
+        if logits is not None:  # both sampler paths: the truncating one runs the threshold kernel too
             n = cfg.max_num_seqs
             self.sampler(
                 logits,
