@@ -64,7 +64,6 @@ def _sums_above(
     row_max,
     weight_scale,
     TOP_P: tl.constexpr,
-    SHIFT: tl.constexpr,
     C: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -118,9 +117,7 @@ def _largest_key_reaching(
     hi = hi.to(tl.int64)
     distance = (tl.full([C], 1, dtype=tl.int64) << (idx * FIRST_STRIDE_BITS).to(tl.int64)) - 1
     cand = tl.where(idx == C - 1, lo, tl.maximum(hi - distance, lo))
-    f = _sums_above(
-        row_ptr, vocab, _value(cand.to(tl.int32), SHIFT), row_max, weight_scale, TOP_P, SHIFT, C, BLOCK
-    )
+    f = _sums_above(row_ptr, vocab, _value(cand.to(tl.int32), SHIFT), row_max, weight_scale, TOP_P, C, BLOCK)
     if TOP_P:
         target = target * tl.sum(tl.where(idx == C - 1, f, 0.0), axis=0)
     lo, hi = _narrow(cand, f, target, lo, hi)
@@ -128,7 +125,7 @@ def _largest_key_reaching(
         gap = (hi - lo + C) // (C + 1)  # C candidates cut [lo, hi] into C + 1 pieces, none wider
         cand = tl.minimum(lo + gap * (idx + 1), hi)
         f = _sums_above(
-            row_ptr, vocab, _value(cand.to(tl.int32), SHIFT), row_max, weight_scale, TOP_P, SHIFT, C, BLOCK
+            row_ptr, vocab, _value(cand.to(tl.int32), SHIFT), row_max, weight_scale, TOP_P, C, BLOCK
         )
         lo, hi = _narrow(cand, f, target, lo, hi)
     return lo.to(tl.int32)
