@@ -9,7 +9,9 @@ warm-up generate; the timed generate makes 133,966 output tokens. Deviations, on
   N tokens of every prompt longer than N (shorter prompts stay as drawn); no prompt length changes.
 Limit: decode must at least read the weights once per step, read every cached token of every running
 request once per step and write the new token's K/V; those bytes over the measured device copy bandwidth
-are the floor time, and output tokens over the floor time are the limit.
+are the floor time, and output tokens over the floor time are the limit. With --tensor-parallel-size N
+each GPU holds and reads its shard (1/N of the weights, except the small replicated norms, and 1/N of
+the KV heads) in parallel with the others, so the floor counts one GPU's bytes over one GPU's bandwidth.
 """
 
 import argparse
@@ -29,7 +31,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = "~/huggingface/Qwen3-0.6B/"
-BUILTIN_MODELS = ("qwen3-0.6b-random", "tiny-qwen3")
+BUILTIN_MODELS = ("qwen3-0.6b-random", "qwen3-8b-random", "tiny-qwen3")
 TOKEN_ID_HIGH = 10000
 REFERENCE = {"num_seqs": 256, "max_input_len": 1024, "max_output_len": 1024}
 REFERENCE_TOKENS = (133966, 142827)  # output, prompt
@@ -198,6 +200,7 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
         "attention_backend",
         "gpu_memory_utilization",
         "kvcache_block_size",
+        "tensor_parallel_size",
     )
     kwargs: dict[str, Any] = {name: getattr(args, name) for name in names}
     kwargs["overlap_scheduling"] = not args.no_overlap
@@ -226,7 +229,7 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
         "attention_backend": runner.backend.name,
         "dtype": str(runner.dtype).removeprefix("torch."),
         "elem_size": torch.empty(0, dtype=runner.dtype).element_size(),
-        "weight_bytes": param_bytes(runner.model),
+        "weight_bytes": param_bytes(runner.model),  # rank 0's shard: what one GPU reads per step
         "memory": memory_stats(),
         "engine_config": {
             f.name: getattr(llm.config, f.name)
@@ -325,6 +328,7 @@ def run_vllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
         max_model_len=args.max_model_len,
         dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     params = [VSP(temperature=0.6, ignore_eos=True, max_tokens=m) for m in wl.max_tokens]
     llm.generate(["Benchmark: "], VSP(), use_tqdm=False)
@@ -342,7 +346,7 @@ def run_vllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
             "attention_backend": "vllm",
             "dtype": args.dtype,
             "elem_size": 4 if args.dtype == "float32" else 2,
-            "weight_bytes": weights,
+            "weight_bytes": weights // args.tensor_parallel_size,
             "memory": memory_stats(),
         },
     )
@@ -398,12 +402,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--kvcache-block-size", type=int, default=256)
+    p.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs to shard the model over (not hf)"
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.engine == "hf" and args.tensor_parallel_size != 1:
+        print("--engine hf runs on one device; leave --tensor-parallel-size at 1", file=sys.stderr)
+        sys.exit(2)
     if args.engine == "vllm":
         try:
             import vllm  # noqa: F401
@@ -442,15 +452,18 @@ def main(argv: list[str] | None = None) -> None:
         raise RuntimeError(f"the engine generated {generated} tokens, expected {wl.output_tokens}")
     throughput = wl.output_tokens / seconds
 
-    kv_token = kv_bytes_per_token(cfg, details["elem_size"])
+    tp = args.tensor_parallel_size
+    kv_token = kv_bytes_per_token(cfg, details["elem_size"]) // tp  # per GPU: its share of the KV heads
     parts = decode_bytes(wl, details["weight_bytes"], kv_token)
     embedding = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    tflop = prefill_tflop(wl, cfg, details["weight_bytes"] // details["elem_size"] - embedding)
+    # Per GPU: the whole model's prefill matmuls split N ways (the replicated norms are negligible).
+    tflop = prefill_tflop(wl, cfg, tp * (details["weight_bytes"] // details["elem_size"]) - embedding) / tp
     floor_s = parts["total"] / bandwidth if bandwidth else None
     limit = wl.output_tokens / floor_s if floor_s else None
     limit_prefill = wl.output_tokens / (floor_s + tflop / PREFILL_TFLOPS) if floor_s else None
     print(
-        f"Decode must move {human(parts['total'])} in {parts['steps']} steps: weights "
+        f"Decode must move {human(parts['total'])}{' per GPU' if tp > 1 else ''} in {parts['steps']} steps: "
+        f"weights "
         f"{human(details['weight_bytes'])} x {parts['steps']} = {human(parts['weights'])} + KV read "
         f"{human(parts['kv_read'])} + KV write {human(parts['kv_write'])} ({kv_token:,} B/token, "
         f"{details['dtype']}); prefill is ~{tflop:.3g} TFLOP of matmuls"
@@ -468,8 +481,8 @@ def main(argv: list[str] | None = None) -> None:
             f"(gpu_memory_utilization {args.gpu_memory_utilization})"
         )
     print(
-        f"Engine {args.engine}, attention {details['attention_backend']}, {details['dtype']}, model {path}"
-        + (" (random weights)" if random_weights else "")
+        f"Engine {args.engine}, attention {details['attention_backend']}, {details['dtype']}, "
+        f"tensor_parallel_size {tp}, model {path}" + (" (random weights)" if random_weights else "")
     )
     if args.json:
         result = {

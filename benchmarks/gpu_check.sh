@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Everything to check and time on the lent GPU in one call; prints a short table last.
 #   bash benchmarks/gpu_check.sh [tests] [kernels] [bench] [bench-extra] [baseline] [peers]
-#   (default: tests kernels bench)
+#                                [tp-tests] [tp-small] [tp-8b]     (default: tests kernels bench)
+# The tp-* parts need 2 or more GPUs: tp-small and tp-8b time bench.py at tensor_parallel_size 1, 2 (and 4
+# where there are 4 GPUs) on Qwen3-0.6B and Qwen3-8B shapes, the collectives alone (bench_allreduce.py)
+# and decode steps (profile_step.py). tp-8b first builds the 16 GB random checkpoint (about a minute).
 # `baseline` runs bench.py of an older commit in the same call, for a same-card comparison: export it
 # here first with `mkdir -p .baseline && git archive REV | tar -x -C .baseline` and carry `.baseline`.
 # Results go to $OUT (the device tool's output folder) or benchmarks/results/latest.
@@ -47,6 +50,24 @@ for part in $parts; do
       else
         summary+=("baseline: no .baseline/bench.py (see the header of this script)")
       fi ;;
+    tp-tests)
+      python3 -m pytest -q -m cuda tests/engine/test_tp_gpu.py "tests/engine/test_gpu.py::test_kv_cache_sized_from_gpu_memory" \
+        2>&1 | tee "$OUT/pytest_tp.log" | tail -15
+      summary+=("tp tests: $(tail -1 "$OUT/pytest_tp.log")") ;;
+    tp-small|tp-8b)
+      model=$([ "$part" = tp-8b ] && echo qwen3-8b-random || echo qwen3-0.6b-random)
+      gpus=$(nvidia-smi -L | wc -l)
+      python3 benchmarks/bench_allreduce.py --model $model -tp "$gpus" --json "$OUT/allreduce_$part.json" 2>&1 \
+        | tee "$OUT/allreduce_$part.log"
+      for tp in 1 2 4; do
+        [ "$tp" -le "$gpus" ] || continue
+        python3 bench.py --model $model --attention-backend triton -tp $tp --json "$OUT/bench_${part}_tp$tp.json" \
+          2>&1 | tee "$OUT/bench_${part}_tp$tp.log" | grep -E "^(Decode|Floor|GPU|Total)"
+        summary+=("bench $model tp=$tp: $(grep '^Total:' "$OUT/bench_${part}_tp$tp.log" | tail -1)")
+        python3 benchmarks/profile_step.py --model $model --attention-backend triton -tp $tp --steps 30 \
+          2>&1 | tail -6 | tee "$OUT/profile_${part}_tp$tp.log"
+        summary+=("decode step $model tp=$tp: $(grep -E '^(step wall|forward)' "$OUT/profile_${part}_tp$tp.log" | tr -s ' ' | paste -sd';')")
+      done ;;
     peers)  # about 4 minutes: transformers' continuous batching on the same workload
       python3 bench.py --engine hf --json "$OUT/bench_hf.json" 2>&1 | tee "$OUT/bench_hf.log" | tail -3
       summary+=("bench hf: $(grep '^Total:' "$OUT/bench_hf.log" | tail -1)") ;;

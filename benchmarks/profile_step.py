@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed decode steps first")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument(
         "--torch-profile",
         metavar="PATH",
@@ -108,6 +109,7 @@ def build_engine(args: argparse.Namespace, path: str, max_tokens: int) -> Any:
         dtype=args.dtype,
         max_model_len=max(4096, args.context + max_tokens),
         max_num_seqs=max(512, args.num_seqs),
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     kwargs["overlap_scheduling"] = not args.no_overlap
     return LLM(path, **kwargs)
@@ -126,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = bench.copy_bandwidth(device)
     max_tokens = args.warmup + args.steps + PROFILE_STEPS + 16
     llm = build_engine(args, path, max_tokens)
-    runner = llm.model_runner
+    # Rank 0's ModelRunner (with tensor parallelism, the one inside the runner that drives the workers):
+    # its forward includes the all-reduces, so its GPU time shows what they cost.
+    runner = getattr(llm.model_runner, "runner", llm.model_runner)
     cfg = runner.config.hf_config
     rng = random.Random(0)
     high = min(cfg.vocab_size, bench.TOKEN_ID_HIGH + 1)
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
     weight_bytes = bench.param_bytes(runner.model)
     elem = torch.empty(0, dtype=runner.dtype).element_size()
-    kv_token = bench.kv_bytes_per_token(cfg, elem)
+    kv_token = bench.kv_bytes_per_token(cfg, elem) // args.tensor_parallel_size  # this GPU's KV heads
     mid_context = first_context + args.steps // 2
     batch = int(median(batches))
     step_bytes = weight_bytes + batch * (mid_context + 1) * kv_token
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nPrefill: {prefill_steps} steps, {prefill_s:.2f} s for {args.num_seqs} x {args.context} tokens")
     print(
         f"Decode: {args.steps} steps at batch {batch} (min {min(batches)}), {first_context}..."
-        f"{first_context + args.steps - 1} tokens of context, attention {backend}, {dtype}, {graphs}"
+        f"{first_context + args.steps - 1} tokens of context, attention {backend}, {dtype}, {graphs}, "
+        f"tensor_parallel_size {args.tensor_parallel_size}"
     )
     print(f"{'ms per step':<16}{'median':>10}{'mean':>10}{'min':>10}{'max':>10}")
     for name, values in rows:

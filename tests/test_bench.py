@@ -1,15 +1,20 @@
 """bench.py keeps working (a functional check on the CPU; speed is measured on a GPU, never in tests)."""
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 
+import pytest
+from safetensors import safe_open
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_runs_the_workload_and_writes_json(qwen3_tied, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bench_runs_the_workload_and_writes_json(qwen3_tied, tmp_path, tp):
     out = tmp_path / "bench.json"
     cmd = [
         sys.executable,
@@ -24,6 +29,8 @@ def test_bench_runs_the_workload_and_writes_json(qwen3_tied, tmp_path):
         "12",
         "--kvcache-block-size",
         "16",
+        "--tensor-parallel-size",
+        str(tp),
         "--json",
         str(out),
     ]
@@ -38,3 +45,9 @@ def test_bench_runs_the_workload_and_writes_json(qwen3_tied, tmp_path):
     assert data["total_tokens"] == int(match.group(1)) > 0
     assert data["steps"]["prefill_tokens_per_step"]["sum"] == data["prompt_tokens"]
     assert data["steps"]["decode_batch_size"]["steps"] > 0
+    assert data["engine_config"]["tensor_parallel_size"] == tp
+    # One GPU's weights (what the floor counts): 1/tp of the model plus the small replicated norms.
+    with safe_open(os.path.join(qwen3_tied, "model.safetensors"), framework="pt") as f:
+        full = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    per_gpu = data["bandwidth"]["weight_bytes"] // 4  # float32
+    assert full / tp <= per_gpu < full / tp + 1024

@@ -170,6 +170,10 @@ class ModelRunner:
             )
             self.sampler(logits, torch.ones(n, device=self.device))
         torch.cuda.synchronize()
+        # Return the activations' memory to the driver: the cache sizing counts the peak separately, so
+        # memory still held in PyTorch's cache would be counted twice, as used and as peak.
+        del hidden, logits
+        torch.cuda.empty_cache()
 
     def _bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
@@ -278,7 +282,7 @@ class ModelRunner:
         has_prefix = False
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(seq.token_slice(start, end))
             positions.extend(range(start, end))
             slot_mapping.extend(self._slots(seq, start, end))
             cu_q.append(cu_q[-1] + n)

@@ -27,6 +27,7 @@ class Sequence:
         "seq_id",
         "status",
         "token_ids",
+        "token_offset",
         "last_token",
         "num_tokens",
         "num_prompt_tokens",
@@ -45,6 +46,7 @@ class Sequence:
         self.seq_id = seq_id
         self.status = SequenceStatus.WAITING
         self.token_ids = copy(token_ids)
+        self.token_offset = 0  # index of token_ids[0] in the sequence; > 0 only in a worker's copy
         self.last_token = token_ids[-1]
         self.num_tokens = len(self.token_ids)
         self.num_prompt_tokens = len(token_ids)
@@ -60,6 +62,46 @@ class Sequence:
 
     def __len__(self) -> int:
         return self.num_tokens
+
+    # Pickling is the tensor-parallel wire format: rank 0 sends every step's batch to the workers, which
+    # only build the step's inputs from it. A copy carries the tokens not yet computed (one for a decode
+    # step) and the block table, so a step's message does not grow with the sequences' lengths. Its
+    # sampling parameters and status stay behind: workers neither sample nor schedule.
+    def __getstate__(self):
+        start = self.num_computed_tokens
+        return (
+            self.seq_id,
+            self.token_ids[start:],
+            start,
+            self.num_tokens,
+            self.num_prompt_tokens,
+            self.num_computed_tokens,
+            self.block_table,
+            self.block_size,
+        )
+
+    def __setstate__(self, state) -> None:
+        (
+            self.seq_id,
+            self.token_ids,
+            self.token_offset,
+            self.num_tokens,
+            self.num_prompt_tokens,
+            self.num_computed_tokens,
+            self.block_table,
+            self.block_size,
+        ) = state
+        self.last_token = self.token_ids[-1]
+        self.num_cached_tokens = 0
+        self.status = SequenceStatus.RUNNING
+        self.params = None
+        self.finish_reason = None
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Token ids at positions [start, end) of the sequence (also on a worker's partial copy)."""
+        if start < self.token_offset:
+            raise IndexError(f"tokens before position {self.token_offset} were not sent with this copy")
+        return self.token_ids[start - self.token_offset : end - self.token_offset]
 
     def __getitem__(self, key):
         return self.token_ids[key]

@@ -62,6 +62,23 @@ QWEN3_0_6B = dict(
 )
 
 
+# Qwen3-8B's published configuration: a shape where tensor parallelism pays off (16 GB of bf16 weights).
+QWEN3_8B = dict(
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    rope_theta=1000000.0,
+    initializer_range=0.02,
+)
+
+
 def cache_root() -> str:
     return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "nano-vllm")
 
@@ -87,15 +104,16 @@ def build_tokenizer(vocab_size: int, out_dir: str) -> None:
 
 
 def write_random_checkpoint(
-    out_dir: str, hf_config, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+    out_dir: str, hf_config, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str = "cpu"
 ) -> None:
-    """Save random weights for `hf_config` as model.safetensors, with transformers' tensor names."""
+    """Save random weights for `hf_config` as model.safetensors, with transformers' tensor names. The
+    numbers are drawn on `device` (a GPU draws billions in a moment; the values differ from the CPU's)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     std = float(getattr(hf_config, "initializer_range", 0.02))
     tensors = {}
     for name, shape in shapes.items():
@@ -106,13 +124,16 @@ def write_random_checkpoint(
         elif name.endswith(".bias"):
             t = torch.zeros(shape)
         else:
-            t = torch.randn(shape, generator=gen) * std
-        tensors[name] = t.to(dtype).contiguous()
+            t = torch.randn(shape, generator=gen, device=device) * std
+        tensors[name] = t.to(dtype).cpu().contiguous()
+        del t
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # hand the memory back before an engine sizes its KV cache
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
 def build_qwen3_checkpoint(
-    out_dir: str, overrides: dict, dtype: torch.dtype, tokenizer_vocab: int = 400
+    out_dir: str, overrides: dict, dtype: torch.dtype, tokenizer_vocab: int = 400, device: str = "cpu"
 ) -> str:
     """Write config.json, random weights and a small tokenizer for a Qwen3 model into `out_dir`."""
     from transformers import Qwen3Config
@@ -126,13 +147,18 @@ def build_qwen3_checkpoint(
     config.architectures = ["Qwen3ForCausalLM"]
     config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(out_dir)
-    write_random_checkpoint(out_dir, config, dtype)
+    write_random_checkpoint(out_dir, config, dtype, device=device)
     return out_dir
 
 
 def get_builtin_model(name: str = "tiny-qwen3") -> str:
-    """Path of a built-in random checkpoint ('tiny-qwen3' or 'qwen3-0.6b-random'), built once."""
-    specs = {"tiny-qwen3": (TINY_QWEN3, torch.float32), "qwen3-0.6b-random": (QWEN3_0_6B, torch.bfloat16)}
+    """Path of a built-in random checkpoint, built once: 'tiny-qwen3', 'qwen3-0.6b-random' or
+    'qwen3-8b-random' (16 GB; its weights are drawn on the GPU when there is one)."""
+    specs = {
+        "tiny-qwen3": (TINY_QWEN3, torch.float32),
+        "qwen3-0.6b-random": (QWEN3_0_6B, torch.bfloat16),
+        "qwen3-8b-random": (QWEN3_8B, torch.bfloat16),
+    }
     if name not in specs:
         raise ValueError(f"unknown built-in model {name!r}; choose from {sorted(specs)}")
     path = os.path.join(cache_root(), name)
@@ -142,7 +168,8 @@ def get_builtin_model(name: str = "tiny-qwen3") -> str:
     overrides, dtype = specs[name]
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root())
     try:
-        build_qwen3_checkpoint(tmp, overrides, dtype)
+        device = "cuda" if name == "qwen3-8b-random" and torch.cuda.is_available() else "cpu"
+        build_qwen3_checkpoint(tmp, overrides, dtype, device=device)
         with open(os.path.join(tmp, "nanovllm_builtin.json"), "w") as f:
             json.dump({"name": name, "random_weights": True}, f)
         if os.path.isdir(path):

@@ -213,7 +213,9 @@ def test_kv_cache_sized_from_gpu_memory(qwen3_tied):
     assert out.returncode == 0, out.stderr[-3000:]
     blocks, used = out.stdout.split()[-2:]
     assert int(blocks) > 100
-    assert float(used) <= 0.31  # the CUDA context is outside PyTorch's accounting: a little slack
+    # The CUDA context is outside PyTorch's accounting: a little slack. Not far below either: the warm-up's
+    # activations are counted once (as the peak), not also as memory in use.
+    assert 0.25 <= float(used) <= 0.31
 
 
 @pytest.fixture

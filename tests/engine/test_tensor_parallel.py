@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence
 from nanovllm.engine.tp import SHM_PREFIX, check_tp_config
 from tests.conftest import TINY, random_prompts
 
@@ -110,6 +112,34 @@ class TestSharedEngine:
         for tp in (2, 1):
             with pytest.raises(RuntimeError, match="exit"):
                 LLM(qwen3_tied, **{**ENGINE, **TP, "tensor_parallel_size": tp})
+
+
+def test_wire_copy_of_a_sequence_carries_only_uncomputed_tokens():
+    """Rank 0 pickles each step's sequences for the workers: a copy must rebuild the step's inputs,
+    and a decode step's message must not grow with the sequence's length."""
+    seq = Sequence(7, list(range(100, 150)), SamplingParams(), 16)
+    seq.block_table = [3, 1, 4, 1]
+    seq.num_computed_tokens = 32  # a prefill chunk from token 32 on
+    copy = pickle.loads(pickle.dumps(seq))
+    assert copy.token_slice(32, 50) == seq.token_slice(32, 50) == list(range(132, 150))
+    assert len(copy.token_ids) == 18
+    assert (copy.seq_id, copy.num_tokens, copy.block_table) == (7, 50, [3, 1, 4, 1])
+    assert copy.last_block_num_tokens == seq.last_block_num_tokens == 2
+    with pytest.raises(IndexError, match="position 32"):
+        copy.token_slice(0, 40)
+
+    sizes = []
+    for length in (100, 5000):
+        seq = Sequence(1, list(range(length)), SamplingParams(), 16)
+        seq.block_table = list(range(seq.num_blocks + 1))[-8:]
+        seq.append_token(PLACEHOLDER_TOKEN)  # overlap scheduling: the newest token is still on the GPU
+        seq.num_computed_tokens = length
+        data = pickle.dumps(seq)
+        copy = pickle.loads(data)
+        assert copy.token_ids == [PLACEHOLDER_TOKEN] and copy.has_pending_token
+        assert (copy.num_tokens, copy.last_block_num_tokens) == (length + 1, seq.last_block_num_tokens)
+        sizes.append(len(data))
+    assert sizes[1] - sizes[0] < 16  # only the integers' widths differ
 
 
 def test_engines_one_after_another_leave_nothing(qwen3_tied):
