@@ -46,7 +46,7 @@ def _prompts() -> list[list[int]]:
 
 
 def _generate(model: str, **kwargs) -> list[list[int]]:
-    llm = LLM(model, kvcache_block_size=16, max_model_len=1024, **kwargs)
+    llm = LLM(model, kvcache_block_size=16, max_model_len=1024, max_num_seqs=16, **kwargs)
     try:
         return [o["token_ids"] for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
     finally:
@@ -82,6 +82,7 @@ _CHILD = textwrap.dedent(
 
     model, index, barrier = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     llm = LLM(model, device=f"cuda:{index}", dtype="float32", kvcache_block_size=16, max_model_len=1024,
+              max_num_seqs=16,
               gpu_memory_utilization=0.85)
     open(f"{barrier}.{index}", "w").close()
     deadline = time.monotonic() + 120
