@@ -12,6 +12,7 @@ import itertools
 import torch
 import triton
 
+from nanovllm.kernels import draw as D
 from nanovllm.kernels import truncation as K
 from nanovllm.layers import sampler as S
 
@@ -72,10 +73,37 @@ def main() -> None:
             lambda r=rows: K.truncation_thresholds(logits[:r], temps[:r], k[:r], p[:r], mp[:r]),
         )
     thresholds = K.truncation_thresholds(logits, temps, k, p, mp)
-    compiled = torch.compile(S.sample.fn)
-    timed("compiled draw, torch noise", lambda: compiled(logits, temps, None))
-    timed("compiled draw, torch noise, thresholds", lambda: compiled(logits, temps, None, thresholds))
-    timed("compiled draw, hashed noise, thresholds", lambda: compiled(logits, temps, keys, thresholds))
+    compiled = torch.compile(S.reference_sample)  # the draw as one torch.compile'd graph (before 2026-11-25)
+    timed("compiled torch draw, torch noise", lambda: compiled(logits, temps, None))
+    timed("compiled torch draw, hashed noise, thresholds", lambda: compiled(logits, temps, keys, thresholds))
+    timed("draw kernel, Philox noise", lambda: D.draw(logits, temps, None, None))
+    timed("draw kernel, Philox noise, thresholds", lambda: D.draw(logits, temps, None, thresholds))
+    timed("draw kernel, hashed noise, thresholds", lambda: D.draw(logits, temps, keys, thresholds))
+    for rows in (1, 16):
+        timed(
+            f"draw kernel, Philox noise, batch {rows}",
+            lambda r=rows: D.draw(logits[:r], temps[:r], None, None),
+        )
+    if args.sweep:
+        default = (D.BLOCK, D.NUM_WARPS, D.TARGET_PROGRAMS)
+        print("sweep draw: block, warps, target programs -> batch 256, batch 16, batch 1 (us)")
+        for block, warps, target in itertools.product((512, 1024, 2048), (4, 8), (1024, 2048, 4096)):
+            D.BLOCK, D.NUM_WARPS, D.TARGET_PROGRAMS = block, warps, target
+            times = [
+                triton.testing.do_bench(
+                    lambda n=n: D.draw(logits[:n], temps[:n], None, None),
+                    warmup=10,
+                    rep=100,
+                    return_mode="median",
+                )
+                * 1000
+                for n in (b, 16, 1)
+            ]
+            print(
+                f"sweep draw {block:5d} {warps:2d} {target:5d}  " + "  ".join(f"{t:8.1f}" for t in times),
+                flush=True,
+            )
+        D.BLOCK, D.NUM_WARPS, D.TARGET_PROGRAMS = default
     if args.sweep:
         default = (K.CANDIDATES, K.BLOCK, K.NUM_WARPS)
         print("sweep: candidates, block, warps -> top-k, top-p, all three, all three at batch 16 (us)")

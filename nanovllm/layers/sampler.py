@@ -6,13 +6,14 @@ generator; when a row has a seed, every row's uniforms come from a counter-based
 token id), and a seeded row's key depends only on its seed and the index of the token being sampled,
 so its draws do not depend on the rest of the batch.
 
-The draw, `sample`, is one fused pass over the logits once compiled; the softmax is never
-materialised because argmax(p / E) = argmax(logits / T - log E). Top-k, top-p and min-p all keep the
-tokens whose logit reaches a per-row threshold (ties at the boundary kept), so when some row truncates
-the draw only masks the tokens below its threshold. The thresholds come from a Triton kernel on CUDA
-(a multi-way search, no sort: `nanovllm.kernels.truncation`) and from a sort elsewhere
-(`reference_thresholds`, the same rule). A row that does not truncate gets the threshold -inf and draws
-exactly what it would draw in a batch where no row truncates.
+The draw, `sample`, is one pass over the logits; the softmax is never materialised because
+argmax(p / E) = argmax(logits / T - log E). On CUDA it is a Triton kernel that splits each row over many
+programs (`nanovllm.kernels.draw`); elsewhere `reference_sample` computes the same with torch ops.
+Top-k, top-p and min-p all keep the tokens whose logit reaches a per-row threshold (ties at the boundary
+kept), so when some row truncates the draw only masks the tokens below its threshold. The thresholds
+come from a Triton kernel on CUDA (a multi-way search, no sort: `nanovllm.kernels.truncation`) and from
+a sort elsewhere (`reference_thresholds`, the same rule). A row that does not truncate gets the
+threshold -inf and draws exactly what it would draw in a batch where no row truncates.
 """
 
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nanovllm.kernels.draw import draw as kernel_draw
 from nanovllm.kernels.truncation import truncation_thresholds as kernel_thresholds
-from nanovllm.utils.compile import compilable
 
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # odd multiplier of a well-known 32-bit integer hash; < 2**27, so products fit in int64
@@ -110,15 +111,28 @@ def truncation_thresholds(
     return reference_thresholds(logits, temperatures, top_k, top_p, min_p)
 
 
-@compilable
 def sample(
     logits: torch.Tensor,
     temperatures: torch.Tensor,
     keys: torch.Tensor | None,
     thresholds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    # logits: [num_seqs, vocab]; temperatures: [num_seqs]; keys: [num_seqs, 2] or None;
-    # thresholds: [num_seqs] or None, tokens with a smaller logit are never drawn.
+    """One token per row: argmax of logits / T - log E over the tokens whose logit reaches the row's
+    threshold; argmax of the logits where T = 0. logits: [num_seqs, vocab]; temperatures: [num_seqs];
+    keys: [num_seqs, 2] or None (then torch's generator); thresholds: [num_seqs] or None."""
+    if logits.is_cuda:
+        return kernel_draw(logits, temperatures, keys, thresholds)
+    return reference_sample(logits, temperatures, keys, thresholds)
+
+
+def reference_sample(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    keys: torch.Tensor | None,
+    thresholds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`sample` in torch ops: the CPU path and the kernel's reference in tests (with keys, the same
+    uniforms; their logarithms may differ in the last bit)."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
     token_ids = torch.arange(logits.shape[-1], device=logits.device)

@@ -532,3 +532,98 @@ def test_truncation_thresholds_of_strided_rows_and_empty_batches() -> None:
     assert truncation_thresholds(logits[:0], empty, top_k[:0], empty, empty).shape == (0,)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         truncation_thresholds(logits.double(), ones, top_k, ones, ones)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sampler's draw
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _draw_case(num_rows: int, vocab: int, dtype: torch.dtype, seed: int):
+    """Logits with ties at the top in some rows, temperatures 0 (greedy) to 2, thresholds on half the rows
+    (from the reference rule), and hashed-noise keys."""
+    from nanovllm.layers.sampler import reference_thresholds
+
+    gen = make_gen(seed)
+    logits = (torch.randn(num_rows, vocab, generator=gen) * 3).to(dtype)
+    logits[1, [7, vocab // 2, vocab - 1]] = logits[1].max() + 1  # a three-way tie for the largest logit
+    logits[2, :] = 0.5  # every token tied
+    temps = torch.tensor([0.0, 0.0, 0.0, 0.5, 1.0, 2.0, 0.7, 1.3])[torch.arange(num_rows) % 8]
+    top_k = torch.where(torch.arange(num_rows) % 2 == 0, 20, vocab)
+    thresholds = reference_thresholds(
+        logits, temps, top_k, torch.full((num_rows,), 0.9), torch.zeros(num_rows)
+    )
+    keys = torch.randint(0, 2**32, (num_rows, 2), generator=gen, dtype=torch.int64)
+    return logits, temps, thresholds, keys
+
+
+@direct
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target_programs", [2048, 36])  # chunks of 1,024 logits, and of 4,096
+def test_draw_kernel_matches_the_torch_draw_with_hashed_noise(
+    dtype: torch.dtype, target_programs: int, monkeypatch
+) -> None:
+    """With keys the kernel uses the same uniforms as the torch draw, so the tokens must be the same,
+    thresholds and greedy rows (ties: the smallest token id, as torch.argmax) included."""
+    from nanovllm.kernels import draw as D
+    from nanovllm.layers.sampler import reference_sample
+
+    monkeypatch.setattr(D, "TARGET_PROGRAMS", target_programs)
+    num_rows, vocab = 12, 9000
+    assert D.chunk_size(num_rows, vocab) == (1024 if target_programs == 2048 else 4096)
+    logits, temps, thresholds, keys = _draw_case(num_rows, vocab, dtype, seed=400)
+    expected = reference_sample(logits, temps, keys, thresholds)
+    assert expected[1] == 7 and expected[2] == 0  # greedy rows: the first of the tied tokens
+    for with_thresholds in (True, False):
+        got = D.draw(
+            logits.to(DEVICE),
+            temps.to(DEVICE),
+            keys.to(DEVICE),
+            thresholds.to(DEVICE) if with_thresholds else None,
+        ).cpu()
+        want = expected if with_thresholds else reference_sample(logits, temps, keys, None)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, want), (got, want)
+
+
+@direct
+def test_draw_kernel_philox_noise_draws_the_right_distribution() -> None:
+    """Without keys: rows of the same four logits at temperature 1 draw tokens in proportion to their
+    probabilities, and a threshold removes the tokens below it. (The interpreter runs a program in
+    milliseconds, so it draws fewer rows and allows more: about 4.5 standard deviations either way.)"""
+    from nanovllm.kernels.draw import draw
+
+    probs = torch.tensor([0.1, 0.5, 0.15, 0.25])
+    n = 20000 if ON_GPU else 500
+    tolerance = 4.5 * math.sqrt(0.25 / n)
+    logits = probs.log().repeat(n, 1).to(DEVICE)
+    ones = torch.ones(n, device=DEVICE)
+    torch.manual_seed(0)
+    counts = torch.bincount(draw(logits, ones, None, None).cpu(), minlength=4).double() / n
+    assert torch.allclose(counts, probs.double(), atol=tolerance), counts
+    cut = torch.full((n,), math.log(0.2), device=DEVICE)  # keeps 0.5 and 0.25
+    counts = torch.bincount(draw(logits, ones, None, cut).cpu(), minlength=4).double() / n
+    assert counts[0] == counts[2] == 0
+    assert abs(counts[1] - 2 / 3) < tolerance, counts
+    # A new call draws new noise; the same torch seed repeats it.
+    rows = logits[:100]
+    torch.manual_seed(5)
+    a = draw(rows, ones[:100], None, None).cpu()
+    b = draw(rows, ones[:100], None, None).cpu()
+    torch.manual_seed(5)
+    assert not torch.equal(a, b) and torch.equal(a, draw(rows, ones[:100], None, None).cpu())
+
+
+@direct
+def test_draw_kernel_strided_rows_and_empty_batches() -> None:
+    from nanovllm.kernels.draw import draw
+    from nanovllm.layers.sampler import reference_sample
+
+    wide = torch.randn(3, 2 * 1500, generator=make_gen(7))
+    logits = wide[:, :1500]  # rows 3,000 apart
+    keys = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    temps = torch.tensor([0.0, 1.0, 0.8])
+    got = draw(logits.to(DEVICE), temps.to(DEVICE), keys.to(DEVICE), None).cpu()
+    assert torch.equal(got, reference_sample(logits, temps, keys))
+    empty = torch.empty(0, device=DEVICE)
+    assert draw(logits[:0].to(DEVICE), empty, None, None).shape == (0,)
