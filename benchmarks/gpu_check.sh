@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything to check and time on the lent GPU in one call; prints a short table last.
-#   bash benchmarks/gpu_check.sh [tests] [kernels] [bench] [bench-extra] [baseline] [peers]
+#   bash benchmarks/gpu_check.sh [tests | tests-engine tests-models] [kernels] [bench] [bench-extra] [baseline] [peers]
 #                                [tp-tests] [tp-small] [tp-8b]     (default: tests kernels bench)
 # The tp-* parts need 2 or more GPUs: tp-small and tp-8b time bench.py at tensor_parallel_size 1, 2 (and 4
 # where there are 4 GPUs) on Qwen3-0.6B and Qwen3-8B shapes, the collectives alone (bench_allreduce.py)
@@ -19,9 +19,15 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | t
 summary=()
 for part in $parts; do
   case $part in
-    tests)
+    tests)  # the whole GPU suite takes over 6 minutes: tests-engine and tests-models split it in two
       python3 -m pytest -q -m cuda tests 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
       summary+=("tests: $(tail -1 "$OUT/pytest_cuda.log")") ;;
+    tests-engine)
+      python3 -m pytest -q -m cuda tests --ignore=tests/models 2>&1 | tee "$OUT/pytest_cuda_engine.log" | tail -25
+      summary+=("tests (all but tests/models): $(tail -1 "$OUT/pytest_cuda_engine.log")") ;;
+    tests-models)
+      python3 -m pytest -q -m cuda tests/models 2>&1 | tee "$OUT/pytest_cuda_models.log" | tail -25
+      summary+=("tests/models: $(tail -1 "$OUT/pytest_cuda_models.log")") ;;
     kernels)
       python3 benchmarks/bench_attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -30
       python3 benchmarks/bench_sampler.py 2>&1 | tee "$OUT/sampler.log" | tail -6
