@@ -156,19 +156,8 @@ class ModelRunner:
             cfg.max_num_seqs, self.config.hf_config.hidden_size, dtype=self.dtype, device=self.device
         )
         logits = self.model.compute_logits(hidden)  # None on tensor-parallel workers
-        if logits is not None:  # both sampler paths: the truncating one runs the threshold kernel too
-            n = cfg.max_num_seqs
-            self.sampler(
-                logits,
-                SamplingTensors(
-                    torch.ones(n, device=self.device),
-                    keys=torch.zeros(n, 2, dtype=torch.int64, device=self.device),
-                    top_k=torch.full((n,), self.vocab_size, device=self.device),
-                    top_p=torch.full((n,), 0.9, device=self.device),
-                    min_p=torch.zeros(n, device=self.device),
-                ),
-            )
-            self.sampler(logits, torch.ones(n, device=self.device))
+        if logits is not None:
+            self.sampler.warm_up(logits)
         torch.cuda.synchronize()
         # Return the activations' memory to the driver: the cache sizing counts the peak separately, so
         # memory still held in PyTorch's cache would be counted twice, as used and as peak.

@@ -65,7 +65,7 @@ class Sequence:
 
     # Pickling is the tensor-parallel wire format: rank 0 sends every step's batch to the workers, which
     # only build the step's inputs from it. A copy carries the tokens not yet computed (one for a decode
-    # step) and the block table, so a step's message does not grow with the sequences' lengths. Its
+    # step) and the block table, so a decode step's message grows by one int per KV block, not per token. Its
     # sampling parameters and status stay behind: workers neither sample nor schedule.
     def __getstate__(self):
         start = self.num_computed_tokens

@@ -6,11 +6,13 @@ logit for a row at temperature 0. One program per row would leave most of the GP
 loop runs (256 rows on 132 SMs), so a row is cut into chunks of at least BLOCK logits, one program each,
 chosen so a batch makes about TARGET_PROGRAMS programs. Each program writes its chunk's best score and
 largest logit with their token ids; a second kernel picks each row's best chunk. Ties go to the smaller
-token id, as `torch.argmax` does.
+token id, as `torch.argmax` does; unlike `torch.argmax`, a NaN is never picked (a model that produces
+NaN logits is broken either way).
 
 Noise: when the batch has keys (some row has a seed), the uniforms are the counter-based hash of
 `nanovllm.layers.sampler.hashed_uniform`, bit for bit. Otherwise they come from Philox (`tl.rand`),
-keyed by a seed drawn from torch's CPU generator for every call plus the row index.
+keyed by a 64-bit seed per row: a number drawn from torch's CPU generator for every call, times 2**20,
+plus the row index, so no two rows of any two calls share a stream (short of a 2**-40 coincidence).
 """
 
 import torch
@@ -57,7 +59,7 @@ def _draw_chunks_kernel(
     row = tl.program_id(0)
     part = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    inv_t = 1.0 / tl.maximum(tl.load(temps_ptr + row), 1e-6)
+    inv_t = 1.0 / tl.maximum(tl.load(temps_ptr + row), 1e-6)  # x * inv_t: may differ from x / T by 1 ulp
     if HAS_KEYS:
         key0 = tl.load(keys_ptr + 2 * row).to(tl.uint32)
         key1 = tl.load(keys_ptr + 2 * row + 1).to(tl.uint32)
@@ -79,7 +81,7 @@ def _draw_chunks_kernel(
             h = _mix32(h ^ key1)
             uniform = (h >> 8).to(tl.float32) * _UNIFORM_SCALE
         else:
-            uniform = tl.rand(seed + row, cols)
+            uniform = tl.rand(seed * 1048576 + row, cols)
         noise = tl.maximum(-tl.log(1.0 - uniform), _MIN_EXP)
         score = x * inv_t - tl.log(noise)
         if HAS_THRESHOLDS:
@@ -97,9 +99,8 @@ def _draw_chunks_kernel(
     best_token = tl.min(tl.where(best == best_value, best_idx, big), axis=0)
     top_value = tl.max(top, axis=0)
     top_token = tl.min(tl.where(top == top_value, top_idx, big), axis=0)
-    # A chunk whose values are all -inf reports its first token, as argmax would.
-    best_token = tl.where(best_token == big, start, best_token)
-    top_token = tl.where(top_token == big, start, top_token)
+    # A chunk whose values are all -inf reports token 0; the pick then takes chunk 0 only if every chunk
+    # is -inf, and token 0 is what argmax gives for such a row.
     out = row * num_chunks + part
     tl.store(score_out + out, best_value)
     tl.store(score_idx_out + out, best_token)
@@ -163,7 +164,8 @@ def draw(logits: Tensor, temperatures: Tensor, keys: Tensor | None, thresholds: 
     value_idx = torch.empty_like(score_idx)
     temperatures = temperatures.float().contiguous()
     # Philox's key for this call (unused with keys): from torch's generator, so torch.manual_seed repeats it.
-    seed = 0 if keys is not None else int(torch.randint(0, 2**30, (1,)).item())
+    # At least 2**31, so the argument is always an int64 (the kernel is compiled once).
+    seed = 2**31 if keys is not None else int(torch.randint(2**31, 2**40, (1,)).item())
     _draw_chunks_kernel[(num_seqs, num_chunks)](
         logits,
         logits.stride(0),
@@ -191,7 +193,7 @@ def draw(logits: Tensor, temperatures: Tensor, keys: Tensor | None, thresholds: 
         value_idx,
         tokens,
         num_chunks,
-        CHUNKS=triton.next_power_of_2(num_chunks),
+        CHUNKS=triton.next_power_of_2(triton.cdiv(vocab, BLOCK)),  # covers any batch: compiled once per vocab
         num_warps=4,
     )
     return tokens

@@ -131,8 +131,9 @@ def reference_sample(
     keys: torch.Tensor | None,
     thresholds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`sample` in torch ops: the CPU path and the kernel's reference in tests (with keys, the same
-    uniforms; their logarithms may differ in the last bit)."""
+    """`sample` in torch ops: the CPU path and the kernel's reference in tests. With keys the kernel uses
+    the same uniforms; it takes log(1 - u) for log1p(-u) and multiplies by 1/T where this divides by T,
+    which may differ in the last bit, and it never picks a NaN logit (torch.argmax does)."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
     token_ids = torch.arange(logits.shape[-1], device=logits.device)
@@ -168,3 +169,20 @@ class Sampler(nn.Module):
         temperatures = params.temperatures.masked_fill(params.top_k == 1, 0.0)
         thresholds = truncation_thresholds(logits, temperatures, params.top_k, params.top_p, params.min_p)
         return sample(logits, temperatures, params.keys, thresholds)
+
+    def warm_up(self, logits: torch.Tensor) -> None:
+        """Run every path once on `logits` (the largest batch), so that each kernel variant is compiled
+        (and its memory counted) before serving: greedy; the draw with and without seeds and with and
+        without truncation."""
+        n = logits.shape[0]
+        ones = torch.ones(n, device=logits.device)
+        keys = torch.zeros(n, 2, dtype=torch.int64, device=logits.device)
+        truncating = dict(
+            top_k=torch.full((n,), logits.shape[-1], device=logits.device),
+            top_p=torch.full((n,), 0.9, device=logits.device),
+            min_p=torch.zeros(n, device=logits.device),
+        )
+        self(logits, SamplingTensors(ones, all_greedy=True))
+        for seeded in (False, True):
+            self(logits, SamplingTensors(ones, keys=keys if seeded else None))
+            self(logits, SamplingTensors(ones, keys=keys if seeded else None, **truncating))

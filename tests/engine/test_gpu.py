@@ -227,8 +227,9 @@ def compiled_ops():
 
 @pytest.mark.parametrize("seeded", [False, True])
 @pytest.mark.parametrize("truncate", [False, True])
-def test_compiled_sampler_distribution_on_gpu(compiled_ops, seeded, truncate):
-    """The compiled sampler (both paths, both noise sources) draws from the right distribution."""
+def test_sampler_distribution_on_gpu(compiled_ops, seeded, truncate):
+    """The sampler on the GPU (the draw and threshold kernels, both noise sources) draws from the right
+    distribution."""
     from nanovllm.layers.sampler import Sampler, SamplingTensors
 
     torch.manual_seed(0)
@@ -250,7 +251,7 @@ def test_compiled_sampler_distribution_on_gpu(compiled_ops, seeded, truncate):
 
 def test_sampling_api_on_gpu(model_d128):
     """top-k 1 equals greedy, and a seeded truncated request gives the same tokens alone and in a
-    batch, through CUDA graphs and the compiled sampler; logprobs come back."""
+    batch, through CUDA graphs and the sampler's kernels; logprobs come back."""
     llm = LLM(model_d128, device="cuda", dtype="bfloat16", kvcache_block_size=256, num_kvcache_blocks=32)
     prompts = random_prompts(5, [5, 40, 130], seed=41)
     greedy = llm.generate(prompts, GREEDY, use_tqdm=False)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -62,9 +63,10 @@ def test_fp32_greedy_tokens_equal_tp1(model_tp, enforce_eager):
         assert _generate(model_tp, tensor_parallel_size=n, **common) == reference, f"tensor_parallel_size={n}"
 
 
-def test_bf16_tp2_runs_and_mostly_agrees(model_tp):
+def test_bf16_tp2_runs_and_agrees_on_first_tokens(model_tp):
     """bf16 rounds the partial sums differently when they are split over GPUs, so a greedy token may
-    flip where two logits are close; the runs must still agree on most tokens."""
+    flip where two logits are close and the rest of that sequence then differs; the first tokens,
+    which follow the prompts alone, must agree (one flip allowed)."""
     common = dict(device="cuda", dtype="bfloat16", attention_backend="triton")
     reference = _generate(model_tp, **common)
     tokens = _generate(model_tp, tensor_parallel_size=2, **common)
@@ -95,11 +97,22 @@ _CHILD = textwrap.dedent(
         tokens.append([o["token_ids"] for o in llm.generate(_prompts(), params, use_tqdm=False)])
     others = [d for d in range(torch.cuda.device_count()) if d != index]
     free, total = torch.cuda.mem_get_info(index)
+    try:  # which GPUs the driver sees this process on (a stray CUDA context is outside PyTorch's view)
+        import pynvml
+        pynvml.nvmlInit()
+        on_gpus = [
+            d for d in range(pynvml.nvmlDeviceGetCount())
+            if os.getpid() in [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(
+                pynvml.nvmlDeviceGetHandleByIndex(d))]
+        ]
+    except Exception as e:  # no NVML here, or it cannot list processes
+        on_gpus = repr(e)
     print(json.dumps({
         "tokens": tokens,
         "blocks": llm.config.num_kvcache_blocks,
         "used_fraction": 1 - free / total,
         "reserved_elsewhere": [torch.cuda.memory_reserved(d) for d in others],
+        "on_gpus": on_gpus,
     }))
     llm.exit()
     """
@@ -128,9 +141,19 @@ def test_two_engines_on_different_gpus_at_once(model_tp, tmp_path):
         out, err = child.communicate(timeout=300)
         assert child.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
-    for r in results:
+    nvml_checked = 0
+    for index, r in enumerate(results):
+        if isinstance(r["on_gpus"], list) and r["on_gpus"]:  # NVML lists processes here (in a VM it may not)
+            assert r["on_gpus"] == [index], r["on_gpus"]  # no context on the other GPU
+            nvml_checked += 1
         assert r["tokens"][0] == r["tokens"][1] == r["tokens"][2]
         assert r["blocks"] > 1000  # the whole 85% of its own GPU, not what the other engine left over
         assert 0.8 < r["used_fraction"] < 0.9
         assert r["reserved_elsewhere"] == [0] * len(r["reserved_elsewhere"])
     assert results[0]["tokens"][0] == results[1]["tokens"][0]
+    if not nvml_checked:
+        warnings.warn(
+            f"NVML did not list the engines' processes ({results[0]['on_gpus']}): stray CUDA "
+            "contexts on the other GPU were not looked for",
+            stacklevel=1,
+        )

@@ -93,3 +93,20 @@ def test_untruncated_seeded_row_draws_the_same_beside_truncating_rows():
     top5 = logits.topk(5, dim=-1).indices
     assert torch.all((top5[::2] == mixed[::2, None]).any(dim=-1))
     assert not torch.equal(mixed[::2], plain[::2])  # 32 rows: truncation changed some draws
+
+
+def test_warm_up_runs_every_draw_variant(monkeypatch):
+    """The engine's start-up warm-up must reach each variant of the draw (seeded or not, truncating or
+    not), so that none is compiled for the first time while serving; greedy comes back as argmax."""
+    import nanovllm.layers.sampler as sampler_module
+
+    seen = set()
+    draw = sampler_module.sample
+
+    def spy(logits, temperatures, keys, thresholds=None):
+        seen.add((keys is not None, thresholds is not None))
+        return draw(logits, temperatures, keys, thresholds)
+
+    monkeypatch.setattr(sampler_module, "sample", spy)
+    Sampler().warm_up(torch.randn(6, 300))
+    assert seen == {(False, False), (False, True), (True, False), (True, True)}
