@@ -35,7 +35,6 @@ class Sequence:
         "num_cached_tokens",
         "block_table",
         "block_size",
-        "temperature",
         "max_tokens",
         "ignore_eos",
         "params",
@@ -54,7 +53,6 @@ class Sequence:
         self.num_cached_tokens = 0  # tokens reused from the prefix cache at the last allocation
         self.block_table: list[int] = []
         self.block_size = block_size
-        self.temperature = sampling_params.temperature
         self.max_tokens = sampling_params.max_tokens
         self.ignore_eos = sampling_params.ignore_eos
         self.params = sampling_params

@@ -25,9 +25,16 @@ NUM_WARPS = 4
 TARGET_PROGRAMS = 2048  # chunks per batch to aim for: enough to fill an H100's 132 SMs several times
 MAX_CHUNK = 16384
 
-_MIX = tl.constexpr(0x45D9F3B)
-_MIN_EXP = tl.constexpr(2.0**-25)
-_UNIFORM_SCALE = tl.constexpr(2.0**-24)
+# The counter-based noise, shared with the torch draw (nanovllm.layers.sampler), which must match it bit
+# for bit: the hash's odd multiplier (< 2**27, so torch's int64 products fit), the uniforms' 24-bit grid,
+# and the smallest E allowed (below any non-zero E that grid gives: E = 0 would always win).
+HASH_MULTIPLIER = 0x45D9F3B
+UNIFORM_BITS = 24
+MIN_EXPONENTIAL = 2.0**-25
+_MIX = tl.constexpr(HASH_MULTIPLIER)  # a jit function reads only constexpr globals
+_MIN_EXP = tl.constexpr(MIN_EXPONENTIAL)
+_UNIFORM_SHIFT = tl.constexpr(32 - UNIFORM_BITS)
+_UNIFORM_SCALE = tl.constexpr(2.0**-UNIFORM_BITS)
 
 
 @triton.jit
@@ -79,7 +86,7 @@ def _draw_chunks_kernel(
         if HAS_KEYS:
             h = _mix32(cols.to(tl.uint32) ^ key0)
             h = _mix32(h ^ key1)
-            uniform = (h >> 8).to(tl.float32) * _UNIFORM_SCALE
+            uniform = (h >> _UNIFORM_SHIFT).to(tl.float32) * _UNIFORM_SCALE
         else:
             uniform = tl.rand(seed * 1048576 + row, cols)
         noise = tl.maximum(-tl.log(1.0 - uniform), _MIN_EXP)

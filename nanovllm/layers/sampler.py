@@ -21,12 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nanovllm.kernels.draw import HASH_MULTIPLIER, MIN_EXPONENTIAL, UNIFORM_BITS
 from nanovllm.kernels.draw import draw as kernel_draw
 from nanovllm.kernels.truncation import truncation_thresholds as kernel_thresholds
 
 _MASK32 = 0xFFFFFFFF
-_MIX = 0x45D9F3B  # odd multiplier of a well-known 32-bit integer hash; < 2**27, so products fit in int64
-_MIN_EXP = 2.0**-25  # below the smallest non-zero E a 24-bit uniform gives: E = 0 would always win
 _LOG2E = 1.4426950408889634
 
 
@@ -45,8 +44,8 @@ class SamplingTensors:
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    x = (((x >> 16) ^ x) * _MIX) & _MASK32
-    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    x = (((x >> 16) ^ x) * HASH_MULTIPLIER) & _MASK32
+    x = (((x >> 16) ^ x) * HASH_MULTIPLIER) & _MASK32
     return (x >> 16) ^ x
 
 
@@ -55,12 +54,13 @@ def hashed_uniform(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     keys: [num_seqs, 2]; token_ids: [vocab] (the same ids for every row) or [num_seqs, vocab]."""
     x = _mix32(token_ids ^ keys[:, :1])  # [num_seqs, vocab]
     x = _mix32(x ^ keys[:, 1:])
-    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))  # exact: 24-bit integers times 2**-24
+    # Exact: 24-bit integers times 2**-24.
+    return (x >> (32 - UNIFORM_BITS)).to(torch.float32) * (1.0 / (1 << UNIFORM_BITS))
 
 
 def exponential(uniform: torch.Tensor) -> torch.Tensor:
     """Exp(1) from uniforms in [0, 1): -log(1 - u), never exactly 0."""
-    return (-torch.log1p(-uniform)).clamp(min=_MIN_EXP)
+    return (-torch.log1p(-uniform)).clamp(min=MIN_EXPONENTIAL)
 
 
 def _noise(like: torch.Tensor, keys: torch.Tensor | None, token_ids: torch.Tensor) -> torch.Tensor:
