@@ -29,9 +29,11 @@ from typing import Any
 
 import torch
 
+from nanovllm.utils import builtin_model
+
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = "~/huggingface/Qwen3-0.6B/"
-BUILTIN_MODELS = ("qwen3-0.6b-random", "qwen3-8b-random", "tiny-qwen3")
+BUILTIN_MODELS = tuple(builtin_model.BUILTIN_MODELS)
 TOKEN_ID_HIGH = 10000
 REFERENCE = {"num_seqs": 256, "max_input_len": 1024, "max_output_len": 1024}
 REFERENCE_TOKENS = (133966, 142827)  # output, prompt
@@ -378,9 +380,7 @@ def versions() -> dict[str, str | None]:
 def resolve_model(name: str) -> str:
     path = os.path.expanduser(name)
     if name in BUILTIN_MODELS or (name == DEFAULT_MODEL and not os.path.isdir(path)):
-        from nanovllm.utils.builtin_model import get_builtin_model
-
-        path = get_builtin_model(name if name in BUILTIN_MODELS else "qwen3-0.6b-random")
+        path = builtin_model.get_builtin_model(name if name in BUILTIN_MODELS else "qwen3-0.6b-random")
         if name == DEFAULT_MODEL:
             print(f"{name} does not exist: using the random-weight Qwen3-0.6B checkpoint at {path}")
     return path

@@ -35,15 +35,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def model_shape(name: str) -> dict[str, int]:
     """hidden_size, num_hidden_layers and vocab_size of a model directory or built-in model's config.
     A built-in model's configuration is read without building its checkpoint."""
-    from nanovllm.utils import builtin_model
+    from nanovllm.utils.builtin_model import BUILTIN_MODELS
 
-    builtin = {
-        "qwen3-0.6b-random": builtin_model.QWEN3_0_6B,
-        "qwen3-8b-random": builtin_model.QWEN3_8B,
-        "tiny-qwen3": builtin_model.TINY_QWEN3,
-    }
-    if name in builtin:
-        cfg = builtin[name]
+    if name in BUILTIN_MODELS:
+        cfg = BUILTIN_MODELS[name][0]
     else:
         cfg = json.loads((Path(os.path.expanduser(name)) / "config.json").read_text())
     return {k: int(cfg[k]) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}

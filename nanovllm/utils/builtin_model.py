@@ -79,6 +79,14 @@ QWEN3_8B = dict(
 )
 
 
+# Built-in models by name: (configuration overrides, weight dtype).
+BUILTIN_MODELS = {
+    "tiny-qwen3": (TINY_QWEN3, torch.float32),
+    "qwen3-0.6b-random": (QWEN3_0_6B, torch.bfloat16),
+    "qwen3-8b-random": (QWEN3_8B, torch.bfloat16),
+}
+
+
 def cache_root() -> str:
     return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "nano-vllm")
 
@@ -154,18 +162,13 @@ def build_qwen3_checkpoint(
 def get_builtin_model(name: str = "tiny-qwen3") -> str:
     """Path of a built-in random checkpoint, built once: 'tiny-qwen3', 'qwen3-0.6b-random' or
     'qwen3-8b-random' (16 GB; its weights are drawn on the GPU when there is one)."""
-    specs = {
-        "tiny-qwen3": (TINY_QWEN3, torch.float32),
-        "qwen3-0.6b-random": (QWEN3_0_6B, torch.bfloat16),
-        "qwen3-8b-random": (QWEN3_8B, torch.bfloat16),
-    }
-    if name not in specs:
-        raise ValueError(f"unknown built-in model {name!r}; choose from {sorted(specs)}")
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; choose from {sorted(BUILTIN_MODELS)}")
     path = os.path.join(cache_root(), name)
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
     os.makedirs(cache_root(), exist_ok=True)
-    overrides, dtype = specs[name]
+    overrides, dtype = BUILTIN_MODELS[name]
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root())
     try:
         device = "cuda" if name == "qwen3-8b-random" and torch.cuda.is_available() else "cpu"
