@@ -90,8 +90,10 @@ def _head_dim(cfg: Any) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def kv_bytes_per_token(cfg: Any, elem_size: int) -> int:
-    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * _head_dim(cfg) * elem_size
+def kv_bytes_per_token(cfg: Any, elem_size: int, tensor_parallel_size: int = 1) -> int:
+    """K and V bytes of one token on one GPU (with tensor parallelism, its share of the KV heads)."""
+    kv_heads = cfg.num_key_value_heads // tensor_parallel_size
+    return cfg.num_hidden_layers * 2 * kv_heads * _head_dim(cfg) * elem_size
 
 
 def decode_bytes(wl: Workload, weight_bytes: int, kv_token_bytes: int) -> dict[str, int]:
@@ -453,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     throughput = wl.output_tokens / seconds
 
     tp = args.tensor_parallel_size
-    kv_token = kv_bytes_per_token(cfg, details["elem_size"]) // tp  # per GPU: its share of the KV heads
+    kv_token = kv_bytes_per_token(cfg, details["elem_size"], tp)
     parts = decode_bytes(wl, details["weight_bytes"], kv_token)
     embedding = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     # Per GPU: the whole model's prefill matmuls split N ways (the replicated norms are negligible).

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
     weight_bytes = bench.param_bytes(runner.model)
     elem = torch.empty(0, dtype=runner.dtype).element_size()
-    kv_token = bench.kv_bytes_per_token(cfg, elem) // args.tensor_parallel_size  # this GPU's KV heads
+    kv_token = bench.kv_bytes_per_token(cfg, elem, args.tensor_parallel_size)
     mid_context = first_context + args.steps // 2
     batch = int(median(batches))
     step_bytes = weight_bytes + batch * (mid_context + 1) * kv_token
