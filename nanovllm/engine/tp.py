@@ -184,13 +184,12 @@ class TensorParallelRunner:
     # ---- failure detection -------------------------------------------------------------------
 
     def _drain_queue(self, replies: dict | None = None, kind: str | None = None) -> None:
-        """Record worker errors from the queue; collect replies of `kind` into `replies`."""
+        """Record worker errors from the queue; replies of `kind` go into `replies` (a reply that
+        arrives while a wait checks on the workers must not be lost)."""
         while True:
             try:
                 what, rank, payload = self._queue.get_nowait()
-            except queue_mod.Empty:
-                return
-            except (OSError, EOFError, ValueError):
+            except (queue_mod.Empty, OSError, EOFError, ValueError):
                 return
             if what == "error":
                 if self._failure is None:
@@ -198,12 +197,14 @@ class TensorParallelRunner:
             elif replies is not None and what == kind:
                 replies[rank] = payload
 
-    def _check_workers(self, grace_s: float = 0.0) -> None:
+    def _check_workers(
+        self, grace_s: float = 0.0, replies: dict | None = None, kind: str | None = None
+    ) -> None:
         """Raise a RuntimeError naming the failed rank if a worker reported an error or died. With
         `grace_s`, keep looking that long (a worker's death is seen a moment after its socket closes)."""
         deadline = time.monotonic() + grace_s
         while True:
-            self._drain_queue()
+            self._drain_queue(replies, kind)
             if self._failure is None:
                 for rank, p in enumerate(self.processes, start=1):
                     if not p.is_alive():
@@ -222,8 +223,8 @@ class TensorParallelRunner:
             try:
                 what, rank, payload = self._queue.get(timeout=_POLL_S)
             except queue_mod.Empty:
-                self._check_workers()
-                if time.monotonic() > deadline:
+                self._check_workers(replies=replies, kind=kind)
+                if time.monotonic() > deadline and len(replies) < self.world_size - 1:
                     missing = sorted(set(range(1, self.world_size)) - set(replies))
                     self._failure = (
                         f"tensor-parallel worker rank(s) {missing} did not answer {kind!r} within "

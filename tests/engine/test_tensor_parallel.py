@@ -18,7 +18,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence
-from nanovllm.engine.tp import SHM_PREFIX, check_tp_config
+from nanovllm.engine.tp import SHM_PREFIX, TensorParallelRunner, check_tp_config
 from tests.conftest import TINY, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -140,6 +140,22 @@ def test_wire_copy_of_a_sequence_carries_only_uncomputed_tokens():
         assert copy.block_table == seq.block_table
         # The block table and a few counters: 3 bytes for each of the 5,000 tokens would be 15 KB more.
         assert len(data) < len(pickle.dumps(seq.block_table)) + 120, len(data)
+
+
+def test_a_reply_read_while_checking_on_workers_is_kept():
+    """A wait checks on the workers each time the reply queue is briefly empty; a reply that arrives
+    just then is read by that check and must count, not be dropped (the wait would then time out)."""
+    import queue
+
+    runner = TensorParallelRunner.__new__(TensorParallelRunner)  # only the failure-detection state
+    runner._queue, runner._failure, runner.processes = queue.Queue(), None, []
+    runner._queue.put(("result", 1, "payload of rank 1"))
+    replies: dict[int, object] = {}
+    runner._check_workers(replies=replies, kind="result")
+    assert replies == {1: "payload of rank 1"}
+    runner._queue.put(("error", 2, "Traceback ..."))
+    with pytest.raises(RuntimeError, match="rank 2 failed"):
+        runner._check_workers(replies=replies, kind="result")
 
 
 def test_engines_one_after_another_leave_nothing(qwen3_tied):
