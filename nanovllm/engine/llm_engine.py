@@ -241,6 +241,12 @@ class LLMEngine:
             self._enqueue(seq)
         return seqs
 
+    def _check_none_vanished(self, remaining: int) -> None:
+        """An internal invariant: requests still awaited must still be in the scheduler (else the
+        caller's loop would step forever)."""
+        if remaining > 0 and self.is_finished():
+            raise RuntimeError(f"{remaining} request(s) vanished from the scheduler (internal error)")
+
     def _abort_unfinished(self, seqs: list[Sequence]) -> None:
         self._drain_after_error()
         for seq in seqs:
@@ -278,8 +284,7 @@ class LLMEngine:
                         results[i] = request.output()
                         remaining -= 1
                         pbar.update(1)
-                if remaining > 0 and self.is_finished():
-                    raise RuntimeError(f"{remaining} request(s) vanished from the scheduler (internal error)")
+                self._check_none_vanished(remaining)
         except BaseException:
             self._abort_unfinished(seqs)
             raise
@@ -311,6 +316,7 @@ class LLMEngine:
                         continue
                     remaining -= delta["finished"]
                     yield {"index": i, **delta}
+                self._check_none_vanished(remaining)
         except BaseException:  # GeneratorExit (the caller stopped early) included
             self._abort_unfinished(seqs)
             raise
