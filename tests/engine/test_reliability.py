@@ -439,3 +439,20 @@ def test_two_engines_interleaved(qwen3_tied, qwen3_untied, reference):
     assert_idle(b)
     a.exit()
     b.exit()
+
+
+@pytest.mark.parametrize("entry", ["generate", "stream"])
+def test_a_request_vanishing_from_the_scheduler_raises_instead_of_hanging(qwen3_tied, entry, monkeypatch):
+    """An internal invariant: if the scheduler reports nothing left while requests are still awaited,
+    both entry points raise instead of stepping forever, and the engine stays usable."""
+    llm = make_llm(qwen3_tied, overlap_scheduling=False)  # no step in flight between steps
+    with monkeypatch.context() as m:
+        m.setattr(type(llm.scheduler), "is_finished", lambda self: True)  # the bug being simulated
+        with pytest.raises(RuntimeError, match="1 request"):
+            if entry == "generate":
+                llm.generate([[1, 2, 3]], greedy(4), use_tqdm=False)
+            else:
+                list(llm.stream([[1, 2, 3]], greedy(4)))
+    assert_idle(llm)
+    assert len(llm.generate([[1, 2, 3]], greedy(4), use_tqdm=False)[0]["token_ids"]) == 4
+    llm.exit()
