@@ -1,7 +1,23 @@
-"""Per-request sampling settings (names and meanings follow vLLM's offline API)."""
+"""Per-request sampling settings (names and meanings follow vLLM's offline API).
+
+Each field has one validator (`_CHECKS[name]`) that checks a value and returns it normalised (a single
+stop string becomes a list, ints become floats, numpy token ids become ints, containers are copied).
+`__post_init__` runs every validator and then the checks that involve several fields; once the object
+is built, assigning a field runs that field's validator and the cross-field checks again, and a value
+that fails leaves the old one in place.
+"""
 
 import math
-from dataclasses import dataclass
+import numbers
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+# vLLM clamps every logit_bias value into [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]: a bias of 100 already
+# makes a token certain (or impossible) against any realistic logit, and the clamp keeps sums finite.
+LOGIT_BIAS_LIMIT = 100.0
+# Presence and frequency penalties live in [-PENALTY_LIMIT, PENALTY_LIMIT] (OpenAI's range, as in vLLM).
+PENALTY_LIMIT = 2.0
 
 
 def _is_int(value) -> bool:
@@ -10,6 +26,198 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_token_id(value) -> bool:
+    """A Python or numpy integer >= 0 (bool refused: True is not a token id)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
+def _as_list(name: str, value, what: str = "a list") -> list:
+    """A copy of `value` as a list; a string or a non-iterable is a ValueError naming the field."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"SamplingParams.{name} must be {what}, got the string {value!r}")
+    try:
+        return list(value)
+    except TypeError:
+        raise ValueError(f"SamplingParams.{name} must be {what}, got {value!r}") from None
+
+
+def _token_id_list(name: str, value) -> list[int] | None:
+    if value is None:
+        return None
+    ids = _as_list(name, value, "a list of token ids")
+    if not all(_is_token_id(t) for t in ids):
+        raise ValueError(f"SamplingParams.{name} must be a list of token ids >= 0, got {value!r}")
+    return [operator.index(t) for t in ids]
+
+
+def _check_temperature(value) -> float:
+    if not _is_number(value):
+        raise TypeError(f"SamplingParams.temperature must be a number, got {type(value).__name__}")
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def _check_max_tokens(value) -> int:
+    if not _is_int(value):
+        raise TypeError(f"SamplingParams.max_tokens must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {value}")
+    return value
+
+
+def _check_ignore_eos(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_top_p(value) -> float:
+    if not _is_number(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {value}")
+    return float(value)
+
+
+def _check_top_k(value) -> int:
+    if not _is_int(value) or not (value in (-1, 0) or value >= 1):
+        raise ValueError(f"SamplingParams.top_k must be -1 or 0 (off) or an int >= 1, got {value}")
+    return value
+
+
+def _check_min_p(value) -> float:
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {value}")
+    return float(value)
+
+
+def _check_seed(value) -> int | None:
+    if value is not None and not _is_int(value):
+        raise ValueError(f"SamplingParams.seed must be None or an int, got {value!r}")
+    return value
+
+
+def _check_stop(value) -> list[str] | None:
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else _as_list("stop", value, "a string or a list of strings")
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"SamplingParams.stop must be a non-empty string or a list of them, got {value!r}")
+    return stops
+
+
+def _check_stop_token_ids(value) -> list[int] | None:
+    return _token_id_list("stop_token_ids", value)
+
+
+def _check_n(value) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"SamplingParams.n must be an int >= 1, got {value!r}")
+    return value
+
+
+def _penalty_check(name: str) -> Callable[[object], float]:
+    def check(value) -> float:
+        if not _is_number(value) or not -PENALTY_LIMIT <= value <= PENALTY_LIMIT:
+            limit = PENALTY_LIMIT
+            raise ValueError(f"SamplingParams.{name} must be a number in [{-limit}, {limit}], got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _check_repetition_penalty(value) -> float:
+    if not _is_number(value) or not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"SamplingParams.repetition_penalty must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_min_tokens(value) -> int:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"SamplingParams.min_tokens must be an int >= 0, got {value!r}")
+    return value
+
+
+def _check_logit_bias(value) -> dict[int, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"SamplingParams.logit_bias must be None or a dict of token id -> bias, got {value!r}"
+        )
+    bias = {}
+    for token, b in value.items():
+        if not _is_token_id(token):
+            raise ValueError(f"SamplingParams.logit_bias keys must be token ids >= 0, got {token!r}")
+        if not _is_number(b) or not math.isfinite(b):
+            raise ValueError(
+                f"SamplingParams.logit_bias values must be finite numbers, got {b!r} for {token}"
+            )
+        bias[operator.index(token)] = min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, float(b)))
+    return bias
+
+
+def _check_allowed_token_ids(value) -> list[int] | None:
+    ids = _token_id_list("allowed_token_ids", value)
+    if ids is not None and not ids:
+        raise ValueError("SamplingParams.allowed_token_ids must be None or a non-empty list of token ids")
+    return ids
+
+
+def _check_bad_words(value) -> list[str] | None:
+    if value is None:
+        return None
+    words = _as_list("bad_words", value, "a list of strings")
+    if not all(isinstance(w, str) and w for w in words):
+        raise ValueError(f"SamplingParams.bad_words must be a list of non-empty strings, got {value!r}")
+    return list(dict.fromkeys(words))  # duplicates dropped, order kept (as vLLM does)
+
+
+def _bool_check(name: str) -> Callable[[object], bool]:
+    def check(value) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"SamplingParams.{name} must be a bool, got {value!r}")
+        return value
+
+    return check
+
+
+def _count_check(name: str) -> Callable[[object], int | None]:
+    def check(value) -> int | None:
+        if value is not None and (not _is_int(value) or value < 0):
+            raise ValueError(f"SamplingParams.{name} must be None or an int >= 0, got {value!r}")
+        return value
+
+    return check
+
+
+# One validator per field: it checks a value and returns it normalised.
+_CHECKS: dict[str, Callable[[object], object]] = {
+    "temperature": _check_temperature,
+    "max_tokens": _check_max_tokens,
+    "ignore_eos": _check_ignore_eos,
+    "top_p": _check_top_p,
+    "top_k": _check_top_k,
+    "min_p": _check_min_p,
+    "seed": _check_seed,
+    "stop": _check_stop,
+    "stop_token_ids": _check_stop_token_ids,
+    "logprobs": _count_check("logprobs"),
+    "n": _check_n,
+    "presence_penalty": _penalty_check("presence_penalty"),
+    "frequency_penalty": _penalty_check("frequency_penalty"),
+    "repetition_penalty": _check_repetition_penalty,
+    "min_tokens": _check_min_tokens,
+    "logit_bias": _check_logit_bias,
+    "allowed_token_ids": _check_allowed_token_ids,
+    "bad_words": _check_bad_words,
+    "skip_special_tokens": _bool_check("skip_special_tokens"),
+    "spaces_between_special_tokens": _bool_check("spaces_between_special_tokens"),
+    "include_stop_str_in_output": _bool_check("include_stop_str_in_output"),
+    "prompt_logprobs": _count_check("prompt_logprobs"),
+    "detokenize": _bool_check("detokenize"),
+}
 
 
 @dataclass(slots=True)
@@ -27,6 +235,23 @@ class SamplingParams:
     stop_token_ids: token ids that end generation (the token stays in `token_ids`).
     logprobs: N: return the log-probability of each sampled token and of the N most likely tokens at
         that step (from the model's distribution before temperature and truncation).
+    n: how many completions to generate for the prompt (>= 1; greedy sampling allows only 1).
+    presence_penalty: in [-2, 2]; subtracted from the logit of every token already in the completion.
+    frequency_penalty: in [-2, 2]; times a token's count in the completion, subtracted from its logit.
+    repetition_penalty: > 0; tokens in the prompt or completion get logit / p if positive, else logit * p.
+    min_tokens: no EOS or stop_token_ids token can be sampled before this many completion tokens.
+    logit_bias: token id -> value added to its logit before sampling (clamped to [-100, 100]).
+    allowed_token_ids: only these tokens can be sampled (non-empty).
+    bad_words: words that cannot be generated: a word's last token is banned when it would complete it.
+    skip_special_tokens: leave special tokens out of the output text.
+    spaces_between_special_tokens: put spaces between special tokens in the output text.
+    include_stop_str_in_output: keep the matched stop string at the end of the output text.
+    prompt_logprobs: N: return the log-probabilities of each prompt token and of the N most likely.
+    detokenize: produce output text (False: token ids only; `stop` strings then cannot be used).
+
+    A wrong type for temperature, max_tokens or ignore_eos is a TypeError; every other invalid value is
+    a ValueError naming the field. Assigning a field after construction validates it again (changing a
+    list or dict in place does not: assign a new one).
     """
 
     temperature: float = 1.0
@@ -39,52 +264,84 @@ class SamplingParams:
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     logprobs: int | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    # False while __init__ assigns the raw values; __post_init__ sets it once all of them are validated.
+    _validated: bool = field(default=False, init=False, repr=False, compare=False)
+    # `needs_logits_processing`, kept current on every assignment: the model runner reads it for every
+    # row of every step, and a stored bool costs a fifth of evaluating the rule there.
+    _needs_processing: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not _is_number(self.temperature):
-            raise TypeError(
-                f"SamplingParams.temperature must be a number, got {type(self.temperature).__name__}"
-            )
-        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+        for name, check in _CHECKS.items():
+            object.__setattr__(self, name, check(getattr(self, name)))
+        self._check_together()
+        object.__setattr__(self, "_needs_processing", self._processing_rule())
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value) -> None:
+        check = _CHECKS.get(name)
+        if check is None or not getattr(self, "_validated", False):
+            object.__setattr__(self, name, value)
+            return
+        new = check(value)  # raises before anything changes
+        old = getattr(self, name)
+        object.__setattr__(self, name, new)
+        try:
+            self._check_together()
+        except ValueError:
+            object.__setattr__(self, name, old)
+            raise
+        object.__setattr__(self, "_needs_processing", self._processing_rule())
+
+    def _check_together(self) -> None:
+        """The rules that involve more than one field."""
+        if self.min_tokens > self.max_tokens:
             raise ValueError(
-                f"SamplingParams.temperature must be a finite number >= 0, got {self.temperature}"
+                f"SamplingParams.min_tokens must be <= SamplingParams.max_tokens={self.max_tokens}, "
+                f"got {self.min_tokens}"
             )
-        self.temperature = float(self.temperature)
-        if not _is_int(self.max_tokens):
-            raise TypeError(f"SamplingParams.max_tokens must be an int, got {type(self.max_tokens).__name__}")
-        if self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
-        if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        self.top_p = float(self.top_p)
-        if not _is_int(self.top_k) or not (self.top_k in (-1, 0) or self.top_k >= 1):
-            raise ValueError(f"SamplingParams.top_k must be -1 or 0 (off) or an int >= 1, got {self.top_k}")
-        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p}")
-        self.min_p = float(self.min_p)
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"SamplingParams.seed must be None or an int, got {self.seed!r}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if self.stop is not None:
-            self.stop = list(self.stop)
-            if not all(isinstance(s, str) and s for s in self.stop):
-                raise ValueError(
-                    f"SamplingParams.stop must be a non-empty string or a list of them, got {self.stop!r}"
-                )
-        if self.stop_token_ids is not None:
-            self.stop_token_ids = list(self.stop_token_ids)
-            if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-                raise ValueError(
-                    "SamplingParams.stop_token_ids must be a list of token ids >= 0, "
-                    f"got {self.stop_token_ids!r}"
-                )
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise ValueError(f"SamplingParams.logprobs must be None or an int >= 0, got {self.logprobs!r}")
+        if self.stop and not self.detokenize:
+            raise ValueError("SamplingParams.stop strings need SamplingParams.detokenize=True")
+        if self.n > 1 and self.temperature == 0.0:
+            raise ValueError(f"SamplingParams.n must be 1 for greedy sampling (temperature=0), got {self.n}")
+
+    def clone(self) -> "SamplingParams":
+        """An independent copy (its lists and dict are new objects)."""
+        return replace(self)
 
     @property
     def needs_truncation(self) -> bool:
         """Whether top-k, top-p or min-p change the distribution."""
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        """Whether a presence, frequency or repetition penalty changes the logits."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def needs_logits_processing(self) -> bool:
+        """Whether something besides the sampler changes this request's logits (a penalty, min_tokens,
+        logit_bias, allowed_token_ids or bad_words: `nanovllm.layers.logits_processor`)."""
+        return self._needs_processing
+
+    def _processing_rule(self) -> bool:
+        return (
+            self.needs_penalties
+            or self.min_tokens > 0
+            or bool(self.logit_bias)
+            or self.allowed_token_ids is not None
+            or bool(self.bad_words)
+        )
