@@ -7,6 +7,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.utils.hub import TOKENIZER_FILE_PATTERNS, resolve_model_path
+from nanovllm.utils.tokenizer import check_tokenizer_files
+
 # The PyTorch attention path gathers K/V in tiles of 16 tokens, and the Triton kernels tile the
 # block in multiples of 16: a block size must be a positive multiple of this.
 KV_BLOCK_SIZE_MULTIPLE = 16
@@ -22,7 +25,12 @@ _DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+# vLLM's other names for the same dtypes; `Config.dtype` holds the canonical name after validation.
+_DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+DTYPE_CHOICES = ("auto", *_DTYPES, *_DTYPE_ALIASES)
 ATTENTION_BACKENDS = ("auto", "flash-attn", "triton", "torch")
+# "auto" and "safetensors" read the *.safetensors files; "dummy" fills random weights (no weight files).
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
 @dataclass(slots=True)
@@ -40,7 +48,9 @@ class Config:
     num_kvcache_blocks: int = -1
     # Beyond the original: where and in which precision to run.
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cuda", "cuda:N" or "cpu"
-    dtype: str = "auto"  # "auto" (checkpoint dtype on GPU, float32 on CPU), "float32", "float16", "bfloat16"
+    # "auto" (checkpoint dtype on GPU, float32 on CPU), "float32"/"float", "float16"/"half", "bfloat16" or
+    # a torch.dtype of those three; stored as the canonical name ("float32", "float16", "bfloat16").
+    dtype: str | torch.dtype = "auto"
     attention_backend: str = "auto"  # "auto", "flash-attn", "triton" or "torch"
     # Prepare step N+1 on the CPU while the GPU runs step N (False: one step at a time, for debugging).
     overlap_scheduling: bool = True
@@ -53,12 +63,26 @@ class Config:
     # group start-up, collectives, worker replies) before giving up.
     tp_shm_bytes: int = 4 << 20
     tp_timeout_s: float = 60.0
+    # vLLM's names from here on.
+    # Tokenizer directory or hub repo id; None: the model's. Holds the resolved local directory afterwards.
+    tokenizer: str | None = None
+    # Refused when True: nano-vllm never runs code shipped with a checkpoint.
+    trust_remote_code: bool = False
+    # How weights are loaded: one of LOAD_FORMATS ("dummy" needs no weight file, for tests and benchmarks).
+    load_format: str = "auto"
+    # Engine-level random seed (None: not seeded); the engine derives its generators from it.
+    seed: int | None = None
+    # Reuse the KV blocks of a prompt prefix already computed (hash-chained full blocks).
+    enable_prefix_caching: bool = True
     hf_config: PretrainedConfig = field(init=False, repr=False)
-    eos: int = field(init=False, default=-1)
+    # Token ids that end a sequence (the tokenizer's and generation config's EOS); set by the engine.
+    eos_token_ids: tuple[int, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
-        self._check_model_dir()
+        self._check_options()
         self._check_numbers()
+        self._check_model_dir()
+        self._resolve_tokenizer()
         self.hf_config = AutoConfig.from_pretrained(self.model, trust_remote_code=False)
         max_pos = getattr(self.hf_config, "max_position_embeddings", None)
         if max_pos is not None:
@@ -68,16 +92,46 @@ class Config:
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.init]
 
+    # Transitional, for the engine that still assigns `config.eos` (a slots class refuses unknown
+    # attributes): remove once it fills eos_token_ids itself.
+    @property
+    def eos(self) -> int:
+        return self.eos_token_ids[0] if self.eos_token_ids else -1
+
+    @eos.setter
+    def eos(self, value: int) -> None:
+        self.eos_token_ids = () if value == -1 else (int(value),)
+
+    def _check_options(self) -> None:
+        """The non-numeric options, checked before any file or the hub is looked at."""
+        if not isinstance(self.trust_remote_code, bool):
+            raise TypeError(f"trust_remote_code must be a bool, got {type(self.trust_remote_code).__name__}")
+        if self.trust_remote_code:
+            raise ValueError(
+                "trust_remote_code=True is not supported: nano-vllm never runs code shipped with a "
+                "checkpoint; it serves only the architectures it implements (see README, Supported models)"
+            )
+        if not isinstance(self.load_format, str) or self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.tokenizer is not None and not isinstance(self.tokenizer, (str, os.PathLike)):
+            raise TypeError(
+                "tokenizer must be None or a local directory or hub repo id, "
+                f"got {type(self.tokenizer).__name__}"
+            )
+        self.dtype = _canonical_dtype(self.dtype)
+
     def _check_model_dir(self) -> None:
         if not isinstance(self.model, (str, os.PathLike)):
-            raise TypeError(f"model must be a path to a local directory, got {type(self.model).__name__}")
-        self.model = os.path.expanduser(os.fspath(self.model))
-        if not os.path.isdir(self.model):
-            raise ValueError(
-                f"model directory {self.model!r} does not exist (models load from local directories)"
+            raise TypeError(
+                f"model must be a local directory or a hub repo id, got {type(self.model).__name__}"
             )
+        self.model = resolve_model_path(os.fspath(self.model), "model")
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model directory {self.model!r} has no config.json")
+        if self.load_format == "dummy":
+            return  # random weights: no weight file is read
         names = os.listdir(self.model)
         if not any(n.endswith(".safetensors") for n in names):
             others = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
@@ -88,6 +142,15 @@ class Config:
                 else ""
             )
             raise ValueError(f"model directory {self.model!r} has no *.safetensors weight files{why}")
+
+    def _resolve_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self.model
+        else:
+            self.tokenizer = resolve_model_path(
+                os.fspath(self.tokenizer), "tokenizer", TOKENIZER_FILE_PATTERNS
+            )
+        check_tokenizer_files(self.tokenizer)  # here, so a missing tokenizer fails before weights load
 
     def _check_numbers(self) -> None:
         def positive_int(name: str) -> None:
@@ -139,13 +202,11 @@ class Config:
             or not 0.0 < self.gpu_memory_utilization <= 1.0
         ):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("enforce_eager", "overlap_scheduling"):
+        for name in ("enforce_eager", "overlap_scheduling", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.torch_compile is not None and not isinstance(self.torch_compile, bool):
             raise TypeError(f"torch_compile must be None, True or False, got {self.torch_compile!r}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
@@ -186,6 +247,19 @@ class Config:
         if isinstance(ckpt, str):
             ckpt = _DTYPES.get(ckpt.removeprefix("torch."), torch.bfloat16)
         return ckpt if ckpt in _DTYPES.values() else torch.bfloat16
+
+
+def _canonical_dtype(dtype: object) -> str:
+    """'auto', or the canonical name ("float32", "float16", "bfloat16") of a dtype name, alias or
+    torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        for name, value in _DTYPES.items():
+            if value == dtype:
+                return name
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    if isinstance(dtype, str) and dtype in DTYPE_CHOICES:
+        return _DTYPE_ALIASES.get(dtype, dtype)
+    raise ValueError(f"dtype must be one of {DTYPE_CHOICES} or a torch.dtype, got {dtype!r}")
 
 
 def make_config(model: Any, kwargs: dict[str, Any]) -> Config:
