@@ -1,13 +1,23 @@
-"""Load safetensors checkpoints into a model through each parameter's `weight_loader`."""
+"""Fill a model's parameters: from safetensors checkpoints through each parameter's `weight_loader`,
+or with random values (`load_format="dummy"`)."""
 
+from __future__ import annotations
+
+import json
 import os
 from glob import glob
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from nanovllm.utils.parallel import get_tp_size
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from nanovllm.config import Config
 
 # Checkpoint tensors that are recomputed rather than loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -48,15 +58,41 @@ def _check_whole_shape(ckpt_name: str, param: nn.Parameter, tensor: torch.Tensor
     )
 
 
-def load_model(model: nn.Module, path: str) -> None:
+def _is_quantized(path: str, hf_config: PretrainedConfig | None) -> bool:
+    """Whether the checkpoint declares a quantization_config (read from `path/config.json` when
+    `hf_config` is not given)."""
+    if hf_config is not None:
+        return getattr(hf_config, "quantization_config", None) is not None
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("quantization_config") is not None
+    except (OSError, ValueError):
+        return False
+
+
+def _check_dtype(ckpt_name: str, file: str, param: nn.Parameter, tensor: torch.Tensor) -> None:
+    """An integer or boolean tensor for a floating parameter would be cast silently by `copy_` into
+    nonsense weights; only a quantized checkpoint has such tensors, and we cannot dequantize."""
+    if param.dtype.is_floating_point and not tensor.dtype.is_floating_point:
+        raise ValueError(
+            f"checkpoint tensor {ckpt_name!r} in {os.path.basename(file)} has dtype {tensor.dtype}, not a "
+            f"floating-point dtype, for a {param.dtype} parameter, and the checkpoint's config.json has no "
+            "quantization_config: it would be cast into meaningless weights, so it is refused"
+        )
+
+
+def load_model(model: nn.Module, path: str, hf_config: PretrainedConfig | None = None) -> None:
     """Fill every parameter of `model` from the `*.safetensors` files in `path`.
 
     Raises ValueError naming the first checkpoint tensor the model does not have, a shape that does
-    not match, or a parameter that no tensor filled. Pickle-based checkpoints are never read.
+    not match, a non-floating tensor for a floating parameter in an unquantized checkpoint, or a
+    parameter that no tensor filled. Pickle-based checkpoints are never read. `hf_config` is the
+    checkpoint's config (read from `path/config.json` when None).
     """
     files = sorted(glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ValueError(f"no *.safetensors files in {path!r}")
+    quantized = _is_quantized(path, hf_config)
     params = dict(model.named_parameters())
     tied = getattr(model, "tie_word_embeddings", False)
     # Each fused parameter expects one load per shard id; plain parameters one load.
@@ -90,6 +126,8 @@ def load_model(model: nn.Module, path: str) -> None:
                 seen[name].add(key)
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 tensor = f.get_tensor(ckpt_name)
+                if not quantized:
+                    _check_dtype(ckpt_name, file, param, tensor)
                 if shard_id is None:
                     _check_whole_shape(ckpt_name, param, tensor)
                 try:
@@ -116,3 +154,36 @@ def load_model(model: nn.Module, path: str) -> None:
                 f"model parameter {name!r} was not filled by the checkpoint (missing tensor(s): "
                 f"{', '.join(map(repr, missing))})"
             )
+
+
+# Parameters whose name ends so are norm scales: filled with ones, as a freshly built model has them.
+_NORM_SUFFIX = "norm.weight"
+
+
+@torch.no_grad()
+def load_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Fill every parameter with random values on its own device, reading no file: `*norm.weight`
+    ones, biases zeros, everything else normal(0, std). The same seed gives the same weights; under
+    tensor parallelism each rank fills its own shard (so the shards are not slices of one matrix)."""
+    seed %= 1 << 64  # torch.Generator takes a 64-bit seed; any Python int maps onto one
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        if name.endswith(_NORM_SUFFIX):
+            param.fill_(1.0)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            gen = generators.get(param.device)
+            if gen is None:
+                gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+            param.normal_(0.0, std, generator=gen)
+
+
+def load_weights(model: nn.Module, config: Config) -> None:
+    """Fill `model` as `config.load_format` says: random weights for "dummy" (seeded by `config.seed`,
+    0 when None; std from the checkpoint's `initializer_range`), else the model directory's safetensors."""
+    if config.load_format == "dummy":
+        std = getattr(config.hf_config, "initializer_range", None) or 0.02
+        load_dummy_weights(model, seed=config.seed if config.seed is not None else 0, std=float(std))
+    else:
+        load_model(model, config.model, hf_config=config.hf_config)

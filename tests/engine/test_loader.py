@@ -13,7 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanovllm import LLM, SamplingParams
-from tests.conftest import random_prompts
+from nanovllm.config import Config
+from nanovllm.models.registry import get_model_class, resolve_architecture
+from nanovllm.utils.loader import load_dummy_weights, load_model, load_weights
+from tests.conftest import random_prompts, write_hf_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 SMALL = dict(kvcache_block_size=16, num_kvcache_blocks=4, max_model_len=64)
@@ -176,6 +179,45 @@ def test_corrupt_safetensors_file_is_a_clear_error(model_dir):
         LLM(model_dir, **SMALL)
 
 
+# ---- integer tensors in an unquantized checkpoint ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        ("model.norm.weight", torch.int8),  # a plain parameter
+        (LAYER0 + "self_attn.k_proj.weight", torch.uint8),  # one shard of the fused qkv_proj
+        (LAYER0 + "mlp.down_proj.weight", torch.int32),
+        ("model.embed_tokens.weight", torch.bool),
+    ],
+)
+def test_integer_tensor_without_quantization_config_is_refused(model_dir, name, dtype):
+    tensors = read_weights(model_dir)
+    tensors[name] = tensors[name].to(dtype)
+    write_weights(model_dir, {WEIGHTS: tensors})
+    with pytest.raises(ValueError, match="no quantization_config") as info:
+        LLM(model_dir, **SMALL)
+    msg = str(info.value)
+    assert repr(name) in msg and str(dtype) in msg, msg
+
+
+def build_model(config: Config) -> torch.nn.Module:
+    """The model class for `config`, built on the CPU in float32 as the model runner builds it."""
+    return get_model_class(resolve_architecture(config.hf_config))(config.hf_config)
+
+
+def test_integer_tensor_with_quantization_config_is_not_this_check(model_dir):
+    # The check keys on quantization_config: with one, load_model leaves integer tensors to the layers.
+    tensors = read_weights(model_dir)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int8)
+    write_weights(model_dir, {WEIGHTS: tensors})
+    config = Config(model_dir)
+    with pytest.raises(ValueError, match="no quantization_config"):
+        load_model(build_model(config), model_dir)  # hf_config read from config.json
+    config.hf_config.quantization_config = {"quant_method": "int8"}
+    load_model(build_model(config), model_dir, hf_config=config.hf_config)
+
+
 # ---- nothing from the directory is unpickled or imported ------------------------------------------------
 
 
@@ -302,3 +344,67 @@ def test_tokenizer_auto_map_imports_nothing(model_dir, tmp_path, answer_yes, mod
         json.dump(cfg, f)
     assert greedy_tokens(model_dir) == reference_tokens
     assert not marker.exists() and answer_yes == []
+
+
+# ---- random weights (load_format="dummy") -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory) -> str:
+    """Qwen2 has biases on q/k/v, so all three kinds of parameter (norm, bias, other) occur."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("qwen2"), arch="Qwen2ForCausalLM")
+
+
+def dummy_params(path: str, seed: int) -> dict[str, torch.Tensor]:
+    model = build_model(Config(path, load_format="dummy"))
+    load_dummy_weights(model, seed=seed, std=0.05)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_dummy_weights_fill_every_parameter(qwen2_dir):
+    params = dummy_params(qwen2_dir, seed=0)
+    kinds = {"norm": 0, "bias": 0, "other": 0}
+    for name, p in params.items():
+        assert torch.isfinite(p).all(), name
+        if name.endswith("norm.weight"):
+            kinds["norm"] += 1
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith("bias"):
+            kinds["bias"] += 1
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            kinds["other"] += 1
+            assert p.std().item() == pytest.approx(0.05, rel=0.2), name
+            assert abs(p.mean().item()) < 0.01, name
+    assert all(kinds.values()), kinds
+
+
+def test_dummy_weights_are_deterministic_by_seed(qwen2_dir):
+    first, again, other = dummy_params(qwen2_dir, 3), dummy_params(qwen2_dir, 3), dummy_params(qwen2_dir, 4)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not torch.equal(first["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
+
+
+def test_load_weights_dummy_reads_no_weight_file(qwen3_tied, tmp_path):
+    # Only config.json and the tokenizer: load_weights fills the model from the seed and initializer_range.
+    path = tmp_path / "m"
+    os.makedirs(path)
+    for name in os.listdir(qwen3_tied):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(qwen3_tied, name), path / name)
+    config = Config(str(path), load_format="dummy", seed=5)
+    model = build_model(config)
+    load_weights(model, config)
+    embed = model.state_dict()["model.embed_tokens.weight"]
+    assert embed.std().item() == pytest.approx(config.hf_config.initializer_range, rel=0.1)
+    reference = build_model(config)
+    load_dummy_weights(reference, seed=5, std=config.hf_config.initializer_range)
+    assert torch.equal(embed, reference.state_dict()["model.embed_tokens.weight"])
+
+
+def test_load_weights_reads_safetensors_by_default(qwen3_tied):
+    config = Config(qwen3_tied)
+    model = build_model(config)
+    load_weights(model, config)
+    want = read_weights(qwen3_tied)["model.embed_tokens.weight"]
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], want)
