@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from nanovllm.utils.context import AttentionMetadata, set_forward_context
+from nanovllm.utils.context import AttentionMetadata, ForwardContext
 
 # Batches up to this size decode through graphs; larger ones run eagerly.
 MAX_GRAPH_BATCH_SIZE = 512
@@ -37,8 +37,10 @@ class CUDAGraphRunner:
         dtype: torch.dtype,
         device: torch.device,
         num_splits: Callable[[int], int],
+        forward_context: ForwardContext,
     ):
         self.model = model
+        self.forward_context = forward_context
         self.num_splits = num_splits
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         max_bs = self.batch_sizes[-1]
@@ -67,7 +69,7 @@ class CUDAGraphRunner:
         pool = None
         for bs in reversed(self.batch_sizes):  # largest first, so smaller graphs reuse its memory pool
             graph = torch.cuda.CUDAGraph()
-            with set_forward_context(self._metadata(bs)):
+            with self.forward_context.set(self._metadata(bs)):
                 self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up
                 with torch.cuda.graph(graph, pool):
                     self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])

@@ -4,7 +4,7 @@ backend chosen at start-up (flash-attn, Triton or plain PyTorch)."""
 import torch
 from torch import nn
 
-from nanovllm.utils.context import get_forward_context
+from nanovllm.utils.context import ForwardContext
 
 
 class Attention(nn.Module):
@@ -17,12 +17,13 @@ class Attention(nn.Module):
         # Bound by the model runner once the cache exists: [num_blocks, block_size, kv_heads, head_dim]
         self.k_cache = self.v_cache = torch.tensor([])
         self.backend = None
+        self.forward_context: ForwardContext | None = None  # the owning runner's, bound at start-up
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-        if self.backend is None:
+        if self.backend is None or self.forward_context is None:
             raise RuntimeError("attention layer has no backend: the model runner binds one at start-up")
-        meta = get_forward_context()
+        meta = self.forward_context.get()
         has_cache = self.k_cache.numel() > 0
         if has_cache:
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)

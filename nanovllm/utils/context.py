@@ -35,21 +35,28 @@ class AttentionMetadata:
     seqlens_k: list[int] = field(default_factory=list)
 
 
-_current: AttentionMetadata | None = None
+class ForwardContext:
+    """One engine's current-step metadata, set for the length of one forward pass.
 
+    Each model runner owns one and binds it to its attention layers, so two engines in one process (in
+    two threads, say) never see each other's steps: there is no process-wide "current step".
+    """
 
-@contextmanager
-def set_forward_context(metadata: AttentionMetadata) -> Iterator[AttentionMetadata]:
-    """Make `metadata` the current step's metadata inside the `with` block, then restore."""
-    global _current
-    previous, _current = _current, metadata
-    try:
-        yield metadata
-    finally:
-        _current = previous
+    __slots__ = ("_metadata",)
 
+    def __init__(self) -> None:
+        self._metadata: AttentionMetadata | None = None
 
-def get_forward_context() -> AttentionMetadata:
-    if _current is None:
-        raise RuntimeError("attention ran outside set_forward_context(): no step metadata is set")
-    return _current
+    @contextmanager
+    def set(self, metadata: AttentionMetadata) -> Iterator[AttentionMetadata]:
+        """Make `metadata` the current step's metadata inside the `with` block, then restore."""
+        previous, self._metadata = self._metadata, metadata
+        try:
+            yield metadata
+        finally:
+            self._metadata = previous
+
+    def get(self) -> AttentionMetadata:
+        if self._metadata is None:
+            raise RuntimeError("attention ran outside ForwardContext.set(): no step metadata is set")
+        return self._metadata

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanovllm import LLM
-from nanovllm.utils.context import AttentionMetadata, set_forward_context
+from nanovllm.utils.context import AttentionMetadata
 from tests.conftest import load_hf_model, random_prompts
 
 
@@ -22,7 +22,7 @@ def our_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
         seqlens_k=[n],
     )
     model = llm.model_runner.model
-    with torch.inference_mode(), set_forward_context(meta):
+    with torch.inference_mode(), llm.model_runner.forward_context.set(meta):
         hidden = model(torch.tensor(prompt), torch.arange(n))
         return model.compute_logits(hidden)
 
