@@ -235,7 +235,7 @@ class SamplingParams:
     stop_token_ids: token ids that end generation (the token stays in `token_ids`).
     logprobs: N: return the log-probability of each sampled token and of the N most likely tokens at
         that step (from the model's distribution before temperature and truncation).
-    n: how many completions to generate for the prompt (>= 1; greedy sampling allows only 1).
+    n: how many completions to generate for the prompt (>= 1; greedy ones are identical).
     presence_penalty: in [-2, 2]; subtracted from the logit of every token already in the completion.
     frequency_penalty: in [-2, 2]; times a token's count in the completion, subtracted from its logit.
     repetition_penalty: > 0; tokens in the prompt or completion get logit / p if positive, else logit * p.
@@ -314,8 +314,6 @@ class SamplingParams:
             )
         if self.stop and not self.detokenize:
             raise ValueError("SamplingParams.stop strings need SamplingParams.detokenize=True")
-        if self.n > 1 and self.temperature == 0.0:
-            raise ValueError(f"SamplingParams.n must be 1 for greedy sampling (temperature=0), got {self.n}")
 
     def clone(self) -> "SamplingParams":
         """An independent copy (its lists and dict are new objects)."""
