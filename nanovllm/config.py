@@ -92,16 +92,6 @@ class Config:
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.init]
 
-    # Transitional, for the engine that still assigns `config.eos` (a slots class refuses unknown
-    # attributes): remove once it fills eos_token_ids itself.
-    @property
-    def eos(self) -> int:
-        return self.eos_token_ids[0] if self.eos_token_ids else -1
-
-    @eos.setter
-    def eos(self, value: int) -> None:
-        self.eos_token_ids = () if value == -1 else (int(value),)
-
     def _check_options(self) -> None:
         """The non-numeric options, checked before any file or the hub is looked at."""
         if not isinstance(self.trust_remote_code, bool):

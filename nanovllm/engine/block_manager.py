@@ -30,10 +30,13 @@ class Block:
 class BlockManager:
     """Owns `num_blocks` KV-cache blocks of `block_size` token slots each."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of one slot, got {num_blocks} blocks of {block_size}")
         self.block_size = block_size
+        # False: no block is ever hashed, so nothing is shared between requests (forks of one request
+        # still share their prompt blocks).
+        self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block_id: dict[int, int] = {}
         # Free blocks in the order they were freed: new data takes the oldest first, so recently
@@ -89,6 +92,8 @@ class BlockManager:
             self.free_block_ids.append(block_id)
 
     def _register(self, block: Block, h: int, token_ids: list[int]) -> None:
+        if not self.enable_prefix_caching:
+            return
         block.hash = h
         block.token_ids = list(token_ids)
         self.hash_to_block_id[h] = block.block_id
@@ -103,8 +108,12 @@ class BlockManager:
         """Block ids of the sequence's leading cached blocks (never its last block). Pass the result
         to the methods below to hash the prompt once."""
         hits: list[int] = []
+        if seq.params is not None and seq.params.prompt_logprobs is not None:
+            return hits  # every prompt position must be computed to have its logits
         h: int | None = None
-        for i in range(seq.num_blocks - 1):  # the last block of a prompt is always computed
+        for i in range(
+            seq.num_blocks - 1 if self.enable_prefix_caching else 0
+        ):  # the last block of a prompt is always computed
             token_ids = seq.block(i)
             h = self.compute_hash(token_ids, h)
             block_id = self._lookup(h, token_ids)
@@ -158,6 +167,28 @@ class BlockManager:
             seq.block_table.append(block.block_id)
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_computed_tokens = seq.num_cached_tokens
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give `child`, a new sequence with `parent`'s prompt, `parent`'s blocks: the full ones shared
+        (reference count + 1), a partly filled last one replaced by a fresh block, since each completion
+        writes its own tokens there. Returns (source, destination) block ids of the K/V copy that the
+        model runner must make once the parent's prompt is computed, or None when every block is full.
+        """
+        if child.block_table:
+            raise ValueError(f"sequence {child.seq_id} already holds blocks {child.block_table}")
+        num_full = parent.num_tokens // self.block_size
+        copy = None
+        if num_full < len(parent.block_table) and not self.free_block_ids:
+            raise ValueError(f"no free KV block to fork sequence {parent.seq_id}")
+        for block_id in parent.block_table[:num_full]:
+            self.blocks[block_id].ref_count += 1
+            child.block_table.append(block_id)
+        if num_full < len(parent.block_table):
+            block = self._take_free_block()
+            child.block_table.append(block.block_id)
+            copy = (parent.block_table[num_full], block.block_id)
+        child.num_cached_tokens = parent.num_cached_tokens
+        return copy
 
     def deallocate(self, seq: Sequence) -> None:
         """Release every block of `seq`. Blocks whose K/V were never fully computed lose their hash."""

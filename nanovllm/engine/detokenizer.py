@@ -10,15 +10,16 @@ class IncrementalDetokenizer:
     trailing replacement characters are held back. `text` is the released text; joined deltas equal it.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, **decode_kwargs):
         self.tokenizer = tokenizer
+        self.decode_kwargs = decode_kwargs  # e.g. skip_special_tokens
         self.token_ids: list[int] = []
         self.text = ""
 
     def add(self, token_ids: list[int], final: bool = False) -> str:
         """Append tokens; return the newly released text (everything, when `final`)."""
         self.token_ids.extend(token_ids)
-        full = self.tokenizer.decode(self.token_ids)
+        full = self.tokenizer.decode(self.token_ids, **self.decode_kwargs)
         if not final:
             full = full.rstrip(REPLACEMENT_CHAR)
         if not full.startswith(self.text):
@@ -31,11 +32,12 @@ class IncrementalDetokenizer:
         return delta
 
 
-def find_stop(text: str, stops: list[str], start: int) -> int | None:
-    """Index in `text` of the earliest stop string that ends at or after `start`, or None."""
+def find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:
+    """(index in `text`, stop string) of the earliest stop string that ends at or after `start`, or
+    None."""
     best = None
     for stop in stops:
         i = text.find(stop, max(0, start - len(stop) + 1))
-        if i != -1 and (best is None or i < best):
-            best = i
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, stop)
     return best

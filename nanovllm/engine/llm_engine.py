@@ -1,27 +1,45 @@
-"""The offline engine: tokenizes requests, schedules steps and runs them on the model."""
+"""The offline engine: tokenizes requests, schedules steps, runs them on the model and hands each
+request's results to the caller that owns it.
+
+Threads. One engine may be called from any number of threads at once. All of them share one
+continuous batch: whichever caller needs progress steps the engine (one step at a time, under the
+engine's condition variable) and routes every changed request to its owner; the other callers wait
+for that step and then look at their own requests. A `generate` in one thread and a `stream` in
+another are thus served in the same steps, and each gets exactly its own results. Adding and aborting
+requests wait for the step in progress to end.
+"""
 
 import atexit
 import functools
 import itertools
+import random
+import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceABC
+from contextlib import contextmanager
 from time import perf_counter
 
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from nanovllm.config import make_config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.detokenizer import IncrementalDetokenizer, find_stop
+from nanovllm.engine.interrupts import deferred_interrupts
+from nanovllm.engine.output_collector import GenerateCollector, StepCollector, StreamCollector
+from nanovllm.engine.request import Request
 from nanovllm.engine.scheduler import Scheduler
-from nanovllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence
+from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.tp import create_model_runner
+from nanovllm.inputs import ParsedPrompt, PromptType, parse_prompt, parse_prompts
 from nanovllm.models.registry import check_model_config
+from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.generation_config import default_sampling_params, eos_token_ids
+from nanovllm.utils.tokenizer import load_tokenizer
 
-Prompt = str | list[int]
+# Seeds drawn for unseeded requests when the engine has a seed (SamplingParams.seed is any int).
+_SEED_BITS = 63
 
 
 def _exit_if_alive(engine: "weakref.ref[LLMEngine]") -> None:
@@ -34,28 +52,53 @@ class LLMEngine:
         config = make_config(model, kwargs)
         check_model_config(config.hf_config, config.max_model_len)  # refuse unservable models before loading
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model, use_fast=True, trust_remote_code=False)
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            eos = getattr(config.hf_config, "eos_token_id", None)
-            if isinstance(eos, list):
-                eos = eos[0] if eos else None
-        config.eos = -1 if eos is None else eos
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        self._default_params = default_sampling_params(config.model)
+        config.eos_token_ids = eos_token_ids(self.tokenizer, config.model, config.hf_config)
         self.vocab_size = config.hf_config.vocab_size
         self._exited = False
+        # vLLM's LLMEngine.step() returns RequestOutputs; the original's returns (finished, num_tokens).
+        self._vllm_step = False
         self.model_runner = create_model_runner(config)  # workers too when tensor-parallel
-        self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size)
-        self.scheduler = Scheduler(
-            config.max_num_seqs, config.max_num_batched_tokens, eos, self.block_manager, config.max_model_len
+        self.block_manager = BlockManager(
+            config.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
         )
+        self._seq_ids = itertools.count()
+        self.scheduler = Scheduler(
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.eos_token_ids,
+            self.block_manager,
+            config.max_model_len,
+            seq_ids=self._seq_ids,
+            fork_params=_fork_params,
+        )
+        self.model_runner.logits_processors.tokenizer = self.tokenizer  # for bad_words
+        # Unseeded requests get seeds from here when the engine has one, so runs repeat exactly.
+        self._seed_rng = random.Random(config.seed) if config.seed is not None else None
         # (LaunchedBatch, StepResult) of launched steps not yet read back, oldest first (at most 2)
         self._inflight: deque = deque()
-        self._seq_ids = itertools.count()
-        self._requests: dict[int, Request] = {}
+        self._requests: dict[int, Request] = {}  # unfinished requests by key (first sequence id)
+        self._request_ids: dict[str, Request] = {}  # the same by request_id (vLLM's string ids)
+        self._completion_of: dict[int, tuple[Request, int]] = {}  # sequence id -> (request, completion)
+        self._num_host_token_seqs = 0  # live sequences whose sampler needs their tokens on the host
+        self._step_outputs = StepCollector()  # the owner of requests queued with add_request
+        # One thread steps at a time; the others wait on `_cond` for its steps to end.
+        self._cond = threading.Condition()
+        self._busy = False
+        self._num_pending = 0  # threads waiting to add or abort requests: they go before the next step
         # Exit at interpreter exit. The hook holds the engine weakly: atexit.register(self.exit) would keep
         # an engine dropped without exit(), its weights and its KV cache alive until the interpreter exits.
         self._exit_hook = functools.partial(_exit_if_alive, weakref.ref(self))
         atexit.register(self._exit_hook)
+
+    @classmethod
+    def from_engine_args(cls, engine_args) -> "LLMEngine":
+        """vLLM's constructor: an engine whose `step()` returns `RequestOutput`s (see `step`)."""
+        engine = cls(**engine_args.to_kwargs())
+        engine._vllm_step = True
+        engine._step_outputs.keep_updates = True
+        return engine
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -63,10 +106,13 @@ class LLMEngine:
         """Release the model, the KV cache and any worker; safe to call more than once."""
         if self._exited:
             return
-        self._exited = True
-        atexit.unregister(self._exit_hook)
-        self._inflight.clear()
-        self.model_runner.exit()
+        with self._exclusive():
+            if self._exited:
+                return
+            self._exited = True
+            atexit.unregister(self._exit_hook)
+            self._inflight.clear()
+            self.model_runner.exit()
 
     def __enter__(self):
         return self
@@ -78,19 +124,66 @@ class LLMEngine:
         if self._exited:
             raise RuntimeError("this engine has exited; create a new LLM to generate again")
 
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling parameters used when none are given: the model's generation_config.json
+        (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), as in vLLM."""
+        return self._default_params.clone()
+
+    # ---- one thread at a time ------------------------------------------------------------------
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the engine: wait for the step in progress (another thread's) to end first."""
+        with self._cond:
+            self._num_pending += 1  # stepping threads let us in before their next step
+            try:
+                while self._busy:
+                    self._cond.wait()
+            finally:
+                self._num_pending -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _drive(self, ready: Callable[[], bool], on_step: Callable[[int, float], None] | None = None) -> None:
+        """Step the engine until `ready()`. While another thread steps, wait for its step instead:
+        every step serves every caller's requests."""
+        while True:
+            with self._cond:
+                while not ready() and (self._busy or self._num_pending):
+                    self._cond.wait()
+                if ready():
+                    return
+                self._busy = True
+            try:
+                t = perf_counter()
+                num_tokens = self._step_and_route()
+                if on_step is not None:
+                    on_step(num_tokens, perf_counter() - t)
+                if num_tokens == 0 and not self._inflight and not ready():
+                    # An internal invariant: a step that ran nothing leaves nothing to wait for.
+                    raise RuntimeError(
+                        "requests awaited by a caller vanished from the scheduler (internal error)"
+                    )
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
     # ---- requests ----------------------------------------------------------------------------
 
-    def _tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, SequenceABC) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            token_ids = list(prompt)
+    def _token_ids(self, prompt: ParsedPrompt) -> list[int]:
+        if prompt.token_ids is not None:
+            token_ids = prompt.token_ids
         else:
-            raise TypeError(
-                f"a prompt must be a string or a list of token ids (ints), got {type(prompt).__name__}"
-            )
+            token_ids = self.tokenizer.encode(prompt.text)
         if not token_ids:
             raise ValueError("the prompt is empty: at least one token is needed")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
@@ -102,60 +195,183 @@ class LLMEngine:
             )
         return token_ids
 
-    def _make_sequence(self, prompt: Prompt, sampling_params: SamplingParams) -> Sequence:
-        if not isinstance(sampling_params, SamplingParams):
-            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
-        token_ids = self._tokenize(prompt)
+    def _check_params(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
+        """Refuse what this engine cannot serve; returns the engine's own copy of `params` (a caller
+        changing theirs later does not reach a running request)."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params = params.clone()
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.vocab_size:
+                raise ValueError(
+                    f"SamplingParams.{name}={value} is more than the vocabulary ({self.vocab_size} tokens)"
+                )
+        for name in ("logit_bias", "allowed_token_ids"):
+            ids = getattr(params, name)
+            bad = [t for t in (ids or ()) if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"SamplingParams.{name} has token id {bad[0]}, outside the vocabulary "
+                    f"[0, {self.vocab_size})"
+                )
         bs = self.config.kvcache_block_size
-        longest = min(len(token_ids) + sampling_params.max_tokens, self.config.max_model_len)
+        longest = min(num_prompt_tokens + params.max_tokens, self.config.max_model_len)
         needed = (longest + bs - 1) // bs
-        if needed > self.block_manager.num_blocks:
+        # The n completions share the prompt's full blocks; each needs its own partly filled last one.
+        at_fork = (num_prompt_tokens + bs - 1) // bs + (params.n - 1) * (num_prompt_tokens % bs != 0)
+        if max(needed, at_fork) > self.block_manager.num_blocks:
+            completions = f" and n={params.n} completions" if params.n > 1 else ""
             raise ValueError(
-                f"a request of {len(token_ids)} prompt tokens and max_tokens={sampling_params.max_tokens} "
-                f"can need {needed} KV blocks of {bs} tokens, but the cache has only "
-                f"{self.block_manager.num_blocks}"
+                f"a request of {num_prompt_tokens} prompt tokens and max_tokens={params.max_tokens}"
+                f"{completions} can need {max(needed, at_fork)} KV blocks of {bs} tokens, but the cache "
+                f"has only {self.block_manager.num_blocks}"
             )
-        if sampling_params.logprobs is not None and sampling_params.logprobs > self.vocab_size:
-            raise ValueError(
-                f"SamplingParams.logprobs={sampling_params.logprobs} is more than the vocabulary "
-                f"({self.vocab_size} tokens)"
-            )
-        return Sequence(next(self._seq_ids), token_ids, sampling_params, bs)
+        if params.seed is None and self._seed_rng is not None:
+            params.seed = self._seed_rng.getrandbits(_SEED_BITS)
+        return params
 
-    def add_request(self, prompt: Prompt, sampling_params: SamplingParams) -> int:
-        """Queue one request; returns its sequence id."""
+    def _make_request(
+        self,
+        prompt: ParsedPrompt,
+        params: SamplingParams,
+        owner,
+        index: int | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """A validated request, not yet queued (seeds for unseeded requests are drawn here, in order)."""
+        token_ids = self._token_ids(prompt)
+        params = self._check_params(params, len(token_ids))
+        seq = Sequence(next(self._seq_ids), token_ids, params, self.config.kvcache_block_size)
+        seq.num_pending_forks = params.n - 1
+        seq.needs_host_tokens = self.model_runner.logits_processors.needs_host_tokens(params)
+        request_id = str(seq.seq_id) if request_id is None else request_id
+        return Request(seq.seq_id, request_id, seq, prompt.text, params, self.tokenizer, owner, index)
+
+    def _enqueue(self, requests: list[Request]) -> None:
+        with self._exclusive():
+            self._check_alive()
+            taken = [r.request_id for r in requests if r.request_id in self._request_ids]
+            if taken:
+                raise ValueError(f"request id {taken[0]!r} is already in use by an unfinished request")
+            for request in requests:
+                seq = request.completions[0].seq
+                self._requests[request.key] = request
+                self._request_ids[request.request_id] = request
+                self._completion_of[seq.seq_id] = (request, 0)
+                self._num_host_token_seqs += seq.needs_host_tokens
+                self.scheduler.add(seq)
+
+    def add_request(self, *args, **kwargs) -> int | None:
+        """Queue one request; `step()` reports it.
+
+        The original's form, `add_request(prompt, sampling_params)`, returns the request's id (an int).
+        vLLM's form, `add_request(request_id: str, prompt, params)`, names it (returns None). A prompt
+        is any form `generate` takes for one prompt.
+        """
         self._check_alive()
-        return self._enqueue(self._make_sequence(prompt, sampling_params))
+        if len(args) + len(kwargs) >= 3 or "request_id" in kwargs:
+            return self._add_named_request(*args, **kwargs)
+        return self._add_request(*args, **kwargs)
 
-    def _enqueue(self, seq: Sequence) -> int:
-        self._requests[seq.seq_id] = Request(seq, self.tokenizer)
-        self.scheduler.add(seq)
-        return seq.seq_id
+    def _add_request(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> int:
+        params = self._default_params if sampling_params is None else sampling_params
+        request = self._make_request(parse_prompt(prompt), params, self._step_outputs)
+        self._enqueue([request])
+        return request.key
 
-    def abort_request(self, seq_id: int) -> None:
-        """Drop a queued or running request and free its KV blocks."""
-        request = self._requests.pop(seq_id, None)
-        if request is None:
-            raise ValueError(f"no unfinished request with id {seq_id}")
-        self.scheduler.abort(request.seq)
+    def _add_named_request(
+        self, request_id: str, prompt: PromptType, params: SamplingParams | None = None
+    ) -> None:
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        params = self._default_params if params is None else params
+        request = self._make_request(parse_prompt(prompt), params, self._step_outputs, request_id=request_id)
+        self._enqueue([request])
+
+    def abort_request(self, request_id: int | str | list[str]) -> None:
+        """Drop a queued or running request and free its KV blocks; whoever waits for it gets it back
+        finished with finish_reason "abort". An int is the original API's id (unknown: ValueError);
+        strings are vLLM's request ids (unknown or finished ones are ignored, as in vLLM)."""
+        with self._exclusive():
+            if isinstance(request_id, int) and not isinstance(request_id, bool):
+                request = self._requests.get(request_id)
+                if request is None:
+                    raise ValueError(f"no unfinished request with id {request_id}")
+                self._abort(request)
+                return
+            ids = [request_id] if isinstance(request_id, str) else list(request_id)
+            for rid in ids:
+                request = self._request_ids.get(rid)
+                if request is not None:
+                    self._abort(request)
+
+    def _abort(self, request: Request) -> None:
+        """Abort every unfinished completion of `request` and hand it to its owner (engine held)."""
+        for completion in request.completions:
+            self.scheduler.abort(completion.seq)
+        request.completions[0].seq.num_pending_forks = 0
+        self._retire([request])
+        if request.owner is not self._step_outputs:  # step() does not report aborts (nor does vLLM's)
+            request.owner.on_update(request)
+
+    def _retire(self, requests: list[Request]) -> None:
+        """Forget finished requests (engine held)."""
+        released = []
+        for request in requests:
+            if self._requests.pop(request.key, None) is None:
+                continue
+            self._request_ids.pop(request.request_id, None)
+            for completion in request.completions:
+                seq = completion.seq
+                self._completion_of.pop(seq.seq_id, None)
+                self._num_host_token_seqs -= seq.needs_host_tokens
+                released.append(seq.seq_id)
+        if released:
+            self.model_runner.release_sequences(released)
+
+    def _abort_mine(self, requests: list[Request]) -> None:
+        """After a caller's exception: apply what can be read of the steps in flight, then abort the
+        caller's unfinished requests."""
+        with self._exclusive():
+            self._drain_after_error()
+            for request in requests:
+                if request.key in self._requests:
+                    self._abort(request)
 
     # ---- stepping ----------------------------------------------------------------------------
 
-    def step(self) -> tuple[list[tuple[int, list[int]]], int]:
-        """Run one step. Returns the requests that finished in it as (seq_id, completion token ids),
-        and the tokens processed: positive for a prefill step, minus the batch size for decode.
+    def step(self):
+        """Run one step (or wait for the one another thread is running).
 
-        With overlap scheduling the step is launched on the GPU and the previous step's tokens are
-        read back while it runs, so a request can be reported one call after its last step.
+        Original form (`LLM(...)`): returns the requests queued with `add_request` that finished since
+        the last call as (request id, completion token ids), and the tokens the step processed: positive
+        for a prefill step, minus the batch size for decode. With overlap scheduling a request is reported
+        one call after its last step. vLLM's form (`LLMEngine.from_engine_args`): returns a
+        `RequestOutput` for each such request updated since the last call.
         """
-        finished, _, num_tokens = self._step()
-        outputs = [(r.seq.seq_id, r.seq.completion_token_ids) for r in finished]
-        return outputs, num_tokens
-
-    def _step(self) -> tuple[list["Request"], list["Request"], int]:
-        """One step: (requests finished, requests that got new tokens, tokens processed)."""
         self._check_alive()
+        with self._exclusive():
+            num_tokens = self._step_and_route()
+        if self._vllm_step:
+            return self._step_outputs.take_outputs()
+        return self._step_outputs.take_finished(), num_tokens
+
+    def _step_and_route(self) -> int:
+        """One step; hands each changed request to its owner. Returns the tokens processed."""
+        self._check_alive()
+        updated, num_tokens = self._step()
+        finished = [r for r in updated if r.finished]
+        self._retire(finished)
+        for request in updated:
+            request.owner.on_update(request)
+        return num_tokens
+
+    def _step(self) -> tuple[list[Request], int]:
+        """One step: (requests that got new tokens, tokens processed)."""
         updated: list[Request] = []
+        if self._num_host_token_seqs and self._inflight:
+            updated += self._finalize_all()  # some sampler row needs its previous token on the host
         batch = self.scheduler.try_schedule()
         if batch is None and self._inflight:
             # Nothing can start until the steps in flight are read back (they may free blocks).
@@ -163,12 +379,20 @@ class LLMEngine:
             batch = self.scheduler.try_schedule()
         num_tokens = 0
         if batch is not None:
-            try:
-                result = self.model_runner.launch(batch)
-            except BaseException:  # KeyboardInterrupt included: a later step must run the batch again
-                self.scheduler.unschedule(batch)
-                raise
-            self._inflight.append((self.scheduler.on_launched(batch), result))
+            with deferred_interrupts():  # a Ctrl-C lands after the launch is recorded, never inside it
+                for parent, child in batch.forks:
+                    self._add_fork(batch.seqs[parent], child)
+                batch.prompt_logprob_rows = [
+                    i for i, seq in enumerate(batch.seqs) if seq.params.prompt_logprobs is not None
+                ]
+                try:
+                    result = self.model_runner.launch(batch)
+                except BaseException:  # KeyboardInterrupt included: a later step must run the batch again
+                    for _, child in batch.forks:
+                        self._drop_fork(child)
+                    self.scheduler.unschedule(batch)
+                    raise
+                self._inflight.append((self.scheduler.on_launched(batch), result))
             if len(self._inflight) > 1:  # read back the previous step while this one runs
                 updated += self._finalize_oldest()
             if not self.config.overlap_scheduling or not self.scheduler.has_unlaunched_work():
@@ -176,35 +400,52 @@ class LLMEngine:
             num_tokens = batch.num_tokens if batch.is_prefill else -len(batch.seqs)
         elif not self.scheduler.is_finished():
             raise RuntimeError("scheduler has no sequence to run although requests are pending")
-        updated = list(dict.fromkeys(updated))  # one request can get tokens from two reads in one call
-        finished = [r for r in updated if r.seq.is_finished]
-        for request in finished:
-            self._requests.pop(request.seq.seq_id, None)
-        return finished, updated, num_tokens
+        return list(dict.fromkeys(updated)), num_tokens  # a request can get tokens from two reads
 
-    def _finalize_all(self) -> list["Request"]:
+    def _add_fork(self, parent: Sequence, child: Sequence) -> None:
+        request, _ = self._completion_of[parent.seq_id]
+        completion = request.add_completion(child)
+        self._completion_of[child.seq_id] = (request, completion.index)
+        self._num_host_token_seqs += child.needs_host_tokens
+
+    def _drop_fork(self, child: Sequence) -> None:
+        request, _ = self._completion_of.pop(child.seq_id)
+        request.completions.remove(request.completions[-1])
+        self._num_host_token_seqs -= child.needs_host_tokens
+
+    def _finalize_all(self) -> list[Request]:
         updated = []
         while self._inflight:
             updated += self._finalize_oldest()
         return updated
 
-    def _finalize_oldest(self) -> list["Request"]:
+    def _finalize_oldest(self) -> list[Request]:
         """Read back the oldest step in flight and apply its tokens; returns the requests that got
         one. If reading raises (or is interrupted), the step stays in flight."""
         launched, result = self._inflight[0]
         tokens = result.tolist()
         logprobs = result.logprobs()
+        prompt_logprobs = result.prompt_logprobs()
         self._inflight.popleft()
         self.scheduler.finalize(launched, tokens)
-        row_of = {id(seq): i for i, seq in enumerate(launched.batch.seqs)}
+        batch = launched.batch
         updated = []
+        for row, lps in prompt_logprobs.items():
+            entry = self._completion_of.get(batch.seqs[row].seq_id)
+            if entry is not None:
+                entry[0].add_prompt_logprobs(lps)
+        row_of = {id(seq): i for i, seq in enumerate(batch.rows)}
         for seq, index in launched.accepted:
-            request = self._requests.get(seq.seq_id)
-            if request is None:
+            entry = self._completion_of.get(seq.seq_id)
+            if entry is None:
                 continue
+            request, c = entry
+            completion = request.completions[c]
+            if index == seq.num_prompt_tokens:
+                request.num_cached_tokens = seq.num_cached_tokens
             if logprobs is not None and seq.params.logprobs is not None:
-                request.logprobs.append(logprobs[row_of[id(seq)]])
-            request.on_token(index, self.scheduler)
+                completion.add_logprobs(logprobs[row_of[id(seq)]])
+            completion.on_token(index, self.scheduler)
             updated.append(request)
         return updated
 
@@ -212,221 +453,152 @@ class LLMEngine:
         """After an exception mid-step: apply the steps in flight that can be read; if one cannot,
         drop it and those after it and abort their requests (their placeholders would never fill)."""
         try:
-            self._finalize_all()
+            for request in self._finalize_all():
+                if request.finished:
+                    self._retire([request])
+                request.owner.on_update(request)
         except BaseException:
             dropped = list(self._inflight)
             self._inflight.clear()
             for launched, _ in dropped:
-                for seq in launched.batch.seqs:
-                    if seq.seq_id in self._requests:
-                        self.abort_request(seq.seq_id)
+                for seq in launched.batch.rows:
+                    entry = self._completion_of.get(seq.seq_id)
+                    if entry is not None and entry[0].key in self._requests:
+                        self._abort(entry[0])
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished() and not self._inflight
+        """Whether no request is unfinished and `step()` has nothing left to report."""
+        return not self._requests and not self._step_outputs.has_unreported()
+
+    def has_unfinished_requests(self) -> bool:
+        """vLLM's name: whether any request is unfinished or `step()` has something left to report."""
+        return not self.is_finished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
 
     # ---- batch entry points -------------------------------------------------------------------
 
-    def _queue_all(self, prompts, sampling_params) -> list[Sequence]:
-        if isinstance(prompts, str) or not isinstance(prompts, SequenceABC):
-            raise TypeError("prompts must be a list of strings or a list of token-id lists")
-        if isinstance(sampling_params, SequenceABC):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+    def _submit(self, parsed: list[ParsedPrompt], sampling_params, owner) -> list[Request]:
+        """Validate every request, then queue them all (a bad one leaves nothing behind)."""
+        if sampling_params is None:
+            params = [self._default_params] * len(parsed)
+        elif isinstance(sampling_params, SequenceABC):
+            if len(sampling_params) != len(parsed):
+                raise ValueError(f"got {len(sampling_params)} sampling params for {len(parsed)} prompts")
             params = list(sampling_params)
         else:
-            params = [sampling_params] * len(prompts)
-        # Validate every request before queueing any, so a bad one leaves nothing behind.
-        seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, params)]
-        for seq in seqs:
-            self._enqueue(seq)
-        return seqs
-
-    def _check_none_vanished(self, remaining: int) -> None:
-        """An internal invariant: requests still awaited must still be in the scheduler (else the
-        caller's loop would step forever)."""
-        if remaining > 0 and self.is_finished():
-            raise RuntimeError(f"{remaining} request(s) vanished from the scheduler (internal error)")
-
-    def _abort_unfinished(self, seqs: list[Sequence]) -> None:
-        self._drain_after_error()
-        for seq in seqs:
-            if seq.seq_id in self._requests:
-                self.abort_request(seq.seq_id)
+            params = [sampling_params] * len(parsed)
+        requests = [self._make_request(p, sp, owner, i) for i, (p, sp) in enumerate(zip(parsed, params))]
+        self._enqueue(requests)
+        return requests
 
     def generate(
         self,
-        prompts: list[str] | list[list[int]],
-        sampling_params: SamplingParams | list[SamplingParams],
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
-    ) -> list[dict]:
-        """Complete every prompt. Returns one dict per prompt, in prompt order: `text`, `token_ids`,
-        `finish_reason` ("stop" or "length") and, when asked for, `logprobs`."""
+    ) -> list[RequestOutput]:
+        """Complete every prompt (a string, token ids, a prompt dict, or a list of them). Returns one
+        `RequestOutput` per prompt, in prompt order; `out["text"]` and `out["token_ids"]` read its first
+        completion. `sampling_params` defaults to `get_default_sampling_params()`."""
         self._check_alive()
-        seqs = self._queue_all(prompts, sampling_params)
-        order = {seq.seq_id: i for i, seq in enumerate(seqs)}
-        results: list[dict | None] = [None] * len(seqs)
-        pbar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        prefill_tps = decode_tps = 0.0
+        pbar = tqdm(total=0, desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         try:
-            remaining = len(seqs)
-            while remaining > 0:
-                t = perf_counter()
-                finished, _, num_tokens = self._step()
-                dt = perf_counter() - t
-                if num_tokens > 0:
-                    prefill_tps = num_tokens / dt
-                elif num_tokens < 0:
-                    decode_tps = -num_tokens / dt
-                pbar.set_postfix(Prefill=f"{int(prefill_tps)}tok/s", Decode=f"{int(decode_tps)}tok/s")
-                for request in finished:
-                    i = order.get(request.seq.seq_id)
-                    if i is not None:
-                        results[i] = request.output()
-                        remaining -= 1
-                        pbar.update(1)
-                self._check_none_vanished(remaining)
-        except BaseException:
-            self._abort_unfinished(seqs)
-            raise
+            parsed = parse_prompts(prompts)
+            collector = GenerateCollector(len(parsed), pbar if use_tqdm else None)
+            pbar.total = len(parsed)
+            pbar.refresh()
+            requests = self._submit(parsed, sampling_params, collector)
+            speed = {"Prefill": 0.0, "Decode": 0.0}
+
+            def show(num_tokens: int, dt: float) -> None:
+                if num_tokens:
+                    speed["Prefill" if num_tokens > 0 else "Decode"] = abs(num_tokens) / dt
+                pbar.set_postfix({k: f"{int(v)}tok/s" for k, v in speed.items()})
+
+            try:
+                self._drive(collector.done, show if use_tqdm else None)
+            except BaseException:
+                self._abort_mine(requests)
+                raise
         finally:
             pbar.close()
-        return results
+        return collector.results
 
     def stream(
         self,
-        prompts: list[str] | list[list[int]],
-        sampling_params: SamplingParams | list[SamplingParams],
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
     ) -> Iterator[dict]:
         """Generate like `generate`, yielding what is new as it comes: dicts with `index` (the prompt's
-        position), `text` and `token_ids` (new since that prompt's last result), `finished` and
-        `finish_reason`. Joined, a prompt's pieces equal what `generate` returns for it."""
+        position), `request_id` (for `abort_request`), `completion` (which of its n completions), `text`
+        and `token_ids` (new since that completion's last result), `finished` and `finish_reason`.
+        Joined, a completion's pieces equal what `generate` returns for it."""
         self._check_alive()
-        seqs = self._queue_all(prompts, sampling_params)
-        order = {seq.seq_id: i for i, seq in enumerate(seqs)}
-        remaining = len(seqs)
+        parsed = parse_prompts(prompts)
+        collector = StreamCollector(len(parsed))
+        requests = self._submit(parsed, sampling_params, collector)
         try:
-            while remaining > 0:
-                _, updated, _ = self._step()
-                for request in updated:
-                    i = order.get(request.seq.seq_id)
-                    if i is None:
-                        continue
-                    delta = request.delta()
-                    if delta is None:
-                        continue
-                    remaining -= delta["finished"]
-                    yield {"index": i, **delta}
-                self._check_none_vanished(remaining)
+            while True:
+                while collector.items:
+                    yield collector.items.popleft()
+                if collector.remaining == 0:
+                    return
+                self._drive(collector.ready)
         except BaseException:  # GeneratorExit (the caller stopped early) included
-            self._abort_unfinished(seqs)
+            self._abort_mine(requests)
             raise
 
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
-        sampling_params: SamplingParams | list[SamplingParams],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
-    ) -> list[dict]:
-        """Answer one conversation (a list of {"role", "content"} dicts) or a list of them, through the
-        tokenizer's chat template with the generation prompt added. Returns `generate`'s dicts."""
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
+    ) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"} dicts) or a list of them through the
+        chat template (the tokenizer's, or `chat_template`), as vLLM's `LLM.chat`; returns `generate`'s
+        outputs. `chat_template_kwargs` reach the template (e.g. {"enable_thinking": False} for Qwen3)."""
         if not isinstance(messages, list) or not messages:
             raise TypeError(
                 "messages must be a conversation (a list of role/content dicts) or a list of them"
             )
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("this model's tokenizer has no chat template")
+        if chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
         prompts = []
         for conv in conversations:
-            if not isinstance(conv, list) or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in conv
-            ):
+            if not isinstance(conv, list) or not all(isinstance(m, dict) and "role" in m for m in conv):
                 raise TypeError("each message must be a dict with 'role' and 'content'")
-            ids = self.tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
-            # transformers 5 returns a BatchEncoding here, 4 a plain list of ids
-            prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+            text = self.tokenizer.apply_chat_template(
+                conv,
+                tokenize=False,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+                **(chat_template_kwargs or {}),
+            )
+            # The template already holds any BOS: tokenize without adding special tokens (as vLLM).
+            prompts.append(
+                {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+            )
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
 
-class Request:
-    """Engine-side state of one request: text for stop strings and streaming, log-probabilities."""
-
-    def __init__(self, seq: Sequence, tokenizer):
-        self.seq = seq
-        self.tokenizer = tokenizer
-        self.logprobs: list[dict[int, float]] = []
-        self.stops = seq.params.stop or []
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.num_seen = 0  # completion tokens given to the detokenizer
-        self.stop_text: str | None = None  # the text cut at a stop string, once one matched
-        self.sent_tokens = 0  # streaming: completion tokens already yielded
-        self.sent_text = 0  # streaming: characters already yielded
-
-    def known_completion(self) -> list[int]:
-        """Completion token ids without a trailing token still being sampled."""
-        ids = self.seq.completion_token_ids
-        while ids and ids[-1] == PLACEHOLDER_TOKEN:
-            ids = ids[:-1]
-        return ids
-
-    def _advance_text(self, final: bool) -> None:
-        completion = self.known_completion()
-        if self.num_seen < len(completion) or final:
-            self.detokenizer.add(completion[self.num_seen :], final=final)
-            self.num_seen = len(completion)
-
-    def on_token(self, index: int, scheduler) -> None:
-        """A sampled token was filled in at `index`: look for stop strings."""
-        if not self.stops or self.stop_text is not None:
-            return
-        before = len(self.detokenizer.text)
-        # Stop strings are searched in released text; hold nothing back once the sequence is done.
-        # Tokens are filled in order, so every known completion token ends at `index`.
-        self._advance_text(final=self.seq.is_finished)
-        cut = find_stop(self.detokenizer.text, self.stops, before)
-        if cut is not None:
-            self.stop_text = self.detokenizer.text[:cut]
-            if not self.seq.is_finished:
-                scheduler.stop_early(self.seq, index + 1, "stop")
-            else:
-                self.seq.finish_reason = "stop"
-
-    def text(self) -> str:
-        if self.stop_text is not None:
-            return self.stop_text
-        return self.tokenizer.decode(self.seq.completion_token_ids)
-
-    def output(self) -> dict:
-        out = {
-            "text": self.text(),
-            "token_ids": self.seq.completion_token_ids,
-            "finish_reason": self.seq.finish_reason,
-        }
-        if self.seq.params.logprobs is not None:
-            out["logprobs"] = self.logprobs[: len(out["token_ids"])]
-        return out
-
-    def delta(self) -> dict | None:
-        """What is new since the last delta (streaming), or None if nothing is."""
-        finished = self.seq.is_finished
-        if self.stop_text is not None:
-            text = self.stop_text
-        else:
-            self._advance_text(final=finished)
-            text = self.detokenizer.text
-            if self.stops and not finished:
-                # Hold back what could be the start of a stop string still being generated.
-                hold = max(len(stop) for stop in self.stops) - 1
-                text = text[: max(self.sent_text, len(text) - hold)]
-        new_tokens = self.known_completion()[self.sent_tokens :]
-        new_text = text[self.sent_text :]
-        if not new_tokens and not new_text and not finished:
-            return None
-        self.sent_tokens += len(new_tokens)
-        self.sent_text = len(text)
-        return {
-            "text": new_text,
-            "token_ids": new_tokens,
-            "finished": finished,
-            "finish_reason": self.seq.finish_reason if finished else None,
-        }
+def _fork_params(parent: Sequence, i: int) -> SamplingParams:
+    """Completion i of a request samples with the request's parameters; a seeded one with seed + i (as
+    vLLM), so the completions differ and each repeats run to run."""
+    params = parent.params
+    if params.seed is None:
+        return params
+    child = params.clone()
+    child.seed = params.seed + i
+    return child

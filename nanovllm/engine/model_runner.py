@@ -4,6 +4,7 @@ import gc
 import logging
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -16,21 +17,38 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels.paged_attention import default_num_splits
 from nanovllm.layers.attention import Attention
+from nanovllm.layers.logits_processor import LogitsProcessors
 from nanovllm.layers.sampler import Sampler, SamplingTensors
 from nanovllm.models.registry import get_model_class, resolve_architecture
 from nanovllm.utils.compile import enable_compilation
-from nanovllm.utils.context import AttentionMetadata, set_forward_context
-from nanovllm.utils.loader import load_model
+from nanovllm.utils.context import AttentionMetadata, ForwardContext
+from nanovllm.utils.loader import load_weights
 from nanovllm.utils.parallel import get_tp_rank, get_tp_size
 
 logger = logging.getLogger(__name__)
+
+# Most live sequences with penalties, biases or masks at once (each holds ~9 bytes per vocabulary
+# entry on the device while it lives: 1.4 MB at 151,936 tokens).
+MAX_PROCESSED_SEQS = 1 << 16
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """One row's log-probabilities at one position: the chosen token's (sampled, or the prompt's next
+    token) with its rank in the distribution (1 = most likely), and the `len(top_ids)` most likely."""
+
+    token: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
 
 
 class StepResult:
     """Sampled tokens (and asked-for log-probabilities) of a launched step, read back on demand. On
     CUDA they are copied into pinned host memory without blocking and an event marks their arrival."""
 
-    def __init__(self, device_tensors: dict[str, torch.Tensor], on_cuda: bool):
+    def __init__(self, device_tensors: dict[str, torch.Tensor], on_cuda: bool, prompt_logprobs=None):
         self._event = None
         if on_cuda:
             host = {
@@ -43,6 +61,8 @@ class StepResult:
             self._tensors = host
         else:
             self._tensors = device_tensors
+        # {row of batch.seqs: [TokenLogprobs per prompt position]}; small and rare: read back eagerly
+        self._prompt_logprobs = prompt_logprobs or {}
 
     def _wait(self) -> None:
         if self._event is not None:
@@ -53,22 +73,44 @@ class StepResult:
         self._wait()
         return self._tensors["tokens"].tolist()
 
-    def logprobs(self) -> list[dict[int, float]] | None:
-        """Per row: {token id: log-probability} for the sampled token and the top N, or None if no
-        row asked for log-probabilities."""
+    def logprobs(self) -> list[TokenLogprobs] | None:
+        """Per row: the sampled token's log-probability and rank and the top N, or None if no row asked
+        for log-probabilities."""
         self._wait()
         if "sampled_logprobs" not in self._tensors:
             return None
-        tokens = self._tensors["tokens"].tolist()
-        sampled = self._tensors["sampled_logprobs"].tolist()
-        top_ids = self._tensors["top_ids"].tolist()
-        top_lps = self._tensors["top_logprobs"].tolist()
-        rows = []
-        for token, lp, ids, lps in zip(tokens, sampled, top_ids, top_lps):
-            row = dict(zip(ids, lps))
-            row[token] = lp
-            rows.append(row)
-        return rows
+        return _token_logprobs(
+            self._tensors["tokens"],
+            self._tensors["sampled_logprobs"],
+            self._tensors["sampled_ranks"],
+            self._tensors["top_ids"],
+            self._tensors["top_logprobs"],
+        )
+
+    def prompt_logprobs(self) -> dict[int, list[TokenLogprobs]]:
+        return self._prompt_logprobs
+
+
+def _token_logprobs(tokens, logprobs, ranks, top_ids, top_logprobs) -> list[TokenLogprobs]:
+    return [
+        TokenLogprobs(t, lp, r, ids, lps)
+        for t, lp, r, ids, lps in zip(
+            tokens.tolist(), logprobs.tolist(), ranks.tolist(), top_ids.tolist(), top_logprobs.tolist()
+        )
+    ]
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, num_top: int) -> dict[str, torch.Tensor]:
+    """Log-probabilities of `tokens` [rows] under `logits` [rows, vocab], their ranks (1 = most likely;
+    ties share the better rank) and the `num_top` most likely tokens of each row."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [rows, vocab]
+    chosen = logprobs.gather(1, tokens.unsqueeze(1))  # [rows, 1]
+    out = {
+        "sampled_logprobs": chosen.squeeze(1),
+        "sampled_ranks": (logprobs > chosen).sum(dim=-1) + 1,
+    }
+    out["top_logprobs"], out["top_ids"] = logprobs.topk(num_top, dim=-1)
+    return out
 
 
 @contextmanager
@@ -99,16 +141,21 @@ class ModelRunner:
         model_cls = get_model_class(resolve_architecture(hf_config))
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = model_cls(hf_config)
-        load_model(self.model, config.model)
+        load_weights(self.model, config)
         self.model.eval()
         use_compile = config.torch_compile if config.torch_compile is not None else self.device.type == "cuda"
         if use_compile:
             enable_compilation()
+        self.vocab_size = hf_config.vocab_size
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.forward_context = ForwardContext()  # this runner's own: engines never share step metadata
         for layer in self.attention_layers:
             layer.backend = self.backend
+            layer.forward_context = self.forward_context
         self.sampler = Sampler()
-        self.vocab_size = hf_config.vocab_size
+        self.stop_ids = frozenset(config.eos_token_ids)  # min_tokens keeps these from being sampled
+        # State for every live sequence that has penalties, biases or masks, preempted ones included.
+        self.logits_processors = LogitsProcessors(self.vocab_size, self.device, MAX_PROCESSED_SEQS)
         self.max_num_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
         self.graph_batch_sizes = graph_batch_sizes(config.max_num_seqs)  # also decode's split-K buckets
         self.kv_cache = torch.tensor([])
@@ -130,6 +177,7 @@ class ModelRunner:
                     self.dtype,
                     self.device,
                     self.decode_num_splits,
+                    self.forward_context,
                 )
             else:
                 logger.info(
@@ -337,9 +385,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_model(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        """Logits at each sequence's last new token: `[num_seqs, vocab]`."""
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, prompt_rows=()
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits at each sequence's last new token `[num_seqs, vocab]` and, for the prefill rows in
+        `prompt_rows`, at every new token of theirs `[their new tokens, vocab]` (else None). On a
+        tensor-parallel worker both are None (the logits gather on rank 0)."""
         if (
             not meta.is_prefill
             and self.graph_runner is not None
@@ -347,11 +397,16 @@ class ModelRunner:
         ):
             hidden = self.graph_runner.replay(input_ids, positions, meta)
         else:
-            with set_forward_context(meta):
+            with self.forward_context.set(meta):
                 hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
-            if meta.is_prefill:
-                hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]  # [num_seqs, hidden]
-        return self.model.compute_logits(hidden)
+        prompt_logits = None
+        if meta.is_prefill:
+            if prompt_rows:
+                cu = meta.cu_seqlens_q.tolist()
+                index = [i for r in prompt_rows for i in range(cu[r], cu[r + 1])]
+                prompt_logits = self.model.compute_logits(hidden[self._to_device(index, torch.int64)])
+            hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]  # [num_seqs, hidden]
+        return self.model.compute_logits(hidden), prompt_logits
 
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         """Per-row sampling settings; seeds and truncation only when some row uses them."""
@@ -379,38 +434,81 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> StepResult | None:
-        """Start one scheduled step; its sampled tokens (one per sequence) come from the result.
-        Tensor-parallel workers run the same step (their logits gather on rank 0), receive rank 0's
-        tokens for their next decode inputs, and return None."""
+        """Start one scheduled step; its sampled tokens (one per row of `batch.rows`) come from the
+        result. Tensor-parallel workers run the same step (their logits gather on rank 0), receive rank
+        0's tokens for their next decode inputs, and return None."""
         prepare = self.prepare_prefill if batch.is_prefill else self.prepare_decode
         input_ids, positions, meta = prepare(batch)
+        rows = batch.rows
         if self.tp_rank == 0:
-            sampling = self.sampling_tensors(batch.seqs)
-            logits = self.run_model(input_ids, positions, meta)
+            sampling = self.sampling_tensors(rows)
+            adjust = self.logits_processors.prepare(rows, self.stop_ids)
+            logits, prompt_logits = self.run_model(input_ids, positions, meta, batch.prompt_logprob_rows)
+            if batch.forks:  # a fork samples from its parent's logits
+                logits = logits[self._to_device(batch.logit_rows, torch.int64)]
+            raw_logits = logits
+            if adjust is not None:
+                logits = self.logits_processors.apply(logits, adjust)
             tokens = self.sampler(logits, sampling)
+            if adjust is not None:
+                self.logits_processors.record(adjust, tokens)
         else:
-            self.run_model(input_ids, positions, meta)
-            tokens = torch.empty(len(batch.seqs), dtype=torch.int64, device=self.device)
+            self.run_model(input_ids, positions, meta, batch.prompt_logprob_rows)
+            tokens = torch.empty(len(rows), dtype=torch.int64, device=self.device)
+        self._copy_blocks(batch.block_copies)
         if self.tp_size > 1:
             dist.broadcast(tokens, src=0)
             if self.tp_rank > 0:
                 self._remember_tokens(batch, tokens)
                 return None
         out = {"tokens": tokens}
-        if any(seq.params.logprobs is not None for seq in batch.seqs):
-            num_logprobs = min(max(seq.params.logprobs or 0 for seq in batch.seqs), logits.shape[-1])
-            logprobs = torch.log_softmax(logits.float(), dim=-1)  # [num_seqs, vocab]
-            out["sampled_logprobs"] = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-            out["top_logprobs"], out["top_ids"] = logprobs.topk(num_logprobs, dim=-1)
-        result = StepResult(out, self.device.type == "cuda")
+        wanted = [seq.params.logprobs for seq in rows if seq.params.logprobs is not None]
+        if wanted:
+            out |= logprobs_of(raw_logits, tokens, min(max(wanted), raw_logits.shape[-1]))
+        prompt = self._prompt_logprobs(batch, prompt_logits) if prompt_logits is not None else None
+        result = StepResult(out, self.device.type == "cuda", prompt)
         self._remember_tokens(batch, tokens)  # last: a step that raised above must not be remembered
         return result
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks (every layer, K and V): a fork's own copy of its parent's last block."""
+        if copies:
+            src = self._to_device([s for s, _ in copies], torch.int64)
+            dst = self._to_device([d for _, d in copies], torch.int64)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]  # [2, layers, copies, block, heads, dim]
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, logits: torch.Tensor) -> dict[int, list[TokenLogprobs]]:
+        """Log-probabilities of each prompt token given the ones before it, for the new tokens of the rows
+        that asked: the logits at position p score the prompt's token p + 1 (the last prompt position
+        scores the first completion token: not a prompt log-probability)."""
+        result: dict[int, list[TokenLogprobs]] = {}
+        offset = 0
+        for r in batch.prompt_logprob_rows:
+            seq, n = batch.seqs[r], batch.num_new_tokens[r]
+            start = seq.num_computed_tokens
+            end = min(start + n, seq.num_prompt_tokens - 1)  # positions whose next token is in the prompt
+            count = max(0, end - start)
+            if count:
+                targets = self._to_device(seq.token_slice(start + 1, end + 1), torch.int64)
+                num_top = min(seq.params.prompt_logprobs, logits.shape[-1])
+                lp = logprobs_of(logits[offset : offset + count], targets, num_top)
+                result[r] = _token_logprobs(
+                    targets, lp["sampled_logprobs"], lp["sampled_ranks"], lp["top_ids"], lp["top_logprobs"]
+                )
+            else:
+                result[r] = []
+            offset += n
+        return result
+
+    def release_sequences(self, seq_ids) -> None:
+        """Forget the per-sequence sampling state of finished or aborted sequences."""
+        self.logits_processors.release(seq_ids)
 
     def _remember_tokens(self, batch: ScheduledBatch, tokens: torch.Tensor) -> None:
         """Keep the sampled tokens on the device: the next decode step reads those the host has not
         seen yet (overlap scheduling) from here."""
         self._prev_tokens = tokens
-        self._prev_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
+        self._prev_rows = {seq.seq_id: i for i, seq in enumerate(batch.rows)}
 
     def run(self, batch: ScheduledBatch) -> list[int] | None:
         """Run one scheduled step and return one sampled token per sequence (None on a worker)."""

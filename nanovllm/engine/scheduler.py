@@ -1,6 +1,8 @@
 """Continuous batching: which sequences run in the next step, and how many tokens each."""
 
+import itertools
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,6 +18,26 @@ class ScheduledBatch:
     phase: Literal["prefill", "decode"]
     seqs: list[Sequence]
     num_new_tokens: list[int]
+    # SamplingParams.n > 1: (row of the parent in `seqs`, new sequence) for each completion forked off a
+    # prompt this step completes. A fork computes nothing: it samples its first token from its parent's
+    # logits, and `block_copies` (source, destination) copy the K/V of each parent's partly filled last
+    # block into the fork's own block after the step's forward.
+    forks: list[tuple[int, Sequence]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Rows of `seqs` whose prompt log-probabilities are wanted (set by the engine before launch).
+    prompt_logprob_rows: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[Sequence]:
+        """The sequences that get one sampled token each, in row order: `seqs`, then the forks."""
+        if not self.forks:
+            return self.seqs
+        return self.seqs + [child for _, child in self.forks]
+
+    @property
+    def logit_rows(self) -> list[int]:
+        """For each row of `rows`, the row of `seqs` whose logits it samples from."""
+        return list(range(len(self.seqs))) + [parent for parent, _ in self.forks]
 
     @property
     def is_prefill(self) -> bool:
@@ -28,7 +50,7 @@ class ScheduledBatch:
 
 @dataclass(slots=True)
 class LaunchedBatch:
-    """A batch whose model step has been started: `sampling[i]` is the index in `seqs[i].token_ids`
+    """A batch whose model step has been started: `sampling[i]` is the index in `batch.rows[i].token_ids`
     where its sampled token goes, or None for a prefill chunk that samples nothing."""
 
     batch: ScheduledBatch
@@ -44,14 +66,22 @@ class Scheduler:
         self,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        eos: int | None,
+        eos: int | Iterable[int] | None,
         block_manager: BlockManager,
         max_model_len: int,
+        seq_ids: Iterator[int] | None = None,
+        fork_params: Callable[[Sequence, int], object] | None = None,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.eos = eos
+        # The end-of-sequence ids (the tokenizer's and generation_config.json's).
+        self.eos_ids: frozenset[int] = frozenset(
+            () if eos is None else (eos,) if isinstance(eos, int) else eos
+        )
+        # Ids for forked completions, and their sampling parameters (completion i of the parent's).
+        self.seq_ids = seq_ids if seq_ids is not None else itertools.count(1 << 40)
+        self.fork_params = fork_params or (lambda parent, i: parent.params)
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -75,6 +105,8 @@ class Scheduler:
         batch may be chunked."""
         seqs: list[Sequence] = []
         num_new: list[int] = []
+        forks: list[tuple[int, Sequence]] = []
+        copies: list[tuple[int, int]] = []
         budget = self.max_num_batched_tokens
         for seq in self.waiting:
             if len(seqs) == self.max_num_seqs or budget == 0 or seq.has_pending_token:
@@ -92,6 +124,10 @@ class Scheduler:
             if remaining > budget and seqs:  # only the first sequence may be chunked
                 break
             take = min(remaining, budget)
+            if take == remaining and seq.num_pending_forks:
+                if not self._can_fork(seq):
+                    break
+                forks += [(len(seqs), child) for child in self._fork(seq, copies)]
             seqs.append(seq)
             num_new.append(take)
             budget -= take
@@ -101,7 +137,7 @@ class Scheduler:
                     self.waiting.remove(seq)
                     seq.status = SequenceStatus.RUNNING
                     self.running.append(seq)
-            return ScheduledBatch("prefill", seqs, num_new)
+            return ScheduledBatch("prefill", seqs, num_new, forks, copies)
 
         finishing: list[Sequence] = []  # their in-flight token is their last: nothing more to run
         while self.running and len(seqs) < self.max_num_seqs:
@@ -123,6 +159,23 @@ class Scheduler:
             return None
         return ScheduledBatch("decode", seqs, [1] * len(seqs))
 
+    def _can_fork(self, seq: Sequence) -> bool:
+        """Whether the forks of `seq` get the blocks they need now (a partly filled last block each)."""
+        partial = seq.num_tokens % self.block_manager.block_size != 0
+        return not partial or self.block_manager.num_free_blocks >= seq.num_pending_forks
+
+    def _fork(self, seq: Sequence, copies: list[tuple[int, int]]) -> list[Sequence]:
+        """The completions 1..n-1 of `seq`'s request, sharing its prompt blocks."""
+        children = []
+        for i in range(1, seq.num_pending_forks + 1):
+            child = seq.fork(next(self.seq_ids), self.fork_params(seq, i))
+            copy = self.block_manager.fork(seq, child)
+            if copy is not None:
+                copies.append(copy)
+            children.append(child)
+        seq.num_pending_forks = 0
+        return children
+
     def unschedule(self, batch: ScheduledBatch) -> None:
         """Undo scheduling a batch whose launch failed. A prefill batch moved the prompts it completes
         to the running queue, where they would decode with K/V never computed: put them back at the
@@ -133,6 +186,9 @@ class Scheduler:
             for seq in batch.seqs:
                 self.block_manager.forget_unfilled_block(seq)
             return
+        for parent, child in batch.forks:  # the forks never started: their parents fork again later
+            self.block_manager.deallocate(child)
+            batch.seqs[parent].num_pending_forks += 1
         for seq in reversed(batch.seqs):
             if seq.status == SequenceStatus.RUNNING:
                 self.running.remove(seq)
@@ -164,6 +220,12 @@ class Scheduler:
             else:
                 sampling.append(seq.num_tokens)
                 seq.append_token(PLACEHOLDER_TOKEN)
+        for _, child in batch.forks:  # their prompt's K/V is their parent's (shared or copied)
+            child.num_computed_tokens = child.num_tokens
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+            sampling.append(child.num_tokens)
+            child.append_token(PLACEHOLDER_TOKEN)
         return LaunchedBatch(batch, sampling)
 
     def finalize(self, launched: LaunchedBatch, token_ids: list[int | None]) -> list[Sequence]:
@@ -172,7 +234,7 @@ class Scheduler:
         Returns the sequences that finished. A sequence aborted or stopped meanwhile is skipped.
         """
         finished = []
-        for seq, index, token_id in zip(launched.batch.seqs, launched.sampling, token_ids):
+        for seq, index, token_id in zip(launched.batch.rows, launched.sampling, token_ids):
             if index is None or seq.status == SequenceStatus.FINISHED:
                 continue
             launched.accepted.append((seq, index))
@@ -196,10 +258,9 @@ class Scheduler:
         return self.finalize(self.on_launched(batch), token_ids)
 
     def _finish(self, seq: Sequence) -> None:
-        if seq.status == SequenceStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status == SequenceStatus.WAITING:
-            self.waiting.remove(seq)
+        queue = self.running if seq.status == SequenceStatus.RUNNING else self.waiting
+        if seq.status != SequenceStatus.FINISHED and seq in queue:
+            queue.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.block_manager.deallocate(seq)
 
@@ -207,10 +268,14 @@ class Scheduler:
         """Whether `seq` stops once its first `length` tokens (ending with `token_id`) exist; sets the
         finish reason."""
         stop_ids = seq.params.stop_token_ids
-        is_eos = not seq.ignore_eos and self.eos is not None and token_id == self.eos
-        if is_eos or (stop_ids and token_id in stop_ids):
-            seq.finish_reason = "stop"
-            return True
+        if length - seq.num_prompt_tokens >= seq.params.min_tokens:
+            if not seq.ignore_eos and token_id in self.eos_ids:
+                seq.finish_reason = "stop"
+                return True
+            if stop_ids and token_id in stop_ids:
+                seq.finish_reason = "stop"
+                seq.stop_reason = token_id
+                return True
         if length - seq.num_prompt_tokens >= seq.max_tokens or length >= self.max_model_len:
             seq.finish_reason = "length"
             return True
@@ -223,6 +288,8 @@ class Scheduler:
         self._finish(seq)
 
     def abort(self, seq: Sequence) -> None:
-        """Drop a waiting or running sequence and free its blocks."""
+        """Drop a waiting or running sequence and free its blocks (finish reason "abort")."""
         if seq.status != SequenceStatus.FINISHED:
+            seq.finish_reason = "abort"
+            seq.num_pending_forks = 0
             self._finish(seq)

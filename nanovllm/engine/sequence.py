@@ -39,6 +39,9 @@ class Sequence:
         "ignore_eos",
         "params",
         "finish_reason",
+        "stop_reason",
+        "num_pending_forks",
+        "needs_host_tokens",
     )
 
     def __init__(self, seq_id: int, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
@@ -56,7 +59,13 @@ class Sequence:
         self.max_tokens = sampling_params.max_tokens
         self.ignore_eos = sampling_params.ignore_eos
         self.params = sampling_params
-        self.finish_reason: str | None = None  # "stop" or "length" once finished
+        self.finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+        self.stop_reason: int | None = None  # the stop token id that ended it (not EOS)
+        # SamplingParams.n > 1: completions still to fork off this one when its prompt is prefilled.
+        self.num_pending_forks = 0
+        # The sampler needs this sequence's tokens on the host (multi-token bad words): its next step
+        # waits for its previous token to be read back instead of overlapping with it.
+        self.needs_host_tokens = False
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -94,6 +103,18 @@ class Sequence:
         self.status = SequenceStatus.RUNNING
         self.params = None
         self.finish_reason = None
+        self.stop_reason = None
+        self.num_pending_forks = 0
+        self.needs_host_tokens = False
+
+    def fork(self, seq_id: int, sampling_params: SamplingParams) -> "Sequence":
+        """A new sequence holding this one's prompt (another completion of the same request); the block
+        manager gives it this one's blocks."""
+        if self.num_completion_tokens:
+            raise ValueError(f"sequence {self.seq_id} has completion tokens: only a prompt can be forked")
+        child = Sequence(seq_id, self.token_ids, sampling_params, self.block_size)
+        child.needs_host_tokens = self.needs_host_tokens
+        return child
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end) of the sequence (also on a worker's partial copy)."""

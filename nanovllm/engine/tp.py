@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
+import signal
 import struct
 import time
 import traceback
@@ -346,6 +347,9 @@ def _worker_main(rank, config_bytes, device_type, port, shm_name, event, ready, 
     """A worker rank: build this rank's runner, then run the calls rank 0 sends until "exit"."""
     runner = None
     shm = None
+    # Ctrl-C in a terminal reaches every process of the group: rank 0 decides what an interrupt means
+    # (it finishes the step in flight on every rank, then raises), so a worker must not die of it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         config: Config = pickle.loads(config_bytes)
         if device_type == "cuda":

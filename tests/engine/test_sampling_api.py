@@ -142,7 +142,8 @@ def test_logprobs_match_transformers(llm, qwen3_tied):
         top = row.topk(3)
         assert set(top.indices.tolist()) <= set(lps) and token in lps
         for t, lp in lps.items():
-            assert abs(lp - row[t].item()) < 1e-4
+            assert abs(lp.logprob - row[t].item()) < 1e-4
+            assert lp.rank == int((row > row[t]).sum()) + 1
 
 
 def test_stream_pieces_join_to_generate_output(llm):
@@ -190,11 +191,12 @@ def test_chat_applies_the_template(llm):
     out = llm.chat(conversation, params, use_tqdm=False)
     ids = llm.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
     ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
-    assert out == llm.generate([ids], params, use_tqdm=False)
+    assert [o.outputs for o in out] == [o.outputs for o in llm.generate([ids], params, use_tqdm=False)]
+    assert out[0].prompt_token_ids == ids and out[0].prompt == llm.tokenizer.decode(ids)
     two = llm.chat(
         [conversation, conversation + [{"role": "assistant", "content": "Hi."}]], params, use_tqdm=False
     )
-    assert len(two) == 2 and two[0] == out[0]
+    assert len(two) == 2 and two[0].outputs == out[0].outputs
     with pytest.raises(TypeError):
         llm.chat([{"content": "no role"}], params)
 
