@@ -280,3 +280,64 @@ def test_two_engines_alive_at_once_in_two_processes(qwen3_tied, tmp_path):
     ref.exit()
     assert json.loads(tokens[0]) == [o["token_ids"] for o in expected]
     assert set(_our_shm()) <= before
+
+
+# A tensor-parallel engine whose rank 0 gets SIGINT in the middle of a forward pass (between two of its
+# collectives), sent to the whole process group as a terminal's Ctrl-C is: the generate raises
+# KeyboardInterrupt, the step in flight completes on every rank, and the same engine then generates
+# exactly as before. argv: model dir, which forward call of rank 0's second layer gets the signal.
+_INTERRUPTED = """
+import json, os, signal, sys
+from nanovllm import LLM, SamplingParams
+path, at = sys.argv[1], int(sys.argv[2])
+llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=10, max_model_len=256, dtype="float32",
+          tensor_parallel_size=2, tp_timeout_s=20.0, tp_shm_bytes=64 << 10)
+layer = llm.model_runner.runner.model.model.layers[1]
+forward, calls = layer.forward, [0]
+def interrupted_forward(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == at:
+        os.killpg(os.getpgrp(), signal.SIGINT)  # rank 0 and its workers, as Ctrl-C in a terminal
+    return forward(*args, **kwargs)
+layer.forward = interrupted_forward
+params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], list(range(20, 60))]
+try:
+    llm.generate(prompts, params, use_tqdm=False)
+    interrupted = False
+except KeyboardInterrupt:
+    interrupted = True
+bm = llm.block_manager
+bm.check_integrity()
+idle = llm.is_finished() and bm.num_free_blocks == bm.num_blocks
+after = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+llm.exit()
+print(json.dumps({"interrupted": interrupted, "idle": idle, "calls": calls[0], "tokens": after}))
+"""
+
+
+@pytest.mark.parametrize("at", [1, 3, 6])
+def test_interrupt_during_a_tensor_parallel_step_leaves_the_engine_usable(qwen3_tied, at):
+    ref = LLM(qwen3_tied, **ENGINE)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected = [
+        o["token_ids"]
+        for o in ref.generate(
+            [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], list(range(20, 60))], params, use_tqdm=False
+        )
+    ]
+    ref.exit()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED, qwen3_tied, str(at)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        start_new_session=True,  # its own process group: the signal reaches it and its workers only
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["interrupted"], "the SIGINT did not reach the generate call"
+    assert result["idle"], "blocks or requests were left behind by the interrupted generate"
+    assert result["tokens"] == expected
