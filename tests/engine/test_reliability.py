@@ -9,6 +9,7 @@ the engine consistent and usable (or, after exit, clearly refuse).
 import gc
 import math
 import random
+import threading
 import weakref
 
 import pytest
@@ -194,6 +195,83 @@ def test_random_request_mixes_match_an_unconstrained_engine(pool, reference, mix
         assert_idle(llm)
         for i, (_, prompt, max_tokens) in enumerate(mix["requests"]):
             assert completions[i] == reference(prompt, max_tokens), f"request {i}"
+    except BaseException:
+        pool.discard(mix["engine"])
+        raise
+
+
+# ---- property: several threads on one engine -----------------------------------------------------
+
+THREAD_WAIT_S = 120.0  # a caller thread that has not finished by then failed (never a pass condition)
+
+
+@st.composite
+def thread_plans(draw):
+    """Per thread, a list of calls: ("generate" | "stream" | "abort", prompts); "abort" streams and
+    aborts its first request after `after` pieces."""
+    plans = []
+    for _ in range(draw(st.integers(2, 4))):
+        calls = []
+        for _ in range(draw(st.integers(1, 3))):
+            prompts = [draw_tokens(draw, draw(PROMPT_LENGTHS)) for _ in range(draw(st.integers(1, 3)))]
+            calls.append(
+                (draw(st.sampled_from(["generate", "stream", "abort"])), prompts, draw(st.integers(0, 6)))
+            )
+        plans.append(calls)
+    return dict(plans=plans, engine=(draw(st.booleans()), draw(st.sampled_from(BUDGETS))))
+
+
+def run_plan(llm: LLM, calls: list) -> list[tuple[str, list[list[int]], list[tuple[str, list[int]]]]]:
+    """Make one thread's calls; returns (kind, prompts, [(finish_reason, tokens) per prompt])."""
+    done = []
+    for kind, prompts, after in calls:
+        if kind == "generate":
+            outs = llm.generate(prompts, greedy(MAX_TOKENS), use_tqdm=False)
+            done.append((kind, prompts, [(o["finish_reason"], o["token_ids"]) for o in outs]))
+            continue
+        tokens = {i: [] for i in range(len(prompts))}
+        reasons = {}
+        for n, item in enumerate(llm.stream(prompts, greedy(MAX_TOKENS))):
+            tokens[item["index"]] += item["token_ids"]
+            if item["finished"]:
+                reasons[item["index"]] = item["finish_reason"]
+            if kind == "abort" and n == after:
+                llm.abort_request(item["request_id"])
+        done.append((kind, prompts, [(reasons[i], tokens[i]) for i in range(len(prompts))]))
+    return done
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(mix=thread_plans())
+def test_threads_mixing_generate_stream_and_abort_get_their_own_results(pool, reference, mix):
+    reference.ensure([p for calls in mix["plans"] for _, prompts, _ in calls for p in prompts])
+    llm = pool.get(mix["engine"])
+    results, errors = [None] * len(mix["plans"]), []
+
+    def worker(i):
+        try:
+            results[i] = run_plan(llm, mix["plans"][i])
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(mix["plans"]))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(THREAD_WAIT_S)
+        assert not any(t.is_alive() for t in threads), "a caller thread hung"
+        if errors:
+            raise errors[0]
+        for done in results:
+            for kind, prompts, outs in done:
+                for prompt, (reason, tokens) in zip(prompts, outs):
+                    full = reference(prompt)
+                    if reason == "abort":
+                        assert kind == "abort" and tokens == full[: len(tokens)]
+                    else:
+                        assert (reason, tokens) == ("length", full)
+        assert_idle(llm)
     except BaseException:
         pool.discard(mix["engine"])
         raise
