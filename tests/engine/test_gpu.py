@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.attention.backend import flash_attn_available
+from nanovllm.attention.selector import flash_attn_available
 from nanovllm.engine.scheduler import Scheduler
 from tests.conftest import (
     assert_greedy_matches_hf,
