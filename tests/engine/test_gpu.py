@@ -45,9 +45,9 @@ def record_logits(llm: LLM) -> list[torch.Tensor]:
     inner = runner.run_model
 
     def wrapped(*args, **kwargs):
-        logits = inner(*args, **kwargs)
+        logits, prompt_logits = inner(*args, **kwargs)
         store.append(logits.float().cpu())
-        return logits
+        return logits, prompt_logits
 
     runner.run_model = wrapped
     return store
@@ -271,3 +271,40 @@ def test_sampling_api_on_gpu(model_d128):
         assert token in step and all(v <= 0 for v in step.values())
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     llm.exit()
+
+
+def test_vllm_sampling_fields_on_cuda_equal_the_cpu_engine(qwen3_tied):
+    """n (forks with their KV block copy), penalties, logit_bias, allowed_token_ids, min_tokens, prompt and
+    sample logprobs on CUDA, with CUDA graphs: the same greedy tokens as the CPU engine."""
+    prompts = random_prompts(3, [5, 21, 40], seed=12)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=3, logprobs=2, prompt_logprobs=1),
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=12,
+            ignore_eos=True,
+            repetition_penalty=1.3,
+            frequency_penalty=0.5,
+            presence_penalty=0.3,
+            logit_bias={7: 3.0},
+        ),
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=12,
+            ignore_eos=True,
+            allowed_token_ids=[3, 9, 27, 81, 243],
+            min_tokens=4,
+        ),
+    ]
+    config = dict(kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=256, dtype="float32")
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        with LLM(qwen3_tied, device=device, **config) as llm:
+            outputs[device] = llm.generate(prompts, params, use_tqdm=False)
+            assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    for cpu, gpu in zip(outputs["cpu"], outputs["cuda"]):
+        assert [c.token_ids for c in gpu.outputs] == [c.token_ids for c in cpu.outputs]
+    cpu, gpu = outputs["cpu"][0], outputs["cuda"][0]
+    for a, b in zip(cpu.prompt_logprobs[1:], gpu.prompt_logprobs[1:]):
+        assert a.keys() == b.keys()
+        assert all(abs(a[t].logprob - b[t].logprob) < 1e-3 for t in a)
