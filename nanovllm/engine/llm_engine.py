@@ -313,7 +313,7 @@ class LLMEngine:
         request.completions[0].seq.num_pending_forks = 0
         self._retire([request])
         if request.owner is not self._step_outputs:  # step() does not report aborts (nor does vLLM's)
-            request.owner.on_update(request)
+            request.owner.on_update(request, True)
 
     def _retire(self, requests: list[Request]) -> None:
         """Forget finished requests (engine held)."""
@@ -361,10 +361,10 @@ class LLMEngine:
         """One step; hands each changed request to its owner. Returns the tokens processed."""
         self._check_alive()
         updated, num_tokens = self._step()
-        finished = [r for r in updated if r.finished]
-        self._retire(finished)
-        for request in updated:
-            request.owner.on_update(request)
+        done = [request.finished for request in updated]
+        self._retire([request for request, finished in zip(updated, done) if finished])
+        for request, finished in zip(updated, done):
+            request.owner.on_update(request, finished)
         return num_tokens
 
     def _step(self) -> tuple[list[Request], int]:
@@ -382,9 +382,10 @@ class LLMEngine:
             with deferred_interrupts():  # a Ctrl-C lands after the launch is recorded, never inside it
                 for parent, child in batch.forks:
                     self._add_fork(batch.seqs[parent], child)
-                batch.prompt_logprob_rows = [
-                    i for i, seq in enumerate(batch.seqs) if seq.params.prompt_logprobs is not None
-                ]
+                if batch.is_prefill:
+                    batch.prompt_logprob_rows = [
+                        i for i, seq in enumerate(batch.seqs) if seq.params.prompt_logprobs is not None
+                    ]
                 try:
                     result = self.model_runner.launch(batch)
                 except BaseException:  # KeyboardInterrupt included: a later step must run the batch again
@@ -434,7 +435,7 @@ class LLMEngine:
             entry = self._completion_of.get(batch.seqs[row].seq_id)
             if entry is not None:
                 entry[0].add_prompt_logprobs(lps)
-        row_of = {id(seq): i for i, seq in enumerate(batch.rows)}
+        row_of = {id(seq): i for i, seq in enumerate(batch.rows)} if logprobs is not None else None
         for seq, index in launched.accepted:
             entry = self._completion_of.get(seq.seq_id)
             if entry is None:
@@ -454,9 +455,10 @@ class LLMEngine:
         drop it and those after it and abort their requests (their placeholders would never fill)."""
         try:
             for request in self._finalize_all():
-                if request.finished:
+                finished = request.finished
+                if finished:
                     self._retire([request])
-                request.owner.on_update(request)
+                request.owner.on_update(request, finished)
         except BaseException:
             dropped = list(self._inflight)
             self._inflight.clear()

@@ -1,6 +1,7 @@
 """Where each caller's request outputs go: every request has one owner, and only its owner sees it.
 
-Whichever thread steps the engine hands each changed request to its owner's `on_update`; the owner's
+Whichever thread steps the engine hands each changed request to its owner's `on_update` (with whether
+it is finished, known once per step); the owner's
 caller (a `generate`, a `stream`, or `step()` for requests queued with `add_request`) reads them in its
 own thread. Updates happen while the stepping thread holds the engine, so an owner needs no lock of
 its own beyond what the engine's condition variable gives.
@@ -22,10 +23,10 @@ class StepCollector:
         self.updated: dict[int, Request] = {}
         self.keep_updates = keep_updates  # vLLM's interface: report every updated request
 
-    def on_update(self, request: Request) -> None:
+    def on_update(self, request: Request, finished: bool) -> None:
         if self.keep_updates:
             self.updated[request.key] = request
-        elif request.finished:
+        elif finished:
             self.finished.append(request)
 
     def has_unreported(self) -> bool:
@@ -48,8 +49,8 @@ class GenerateCollector:
         self.remaining = num_prompts
         self.progress = progress  # a tqdm bar counting finished requests, or None
 
-    def on_update(self, request: Request) -> None:
-        if request.finished and self.results[request.index] is None:
+    def on_update(self, request: Request, finished: bool) -> None:
+        if finished and self.results[request.index] is None:
             self.results[request.index] = request.output()
             self.remaining -= 1
             if self.progress is not None:
@@ -66,12 +67,12 @@ class StreamCollector:
         self.items: deque[dict] = deque()
         self.remaining = num_prompts
 
-    def on_update(self, request: Request) -> None:
+    def on_update(self, request: Request, finished: bool) -> None:
         for completion in request.completions:
             delta = completion.delta()
             if delta is not None:
                 self.items.append({"index": request.index, "request_id": request.request_id, **delta})
-        if request.finished:
+        if finished:
             self.remaining -= 1
 
     def ready(self) -> bool:

@@ -181,9 +181,12 @@ class Request:
     @property
     def finished(self) -> bool:
         """Every completion is done (forks still to come count as unfinished)."""
-        return self.completions[0].seq.num_pending_forks == 0 and all(
-            c.seq.is_finished for c in self.completions
-        )
+        first = self.completions[0].seq
+        if first.num_pending_forks:
+            return False
+        if len(self.completions) == 1:  # the common case, checked for every request every step
+            return first.is_finished
+        return all(c.seq.is_finished for c in self.completions)
 
     def add_prompt_logprobs(self, rows: list[TokenLogprobs]) -> None:
         tokenizer = self.tokenizer if self.params.detokenize else None
