@@ -49,7 +49,7 @@ def _token_ids(values, where: str) -> list[int]:
         if not hasattr(values, "tolist"):  # numpy arrays and tensors are not Sequences
             raise TypeError(f"{where}: token ids must be a list of ints, got {type(values).__name__}")
         values = values.tolist()
-    if all(type(v) is int for v in values):  # the common case, without a call per token
+    if set(map(type, values)) <= {int}:  # the common case, checked at C speed
         return list(values)
     return [_token_id(v, where) for v in values]
 

@@ -11,7 +11,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 # vLLM clamps every logit_bias value into [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]: a bias of 100 already
 # makes a token certain (or impossible) against any realistic logit, and the clamp keeps sums finite.
@@ -316,8 +316,15 @@ class SamplingParams:
             raise ValueError("SamplingParams.stop strings need SamplingParams.detokenize=True")
 
     def clone(self) -> "SamplingParams":
-        """An independent copy (its lists and dict are new objects)."""
-        return replace(self)
+        """An independent copy (its lists and dict are new objects). The engine copies every request's
+        parameters, so this skips re-validating what is already valid."""
+        copy = SamplingParams.__new__(SamplingParams)
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if isinstance(value, (list, dict)):
+                value = value.copy()
+            object.__setattr__(copy, name, value)
+        return copy
 
     @property
     def needs_truncation(self) -> bool:

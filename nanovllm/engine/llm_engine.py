@@ -186,9 +186,9 @@ class LLMEngine:
             token_ids = self.tokenizer.encode(prompt.text)
         if not token_ids:
             raise ValueError("the prompt is empty: at least one token is needed")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
+            bad = next(t for t in token_ids if not 0 <= t < self.vocab_size)
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         if len(token_ids) > self.config.max_model_len:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens, more than max_model_len={self.config.max_model_len}"
