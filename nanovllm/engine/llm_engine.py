@@ -384,7 +384,7 @@ class LLMEngine:
                     self._add_fork(batch.seqs[parent], child)
                 if batch.is_prefill:
                     batch.prompt_logprob_rows = [
-                        i for i, seq in enumerate(batch.seqs) if seq.params.prompt_logprobs is not None
+                        i for i, seq in enumerate(batch.seqs) if self._wants_prompt_logprobs(seq)
                     ]
                 try:
                     result = self.model_runner.launch(batch)
@@ -393,6 +393,11 @@ class LLMEngine:
                         self._drop_fork(child)
                     self.scheduler.unschedule(batch)
                     raise
+                for row in batch.prompt_logprob_rows:
+                    seq = batch.seqs[row]
+                    request, _ = self._completion_of[seq.seq_id]
+                    end = seq.num_computed_tokens + batch.num_new_tokens[row] + 1
+                    request.prompt_logprobs_launched = min(end, seq.num_prompt_tokens)
                 self._inflight.append((self.scheduler.on_launched(batch), result))
             if len(self._inflight) > 1:  # read back the previous step while this one runs
                 updated += self._finalize_oldest()
@@ -402,6 +407,16 @@ class LLMEngine:
         elif not self.scheduler.is_finished():
             raise RuntimeError("scheduler has no sequence to run although requests are pending")
         return list(dict.fromkeys(updated)), num_tokens  # a request can get tokens from two reads
+
+    def _wants_prompt_logprobs(self, seq: Sequence) -> bool:
+        """Whether this prefill chunk of `seq` scores prompt tokens its request has no log-probabilities
+        for yet (a recompute after preemption, or another completion, would score them again)."""
+        if seq.params.prompt_logprobs is None:
+            return False
+        request, _ = self._completion_of[seq.seq_id]
+        # This chunk scores prompt tokens num_computed + 1 onwards; launched chunks count (overlap
+        # scheduling reads a chunk's log-probabilities back after the next one is launched).
+        return request.prompt_logprobs_launched == seq.num_computed_tokens + 1 < seq.num_prompt_tokens
 
     def _add_fork(self, parent: Sequence, child: Sequence) -> None:
         request, _ = self._completion_of[parent.seq_id]

@@ -172,6 +172,7 @@ class Request:
         self.num_cached_tokens = 0
         # Prompt log-probabilities arrive chunk by chunk; the first position has none.
         self.prompt_logprobs: PromptLogprobs | None = [None] if params.prompt_logprobs is not None else None
+        self.prompt_logprobs_launched = 1  # entries of prompt_logprobs a launched step will have filled
 
     def add_completion(self, seq: Sequence) -> Completion:
         completion = Completion(len(self.completions), seq, self.tokenizer, seq.params)

@@ -220,3 +220,28 @@ def test_chat_applies_the_template(llm):
 def test_invalid_values(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_prompt_logprobs_whole_under_chunking_preemption_and_forks(qwen3_tied, llm, overlap):
+    # Chunks of 16 tokens (their log-probabilities read back after the next chunk is launched), a cache
+    # small enough to preempt, and n=2 (a fork and a preempted prompt are computed again): every prompt
+    # still gets exactly one log-probability per token after the first, equal to the roomy engine's.
+    prompts = random_prompts(3, [40, 50, 60], seed=77)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, prompt_logprobs=1, n=2)
+    roomy = llm.generate(prompts, params, use_tqdm=False)
+    tight = LLM(
+        qwen3_tied,
+        kvcache_block_size=16,
+        num_kvcache_blocks=12,
+        max_num_batched_tokens=16,
+        overlap_scheduling=overlap,
+    )
+    squeezed = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.block_manager.num_free_blocks == tight.block_manager.num_blocks
+    tight.exit()
+    for prompt, a, b in zip(prompts, roomy, squeezed):
+        assert len(b.prompt_logprobs) == len(prompt) and b.prompt_logprobs[0] is None
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        for x, y, token in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], prompt[1:]):
+            assert token in y and abs(x[token].logprob - y[token].logprob) < 1e-4
