@@ -96,7 +96,10 @@ class EngineArgs:
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         """Add one `--dashed-name` flag per field to `parser` (its dest is the field name) and return it.
         Booleans get `--name`/`--no-name`; `--torch-compile`/`--no-torch-compile` unset means None."""
-        group = parser.add_argument_group("engine arguments")
+        # vLLM's scripts pass either a parser or an argument group of theirs (argparse never shows a
+        # group nested in a group in --help).
+        is_group = isinstance(parser, argparse._ArgumentGroup)
+        group = parser if is_group else parser.add_argument_group("engine arguments")
         for f in dataclasses.fields(EngineArgs):
             if f.name not in _HELP:
                 raise RuntimeError(

@@ -21,6 +21,8 @@ from collections.abc import Sequence as SequenceABC
 from contextlib import contextmanager
 from time import perf_counter
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from nanovllm.config import make_config
@@ -76,6 +78,8 @@ class LLMEngine:
         self.model_runner.logits_processors.tokenizer = self.tokenizer  # for bad_words
         # Unseeded requests get seeds from here when the engine has one, so runs repeat exactly.
         self._seed_rng = random.Random(config.seed) if config.seed is not None else None
+        if config.seed is not None:
+            seed_everything(config.seed)
         # (LaunchedBatch, StepResult) of launched steps not yet read back, oldest first (at most 2)
         self._inflight: deque = deque()
         self._requests: dict[int, Request] = {}  # unfinished requests by key (first sequence id)
@@ -608,6 +612,14 @@ class LLMEngine:
                 {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
             )
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def seed_everything(seed: int) -> None:
+    """As vLLM does for an engine seed: seed Python's, numpy's and torch's global generators, so a script
+    that also draws its own random numbers repeats run to run (process-wide, like theirs)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _fork_params(parent: Sequence, i: int) -> SamplingParams:
