@@ -1,6 +1,7 @@
-"""Mirrors the use of `SamplingParams(n=...)` in vLLM's examples/offline_inference/tpu.py: several
-completions per prompt (each prompt is prefilled once), read from `output.outputs`, under a small token
-budget per step (max_num_batched_tokens) and few sequences per step (max_num_seqs), as tpu.py sets.
+"""Mirrors vLLM's examples/offline_inference/tpu.py, its `SamplingParams(temperature=0, top_p=1.0, n=N,
+max_tokens=16)`: N completions per prompt (the prompt is prefilled once and shared), read from
+`output.outputs`, under tpu.py's small step limits (max_num_batched_tokens=64, max_num_seqs=4). Greedy,
+so the N completions of a prompt are identical.
 
 A vLLM user changes only `from vllm import ...` to `from nanovllm import ...`.
 
@@ -23,8 +24,8 @@ prompts = [
 
 
 def main(model: str, n: int) -> None:
-    # Sampled, so the n completions of a prompt differ (with temperature=0 they would be identical).
-    sampling_params = SamplingParams(temperature=0.8, top_p=0.95, n=n, max_tokens=16)
+    # Greedy, as in tpu.py: every one of the n completions is the argmax continuation.
+    sampling_params = SamplingParams(temperature=0, top_p=1.0, n=n, max_tokens=16)
     llm = LLM(model=model, max_num_batched_tokens=64, max_num_seqs=4)
     outputs = llm.generate(prompts, sampling_params)
     for output in outputs:
