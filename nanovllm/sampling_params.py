@@ -193,6 +193,79 @@ def _count_check(name: str) -> Callable[[object], int | None]:
 
 
 # One validator per field: it checks a value and returns it normalised.
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """A constraint on a completion's text, as vLLM's (exactly one of the first five):
+
+    json: a JSON schema (a dict or its JSON text): the completion is a JSON value it validates.
+    regex: the completion fully matches this regular expression.
+    choice: the completion is one of these strings.
+    grammar: an EBNF (GBNF) grammar whose `root` rule the completion matches.
+    json_object: True: any JSON object.
+    disable_any_whitespace: JSON without free whitespace between tokens (keeps weak models from
+        looping on spaces).
+    Grammars are compiled by xgrammar (`pip install nano-vllm[structured]`).
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "StructuredOutputsParams needs exactly one of json, regex, choice, grammar, json_object; "
+                f"got {', '.join(given) if given else 'none'}"
+            )
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(
+                f"StructuredOutputsParams.json must be a schema dict or JSON text, got {self.json!r}"
+            )
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"StructuredOutputsParams.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            choice = list(self.choice) if not isinstance(self.choice, str) else None
+            if not choice or not all(isinstance(c, str) and c for c in choice):
+                raise ValueError(
+                    f"StructuredOutputsParams.choice must be a list of non-empty strings, got {self.choice!r}"
+                )
+            self.choice = choice
+        if self.json_object not in (None, True, False):
+            raise ValueError(f"StructuredOutputsParams.json_object must be a bool, got {self.json_object!r}")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError(
+                "StructuredOutputsParams.disable_any_whitespace must be a bool, "
+                f"got {self.disable_any_whitespace!r}"
+            )
+
+    def key(self) -> tuple:
+        """What identifies the compiled grammar (requests with equal keys share it)."""
+        import json as json_module
+
+        spec = self.json if not isinstance(self.json, dict) else json_module.dumps(self.json, sort_keys=True)
+        kind = next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+        value = {"json": spec, "choice": tuple(self.choice or ())}.get(kind, getattr(self, kind))
+        return kind, value, self.disable_any_whitespace
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _check_structured_outputs(value) -> StructuredOutputsParams | None:
+    if value is not None and not isinstance(value, StructuredOutputsParams):
+        raise ValueError(
+            "SamplingParams.structured_outputs must be a StructuredOutputsParams or None, "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
 _CHECKS: dict[str, Callable[[object], object]] = {
     "temperature": _check_temperature,
     "max_tokens": _check_max_tokens,
@@ -217,6 +290,7 @@ _CHECKS: dict[str, Callable[[object], object]] = {
     "include_stop_str_in_output": _bool_check("include_stop_str_in_output"),
     "prompt_logprobs": _count_check("prompt_logprobs"),
     "detokenize": _bool_check("detokenize"),
+    "structured_outputs": _check_structured_outputs,
 }
 
 
@@ -248,6 +322,7 @@ class SamplingParams:
     include_stop_str_in_output: keep the matched stop string at the end of the output text.
     prompt_logprobs: N: return the log-probabilities of each prompt token and of the N most likely.
     detokenize: produce output text (False: token ids only; `stop` strings then cannot be used).
+    structured_outputs: a `StructuredOutputsParams` constraint (JSON schema, regex, choice, grammar).
 
     A wrong type for temperature, max_tokens or ignore_eos is a TypeError; every other invalid value is
     a ValueError naming the field. Assigning a field after construction validates it again (changing a
@@ -277,6 +352,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     # False while __init__ assigns the raw values; __post_init__ sets it once all of them are validated.
     _validated: bool = field(default=False, init=False, repr=False, compare=False)
     # `needs_logits_processing`, kept current on every assignment: the model runner reads it for every

@@ -37,6 +37,7 @@ from nanovllm.inputs import ParsedPrompt, PromptType, parse_prompt, parse_prompt
 from nanovllm.models.registry import check_model_config
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured_output import StructuredOutputManager
 from nanovllm.utils.generation_config import default_sampling_params, eos_token_ids
 from nanovllm.utils.tokenizer import load_tokenizer
 
@@ -76,6 +77,7 @@ class LLMEngine:
             fork_params=_fork_params,
         )
         self.model_runner.logits_processors.tokenizer = self.tokenizer  # for bad_words
+        self._structured = StructuredOutputManager(self.tokenizer, self.vocab_size, config.eos_token_ids)
         # Unseeded requests get seeds from here when the engine has one, so runs repeat exactly.
         self._seed_rng = random.Random(config.seed) if config.seed is not None else None
         if config.seed is not None:
@@ -249,8 +251,15 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), token_ids, params, self.config.kvcache_block_size)
         seq.num_pending_forks = params.n - 1
         seq.needs_host_tokens = self.model_runner.logits_processors.needs_host_tokens(params)
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self._structured.compile(params.structured_outputs)  # ValueError if invalid
+            seq.needs_host_tokens = True  # its next mask depends on the token just sampled
         request_id = str(seq.seq_id) if request_id is None else request_id
-        return Request(seq.seq_id, request_id, seq, prompt.text, params, self.tokenizer, owner, index)
+        request = Request(seq.seq_id, request_id, seq, prompt.text, params, self.tokenizer, owner, index)
+        if grammar is not None:
+            request.set_grammar(grammar, self._structured.new_matcher)
+        return request
 
     def _enqueue(self, requests: list[Request]) -> None:
         with self._exclusive():
@@ -390,8 +399,12 @@ class LLMEngine:
                     batch.prompt_logprob_rows = [
                         i for i, seq in enumerate(batch.seqs) if self._wants_prompt_logprobs(seq)
                     ]
+                masks = self._token_bitmask(batch) if self._num_host_token_seqs else None
                 try:
-                    result = self.model_runner.launch(batch)
+                    if masks is None:
+                        result = self.model_runner.launch(batch)
+                    else:
+                        result = self.model_runner.launch(batch, token_bitmask=masks)
                 except BaseException:  # KeyboardInterrupt included: a later step must run the batch again
                     for _, child in batch.forks:
                         self._drop_fork(child)
@@ -411,6 +424,17 @@ class LLMEngine:
         elif not self.scheduler.is_finished():
             raise RuntimeError("scheduler has no sequence to run although requests are pending")
         return list(dict.fromkeys(updated)), num_tokens  # a request can get tokens from two reads
+
+    def _token_bitmask(self, batch) -> tuple[list[int], object] | None:
+        """(rows, bitmask) of the rows of `batch` whose completion follows a grammar, or None."""
+        rows, matchers = [], []
+        for i, seq in enumerate(batch.rows):
+            entry = self._completion_of.get(seq.seq_id)
+            matcher = entry[0].completions[entry[1]].matcher if entry is not None else None
+            if matcher is not None:
+                rows.append(i)
+                matchers.append(matcher)
+        return (rows, self._structured.bitmask(matchers)) if rows else None
 
     def _wants_prompt_logprobs(self, seq: Sequence) -> bool:
         """Whether this prefill chunk of `seq` scores prompt tokens its request has no log-probabilities

@@ -20,6 +20,7 @@ from nanovllm.layers.attention import Attention
 from nanovllm.layers.logits_processor import LogitsProcessors
 from nanovllm.layers.sampler import Sampler, SamplingTensors
 from nanovllm.models.registry import get_model_class, resolve_architecture
+from nanovllm.structured_output.manager import apply_token_bitmask
 from nanovllm.utils.compile import enable_compilation
 from nanovllm.utils.context import AttentionMetadata, ForwardContext
 from nanovllm.utils.loader import load_weights
@@ -433,10 +434,11 @@ class ModelRunner:
         return st
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> StepResult | None:
+    def launch(self, batch: ScheduledBatch, token_bitmask=None) -> StepResult | None:
         """Start one scheduled step; its sampled tokens (one per row of `batch.rows`) come from the
         result. Tensor-parallel workers run the same step (their logits gather on rank 0), receive rank
-        0's tokens for their next decode inputs, and return None."""
+        0's tokens for their next decode inputs, and return None. `token_bitmask` (rank 0): (rows, mask)
+        of the rows whose completion follows a grammar (structured outputs)."""
         prepare = self.prepare_prefill if batch.is_prefill else self.prepare_decode
         input_ids, positions, meta = prepare(batch)
         rows = batch.rows
@@ -449,6 +451,10 @@ class ModelRunner:
             raw_logits = logits
             if adjust is not None:
                 logits = self.logits_processors.apply(logits, adjust)
+            if token_bitmask is not None:
+                if logits is raw_logits:  # the mask works in place; logprobs read the raw logits
+                    logits = logits.to(torch.float32, copy=True)
+                apply_token_bitmask(logits, *token_bitmask)
             tokens = self.sampler(logits, sampling)
             if adjust is not None:
                 self.logits_processors.record(adjust, tokens)

@@ -31,6 +31,8 @@ class Completion:
         self.cumulative_logprob = 0.0
         self.sent_tokens = 0  # streaming: completion tokens already yielded
         self.sent_text = 0  # streaming: characters already yielded
+        self.matcher = None  # structured outputs: the grammar state after the tokens accepted so far
+        self.keeps_last_token_text = False  # ended by the grammar on a content token, not a stop token
 
     def known_tokens(self) -> list[int]:
         """Completion token ids without a trailing token still being sampled."""
@@ -47,7 +49,7 @@ class Completion:
         stopped_by_token = (
             seq.is_finished and seq.finish_reason == "stop" and self.stop_string is None and ids
         )
-        if stopped_by_token and not self.params.include_stop_str_in_output:
+        if stopped_by_token and not self.params.include_stop_str_in_output and not self.keeps_last_token_text:
             ids = ids[:-1]
         return ids
 
@@ -57,8 +59,29 @@ class Completion:
             self.detokenizer.add(ids[self.num_seen :], final=final)
             self.num_seen = len(ids)
 
+    def _follow_grammar(self, index: int, scheduler) -> None:
+        """Advance the matcher over the token at `index`; finish the completion when the grammar is
+        complete (its stop token accepted) or, should the token break it, just before that token."""
+        if self.matcher.is_terminated():
+            return
+        seq = self.seq
+        if not self.matcher.accept_token(seq.token_ids[index]):
+            # Only possible where other settings forbid every token the grammar allows (e.g. min_tokens
+            # banning the EOS the completed grammar needs): end the completion before the token.
+            self.keeps_last_token_text = True
+            if seq.is_finished:
+                seq.truncate(index)
+            else:
+                scheduler.stop_early(seq, index, "stop")
+            seq.finish_reason = "stop"
+        elif self.matcher.is_terminated() and not seq.is_finished:
+            scheduler.stop_early(seq, index + 1, "stop")
+
     def on_token(self, index: int, scheduler) -> None:
-        """A sampled token was filled in at `index` of the sequence: look for stop strings."""
+        """A sampled token was filled in at `index` of the sequence: advance the grammar, look for stop
+        strings."""
+        if self.matcher is not None:
+            self._follow_grammar(index, scheduler)
         if not self.stops or self.stop_text is not None:
             return
         if index + 1 - self.seq.num_prompt_tokens < self.params.min_tokens:
@@ -169,13 +192,21 @@ class Request:
         self.owner = owner
         self.index = index
         self.completions = [Completion(0, seq, tokenizer, params)]
+        self.grammar = self.new_matcher = None  # structured outputs (set_grammar)
         self.num_cached_tokens = 0
         # Prompt log-probabilities arrive chunk by chunk; the first position has none.
         self.prompt_logprobs: PromptLogprobs | None = [None] if params.prompt_logprobs is not None else None
         self.prompt_logprobs_launched = 1  # entries of prompt_logprobs a launched step will have filled
 
+    def set_grammar(self, grammar, new_matcher) -> None:
+        """Structured outputs: every completion follows `grammar` with a matcher of its own."""
+        self.grammar, self.new_matcher = grammar, new_matcher
+        self.completions[0].matcher = new_matcher(grammar)
+
     def add_completion(self, seq: Sequence) -> Completion:
         completion = Completion(len(self.completions), seq, self.tokenizer, seq.params)
+        if self.grammar is not None:
+            completion.matcher = self.new_matcher(self.grammar)
         self.completions.append(completion)
         return completion
 

@@ -286,9 +286,9 @@ class TensorParallelRunner:
         replies = self._wait_replies("result")
         return [local] + [replies[r] for r in range(1, self.world_size)]
 
-    def launch(self, batch):
-        self._send("launch", (batch,), reply=False)
-        return self._run_local("launch", (batch,))
+    def launch(self, batch, token_bitmask=None):
+        self._send("launch", (batch,), reply=False)  # the grammar masks concern rank 0's sampler only
+        return self._run_local("launch", (batch,) if token_bitmask is None else (batch, token_bitmask))
 
     def run(self, batch) -> list[int]:
         return self.launch(batch).tolist()

@@ -1,0 +1,3 @@
+from nanovllm.structured_output.manager import StructuredOutputManager
+
+__all__ = ["StructuredOutputManager"]
