@@ -383,8 +383,6 @@ class LLMEngine:
     def _step(self) -> tuple[list[Request], int]:
         """One step: (requests that got new tokens, tokens processed)."""
         updated: list[Request] = []
-        if self._num_host_token_seqs and self._inflight:
-            updated += self._finalize_all()  # some sampler row needs its previous token on the host
         batch = self.scheduler.try_schedule()
         if batch is None and self._inflight:
             # Nothing can start until the steps in flight are read back (they may free blocks).

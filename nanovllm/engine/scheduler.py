@@ -140,10 +140,16 @@ class Scheduler:
             return ScheduledBatch("prefill", seqs, num_new, forks, copies)
 
         finishing: list[Sequence] = []  # their in-flight token is their last: nothing more to run
+        # A sequence whose sampler needs its previous token on the host (a grammar's mask, multi-token
+        # bad words) sits out a step while that token is in flight: the others keep overlapping.
+        held: list[Sequence] = []
         while self.running and len(seqs) < self.max_num_seqs:
             seq = self.running.popleft()
             if self.will_finish(seq):
                 finishing.append(seq)
+                continue
+            if seq.needs_host_tokens and seq.has_pending_token:
+                held.append(seq)
                 continue
             while not self.block_manager.can_append(seq):
                 if self.running:
@@ -154,7 +160,7 @@ class Scheduler:
             else:
                 self.block_manager.may_append(seq)
                 seqs.append(seq)
-        self.running.extendleft(reversed(seqs + finishing))
+        self.running.extendleft(reversed(seqs + finishing + held))
         if not seqs:
             return None
         return ScheduledBatch("decode", seqs, [1] * len(seqs))

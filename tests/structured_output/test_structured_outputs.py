@@ -191,3 +191,30 @@ def test_one_compiled_grammar_per_distinct_constraint(llm):
     b = manager.compile(StructuredOutputsParams(json=json.dumps(SCHEMA, sort_keys=True)))
     c = manager.compile(StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True))
     assert a is b and a is not c
+
+
+def test_overlap_continues_for_unconstrained_rows(qwen3_tied):
+    # With overlap scheduling a constrained row sits out the step after each of its own (its mask needs
+    # the token in flight) while the unconstrained rows decode every step.
+    llm = LLM(qwen3_tied, **CONFIG)
+    decode_batches = []
+    launch = llm.model_runner.launch
+
+    def recording(batch, **kwargs):
+        if not batch.is_prefill:
+            decode_batches.append({seq.seq_id for seq in batch.seqs})
+        return launch(batch, **kwargs)
+
+    llm.model_runner.launch = recording
+    plain = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    outs = llm.generate(
+        random_prompts(2, [6, 9], seed=4), [plain, constrained(**PARAMS["grammar"])], use_tqdm=False
+    )
+    check("grammar", outs[1].outputs[0].text)
+    plain_id, grammar_id = (int(o.request_id) for o in outs)
+    assert sum(plain_id in b for b in decode_batches) == 29  # every decode step after the prefill's token
+    # While the plain request runs (alone, the constrained one waits for each token instead).
+    last_plain = max(i for i, b in enumerate(decode_batches) if plain_id in b)
+    with_grammar = [i for i, b in enumerate(decode_batches[: last_plain + 1]) if grammar_id in b]
+    assert len(with_grammar) >= 5 and all(b - a == 2 for a, b in zip(with_grammar, with_grammar[1:]))
+    llm.exit()
