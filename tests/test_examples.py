@@ -22,6 +22,7 @@ ALLOWED_IMPORTS = {
     "nanovllm.utils.argparse_utils": {"FlexibleArgumentParser"},
     "nanovllm.distributed": {"cleanup_dist_env_and_memory"},
     "nanovllm.utils.builtin_model": {"get_builtin_model"},
+    "nanovllm.sampling_params": {"StructuredOutputsParams"},
 }
 
 GENERATED = re.compile(r"Generated text: ")
@@ -53,6 +54,7 @@ def test_all_scripts_are_covered():
         "n_completions.py",
         "prefix_caching.py",
         "reproducibility.py",
+        "structured_outputs.py",
     ]
 
 
@@ -160,3 +162,22 @@ def test_n_completions(qwen3_tied):
     texts = [m.group(3) for m in completions]
     for i in range(0, 9, 3):
         assert texts[i] == texts[i + 1] == texts[i + 2]
+
+
+def test_structured_outputs(qwen3_tied):
+    import json
+
+    out = run_example("structured_outputs.py", qwen3_tied)
+    texts = dict(
+        line.split(": ", 1)
+        for line in out.splitlines()
+        if line.split(": ", 1)[0] in ("choice", "regex", "json", "grammar")
+    )
+    texts = {k: ast.literal_eval(v) for k, v in texts.items()}
+    assert texts["choice"] in ("Positive", "Negative")
+    assert re.fullmatch(r"[a-z]{2,8}@[a-z]{2,8}\.com\n", texts["regex"])
+    car = json.loads(texts["json"])
+    assert set(car) == {"brand", "model", "car_type"} and all(
+        v in ("sedan", "SUV", "Truck", "Coupe") for v in car.values()
+    )
+    assert re.fullmatch(r"SELECT col_[12]  from table_[12]  where col_[12] = [12] ", texts["grammar"])
