@@ -34,6 +34,7 @@ from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.tp import create_model_runner
 from nanovllm.inputs import ParsedPrompt, PromptType, parse_prompt, parse_prompts
+from nanovllm.layers.logits_processor import check_vocab
 from nanovllm.models.registry import check_model_config
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
@@ -213,14 +214,7 @@ class LLMEngine:
                 raise ValueError(
                     f"SamplingParams.{name}={value} is more than the vocabulary ({self.vocab_size} tokens)"
                 )
-        for name in ("logit_bias", "allowed_token_ids"):
-            ids = getattr(params, name)
-            bad = [t for t in (ids or ()) if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"SamplingParams.{name} has token id {bad[0]}, outside the vocabulary "
-                    f"[0, {self.vocab_size})"
-                )
+        check_vocab(params, self.vocab_size)  # logit_bias and allowed_token_ids
         bs = self.config.kvcache_block_size
         longest = min(num_prompt_tokens + params.max_tokens, self.config.max_model_len)
         needed = (longest + bs - 1) // bs
