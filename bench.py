@@ -1,8 +1,9 @@
 """Throughput on the reference workload, and how close it comes to the GPU's memory-bandwidth limit.
 
-Workload (SPEC.md): random.seed(0); 256 prompts of randint(100, 1024) token ids drawn with randint(0, 10000),
-then one SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, 1024)) each; one short
-warm-up generate; the timed generate makes 133,966 output tokens. Deviations, only when asked for:
+Reference workload (README, "Benchmark"): random.seed(0); 256 prompts of randint(100, 1024) token ids
+drawn with randint(0, 10000), then one SamplingParams(temperature=0.6, ignore_eos=True,
+max_tokens=randint(100, 1024)) each; one short warm-up generate; the timed generate makes 133,966
+output tokens. Deviations, only when asked for:
 - a maximum length below 100 (tiny smoke tests) draws lengths from randint(max(1, max // 4), max);
 - a model whose vocabulary has at most 10,000 ids gets every drawn id reduced modulo its vocabulary size;
 - --shared-prefix N draws N ids from random.Random(1) after everything else and writes them over the first
@@ -388,31 +389,90 @@ def resolve_model(name: str) -> str:
     return path
 
 
+# Output tokens above which a run on a CPU is refused unless --cpu-ok: the reference workload on
+# Qwen3-0.6B shapes would take hours there, with no output until the end.
+CPU_OUTPUT_TOKENS_LIMIT = 20_000
+SMALL_CPU_RUN = "--model tiny-qwen3 --num-seqs 8 --max-input-len 64 --max-output-len 32"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory or one of {BUILTIN_MODELS}")
-    p.add_argument("--engine", choices=("nanovllm", "hf", "vllm"), default="nanovllm")
-    p.add_argument("--num-seqs", type=int, default=REFERENCE["num_seqs"])
-    p.add_argument("--max-input-len", type=int, default=REFERENCE["max_input_len"])
-    p.add_argument("--max-output-len", type=int, default=REFERENCE["max_output_len"])
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model directory, or a built-in random checkpoint built on first use: "
+        f"{', '.join(BUILTIN_MODELS)} (default: ~/huggingface/Qwen3-0.6B/, else qwen3-0.6b-random)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("nanovllm", "hf", "vllm"),
+        default="nanovllm",
+        help="nanovllm (this engine), hf (transformers' continuous batching) or vllm (when installed)",
+    )
+    p.add_argument("--num-seqs", type=int, default=REFERENCE["num_seqs"], help="requests (reference: 256)")
+    p.add_argument(
+        "--max-input-len",
+        type=int,
+        default=REFERENCE["max_input_len"],
+        help="longest prompt (reference: 1024)",
+    )
+    p.add_argument(
+        "--max-output-len",
+        type=int,
+        default=REFERENCE["max_output_len"],
+        help="largest max_tokens (reference: 1024)",
+    )
     p.add_argument("--shared-prefix", type=int, default=0, metavar="N", help="common first N prompt tokens")
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--attention-backend", choices=("auto", "triton", "flash-attn", "torch"), default="auto")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument(
+        "--attention-backend",
+        choices=("auto", "triton", "flash-attn", "torch"),
+        default="auto",
+        help="attention implementation (auto: flash-attn if it imports, else triton on CUDA)",
+    )
     p.add_argument("--no-overlap", action="store_true", help="overlap scheduling off, if the engine has it")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--kvcache-block-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="compute dtype (auto: the checkpoint's on GPU, float32 on CPU)",
+    )
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
+    p.add_argument("--max-model-len", type=int, default=4096, help="longest sequence the engine accepts")
+    p.add_argument("--kvcache-block-size", type=int, default=256, help="tokens per KV-cache block")
     p.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs to shard the model over (not hf)"
+    )
+    p.add_argument(
+        "--cpu-ok",
+        action="store_true",
+        help=f"run on a CPU even a workload of more than {CPU_OUTPUT_TOKENS_LIMIT:,} output tokens",
     )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     return p.parse_args(argv)
 
 
+def refuse_slow_cpu_run(args: argparse.Namespace) -> None:
+    """Exit with a suggestion when a run would take hours on a CPU (before any checkpoint is built)."""
+    if _device(args.device).type != "cpu" or args.cpu_ok:
+        return
+    wl = make_workload(args.num_seqs, args.max_input_len, args.max_output_len)
+    if wl.output_tokens <= CPU_OUTPUT_TOKENS_LIMIT and args.model != DEFAULT_MODEL:
+        return
+    print(
+        f"bench.py: no GPU here, and this run ({len(wl.prompts)} requests, {wl.output_tokens:,} output tokens"
+        f"{', Qwen3-0.6B shapes' if args.model == DEFAULT_MODEL else ''}) would take hours on a CPU with no "
+        f"output until the end. For a quick functional run try:\n  python bench.py {SMALL_CPU_RUN}\n"
+        "or pass --cpu-ok to run it anyway.",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    refuse_slow_cpu_run(args)
     if args.engine == "hf" and args.tensor_parallel_size != 1:
         print("--engine hf runs on one device; leave --tensor-parallel-size at 1", file=sys.stderr)
         sys.exit(2)

@@ -51,3 +51,35 @@ def test_bench_runs_the_workload_and_writes_json(qwen3_tied, tmp_path, tp):
         full = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     per_gpu = data["bandwidth"]["weight_bytes"] // 4  # float32
     assert full / tp <= per_gpu < full / tp + 1024
+
+
+def test_bench_on_a_cpu_refuses_the_reference_run_and_suggests_a_small_one(tmp_path):
+    # No model and no GPU: it must not build the 1.2 GB Qwen3-0.6B-shaped checkpoint and run for hours.
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "NANOVLLM_CACHE": str(tmp_path / "cache"),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    proc = subprocess.run(
+        [sys.executable, "bench.py", "--device", "cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 2
+    assert "--model tiny-qwen3" in proc.stderr and "--cpu-ok" in proc.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bench_help_documents_every_flag():
+    proc = subprocess.run(
+        [sys.executable, "bench.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "SPEC.md" not in proc.stdout
+    flags = re.findall(r"^  (--[a-z-]+)", proc.stdout, flags=re.M)
+    assert len(flags) > 15
+    for block in re.split(r"\n(?=  -)", proc.stdout.split("options:")[1])[1:]:
+        assert len(block.split()) > 2 or "--help" in block, f"a flag without help: {block.strip()}"
