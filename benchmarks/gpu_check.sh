@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything to check and time on the lent GPU in one call; prints a short table last.
 #   bash benchmarks/gpu_check.sh [tests | tests-engine tests-models] [kernels] [bench] [bench-extra] [baseline] [peers]
-#                                [tp-tests] [tp-small] [tp-8b]     (default: tests kernels bench)
+#                                [tp-tests] [tp-small] [tp-8b] [structured]   (default: tests kernels bench)
+# `structured` needs xgrammar (and pydantic, apache-tvm-ffi) on the GPU machine: carry them as wheels.
 # The tp-* parts need 2 or more GPUs: tp-small and tp-8b time bench.py at tensor_parallel_size 1, 2 (and 4
 # where there are 4 GPUs) on Qwen3-0.6B and Qwen3-8B shapes, the collectives alone (bench_allreduce.py)
 # and decode steps (profile_step.py). tp-8b first builds the 16 GB random checkpoint (about a minute).
@@ -74,6 +75,10 @@ for part in $parts; do
           2>&1 | tail -6 | tee "$OUT/profile_${part}_tp$tp.log"
         summary+=("decode step $model tp=$tp: $(grep -E '^(step wall|forward)' "$OUT/profile_${part}_tp$tp.log" | tr -s ' ' | paste -sd';')")
       done ;;
+    structured)  # the grammar mask's cost and 10% JSON-constrained requests beside the plain workload
+      python3 benchmarks/bench_structured.py --json "$OUT/structured.json" 2>&1 | grep -v Warn \
+        | tee "$OUT/structured.log" | tail -8
+      summary+=("structured: $(grep -E '^ +mixed:' "$OUT/structured.log")") ;;
     peers)  # about 4 minutes: transformers' continuous batching on the same workload
       python3 bench.py --engine hf --json "$OUT/bench_hf.json" 2>&1 | tee "$OUT/bench_hf.log" | tail -3
       summary+=("bench hf: $(grep '^Total:' "$OUT/bench_hf.log" | tail -1)") ;;
