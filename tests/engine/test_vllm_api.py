@@ -209,7 +209,7 @@ def copy_with_generation_config(src: str, dst, config: dict) -> str:
     return str(dst)
 
 
-def test_generation_config_gives_the_default_sampling_params(qwen3_tied, tmp_path, llm):
+def test_generation_config_gives_the_default_sampling_params(qwen3_tied, tmp_path, llm, hf_tied):
     path = copy_with_generation_config(
         qwen3_tied,
         tmp_path / "defaults",
@@ -225,8 +225,9 @@ def test_generation_config_gives_the_default_sampling_params(qwen3_tied, tmp_pat
         outs = gen(engine, prompts)  # no sampling_params: the file's
         expected = gen(llm, prompts, SamplingParams(temperature=0.0, max_tokens=5))
         assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in expected]
-        for o in outs:  # EOS could end one earlier; with these prompts it does not
+        for p, o in zip(prompts, outs):  # EOS could end one earlier; with these prompts it does not
             assert len(o["token_ids"]) == 5 and o["finish_reason"] == "length"
+            assert o["token_ids"] == hf_greedy(hf_tied, p, 5)
         assert len(engine.generate(prompts[0], use_tqdm=False)[0]["token_ids"]) == 5
     finally:
         engine.exit()
@@ -280,6 +281,50 @@ def test_min_tokens_holds_back_a_generation_config_eos(eos_case, hf_tied, tok):
     assert ids == hf_reference(hf_tied, prompt, 14, banned_until=(eos, m), stop_ids=eos)
     if len(ids) < 14:
         assert ids[-1] in eos and out["finish_reason"] == "stop"
+
+
+@pytest.fixture(scope="module")
+def eos_at_one(qwen3_tied, tmp_path_factory, llm, tok):
+    """A prompt whose greedy completion's token 1 (t) is new, and a checkpoint copy listing
+    [tokenizer EOS, t] as EOS ids. Yields (engine, prompt, greedy tokens, t)."""
+    for seed in range(130, 160):
+        prompt = random_prompts(1, [7], seed=seed)[0]
+        tokens = gen(llm, prompt, greedy(12))[0]["token_ids"]
+        if tokens[1] != tokens[0] and tok.eos_token_id not in tokens[:2]:
+            break
+    else:
+        raise AssertionError("no prompt whose greedy token 1 differs from token 0")
+    t = tokens[1]
+    path = copy_with_generation_config(
+        qwen3_tied, tmp_path_factory.mktemp("eos1") / "ckpt", {"eos_token_id": [tok.eos_token_id, t]}
+    )
+    engine = LLM(path, **ENGINE)
+    yield engine, prompt, tokens, t
+    engine.exit()
+
+
+def test_min_tokens_5_suppresses_an_eos_at_position_1(eos_at_one, llm, hf_tied, tok):
+    engine, prompt, tokens, t = eos_at_one
+    plain = gen(engine, prompt, SamplingParams(temperature=0.0, max_tokens=12))[0]
+    assert plain["token_ids"] == tokens[:2] and plain["finish_reason"] == "stop"
+    stops = {tok.eos_token_id, t}
+    reference = hf_reference(hf_tied, prompt, 12, banned_until=(stops, 5), stop_ids=stops)
+    held = gen(engine, prompt, SamplingParams(temperature=0.0, max_tokens=12, min_tokens=5))[0]
+    ids = held["token_ids"]
+    assert len(ids) >= 5 and t not in ids[:5] and tok.eos_token_id not in ids[:5]
+    assert ids == reference
+    # The same with t as a stop token on the plain checkpoint.
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[t])
+    assert gen(llm, prompt, params)[0]["token_ids"] == tokens[:2]
+    params.min_tokens = 5
+    by_stop_id = gen(llm, prompt, params)[0]
+    ids = by_stop_id["token_ids"]
+    assert len(ids) >= 5 and t not in ids[:5]
+    assert ids == reference
+    if len(ids) < 12:
+        assert by_stop_id["finish_reason"] == "stop" and ids[-1] in stops
+    assert_all_free(engine)
+    assert_all_free(llm)
 
 
 # ---- 5. n > 1 ------------------------------------------------------------------------------------
@@ -415,7 +460,7 @@ def test_frequency_and_presence_penalties_stop_repeats(llm, hf_tied):
     # Prompts whose greedy completion repeats a token; the penalties must change it in the direction
     # of their sign (transformers' logits with the penalty subtracted, step by step).
     changed = {"frequency": False, "presence": False}
-    checked = 0
+    checked, more_distinct = 0, False
     for seed in range(200, 260):
         prompt = random_prompts(1, [6], seed=seed)[0]
         plain = gen(llm, prompt, greedy(16))[0]["token_ids"]
@@ -432,13 +477,28 @@ def test_frequency_and_presence_penalties_stop_repeats(llm, hf_tied):
         assert len(set(freq)) >= len(set(plain)) and len(set(pres)) >= len(set(plain))
         assert len(set(more)) <= len(set(plain))
         changed["frequency"] |= freq != plain
+        more_distinct |= len(set(freq)) > len(set(plain))
         changed["presence"] |= pres != plain
-        if all(changed.values()) and checked >= 2:
+        if all(changed.values()) and more_distinct and checked >= 2:
             break
     assert all(changed.values()), f"the penalties changed too little to be seen: {changed}"
+    assert more_distinct, "frequency_penalty=2.0 never gave more distinct tokens than plain greedy"
 
 
 # ---- 9. skip_special_tokens ----------------------------------------------------------------------
+
+
+def test_skip_special_tokens_on_forced_special_tokens(llm, tok):
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    prompt = random_prompts(1, [5], vocab=TEXT_VOCAB, seed=125)[0]
+    params = greedy(3, logit_bias={im_start: 100})
+    out = gen(llm, prompt, params)[0]
+    assert out["token_ids"] == [im_start] * 3
+    assert out["text"] == tok.decode(out["token_ids"], skip_special_tokens=True) == ""
+    params.skip_special_tokens = False
+    kept = gen(llm, prompt, params)[0]
+    assert kept["token_ids"] == [im_start] * 3
+    assert kept["text"] == tok.decode(kept["token_ids"]) and "<|im_start|>" in kept["text"]
 
 
 def test_skip_special_tokens(llm, tok):
@@ -486,6 +546,40 @@ def test_stop_strings(llm, tok):
     kept = gen(llm, prompt, greedy(30, stop=stop, include_stop_str_in_output=True))[0]
     assert kept["text"] == full[: cut + len(stop)] and kept["text"].endswith(stop)
     assert kept["finish_reason"] == "stop" and kept["stop_reason"] == stop
+    assert_all_free(llm)
+
+
+def test_stop_string_from_the_middle_of_a_completion(llm, tok):
+    """Three characters from the middle of a greedy completion's text (not aligned to its tokens) as
+    the stop string: the text is cut right before it, or ends with it when it is kept. Tokens are
+    restricted to printable ASCII ones so the text has no partial characters."""
+    printable = [i for i in range(TEXT_VOCAB) if (d := tok.decode([i])) and d.isascii() and d.isprintable()]
+    for seed in range(340, 380):
+        prompt = random_prompts(1, [6], vocab=TEXT_VOCAB, seed=seed)[0]
+        params = greedy(24, allowed_token_ids=printable)
+        tokens = gen(llm, prompt, params)[0]["token_ids"]
+        full = tok.decode(tokens, skip_special_tokens=True)
+        mid = len(full) // 2
+        stop = full[mid : mid + 3]
+        starts = {len(tok.decode(tokens[:i], skip_special_tokens=True)) for i in range(len(tokens))}
+        if len(full) >= 12 and stop.strip() == stop and len(stop) == 3 and full.find(stop) not in starts:
+            break
+    else:
+        raise AssertionError("no completion with a stop string inside a token")
+    cut = full.find(stop)
+    assert 0 < cut <= mid
+    params.stop = stop
+    out = gen(llm, prompt, params)[0]
+    assert out["text"] == full[:cut]
+    assert out["finish_reason"] == "stop" and out["stop_reason"] == stop
+    ids = out["token_ids"]
+    assert ids == tokens[: len(ids)]  # generation ended once the stop string was complete
+    assert stop in tok.decode(ids) and stop not in tok.decode(ids[:-1])
+    params.stop, params.include_stop_str_in_output = [stop], True
+    kept = gen(llm, prompt, params)[0]
+    assert kept["text"] == full[: cut + len(stop)]
+    assert kept["finish_reason"] == "stop" and kept["stop_reason"] == stop
+    assert kept["token_ids"] == ids
     assert_all_free(llm)
 
 
@@ -774,10 +868,13 @@ def test_chat_template_kwargs_and_generation_prompt(llm, qwen3_tied):
 def test_out_of_vocabulary_values_are_refused(llm, hf_tied, field, kwargs):
     prompt = random_prompts(1, [6], seed=123)[0]
     good = greedy(4)
+    bad = greedy(4, **kwargs)  # valid on its own: only the engine knows the vocabulary
     with pytest.raises(ValueError, match=field):
-        gen(llm, prompt, greedy(4, **kwargs))
+        gen(llm, prompt, bad)
     with pytest.raises(ValueError, match=field):  # one bad request among good ones queues nothing
-        gen(llm, [prompt, prompt], [good, greedy(4, **kwargs)])
+        gen(llm, [prompt, prompt], [good, bad])
+    with pytest.raises(ValueError, match=field):
+        llm.add_request(prompt, bad)
     assert_all_free(llm)
     assert gen(llm, prompt, good)[0]["token_ids"] == hf_greedy(hf_tied, prompt, 4)
     assert_all_free(llm)
@@ -787,11 +884,16 @@ def test_n_too_large_for_the_cache_is_refused(qwen3_tied, hf_tied):
     engine = LLM(qwen3_tied, **{**ENGINE, "num_kvcache_blocks": 8})
     try:
         prompt = random_prompts(1, [5], seed=124)[0]  # one partly filled block: each fork needs its own
+        too_many = greedy(4, n=9)
         with pytest.raises(ValueError, match="n=9"):
-            gen(engine, prompt, greedy(4, n=9))
+            gen(engine, prompt, too_many)
         assert_all_free(engine)
         out = gen(engine, prompt, greedy(4, n=8))[0]  # exactly fits
         assert [c.token_ids for c in out.outputs] == [hf_greedy(hf_tied, prompt, 4)] * 8
+        assert_all_free(engine)
+        # Each completion fits alone (3 blocks) but not all four at once (12): preemption, not refusal.
+        out = gen(engine, prompt, greedy(40, n=4))[0]
+        assert [c.token_ids for c in out.outputs] == [hf_greedy(hf_tied, prompt, 40)] * 4
         assert_all_free(engine)
     finally:
         engine.exit()
