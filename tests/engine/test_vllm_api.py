@@ -380,6 +380,28 @@ def test_n_seeded_sampling_differs_and_repeats(llm):
     assert_all_free(llm)
 
 
+def test_n_seeded_completion_i_uses_seed_plus_i(llm):
+    prompt = random_prompts(1, [9], seed=126)[0]
+    sampled = dict(temperature=1.0, max_tokens=8, ignore_eos=True)
+    out = gen(llm, prompt, SamplingParams(seed=40, n=3, **sampled))[0]
+    singles = [gen(llm, prompt, SamplingParams(seed=40 + i, **sampled))[0]["token_ids"] for i in range(3)]
+    assert [c.token_ids for c in out.outputs] == singles
+    # A seeded request draws the same tokens whatever else shares its batch.
+    others = random_prompts(3, [5, 21], seed=127)
+    batch = gen(
+        llm,
+        [others[0], prompt, others[1], others[2]],
+        [
+            SamplingParams(temperature=0.7, max_tokens=5),
+            SamplingParams(seed=41, **sampled),
+            SamplingParams(temperature=0.5, top_k=3, max_tokens=12, n=2),
+            greedy(9, repetition_penalty=1.2),
+        ],
+    )
+    assert batch[1]["token_ids"] == singles[1]
+    assert_all_free(llm)
+
+
 # ---- 6. min_tokens with a stop token -------------------------------------------------------------
 
 
@@ -483,6 +505,28 @@ def test_frequency_and_presence_penalties_stop_repeats(llm, hf_tied):
             break
     assert all(changed.values()), f"the penalties changed too little to be seen: {changed}"
     assert more_distinct, "frequency_penalty=2.0 never gave more distinct tokens than plain greedy"
+
+
+def test_sampling_fields_in_one_batch_equal_single_runs(llm):
+    """Per-row penalties, biases, masks and min_tokens keep to their own rows in a mixed batch (each
+    single run is checked against transformers above)."""
+    prompts = random_prompts(7, [6, 19, 11, 25, 8, 14, 9], seed=128)
+    params = [
+        greedy(10, repetition_penalty=1.3),
+        greedy(10),
+        greedy(10, frequency_penalty=2.0),
+        greedy(10, allowed_token_ids=[5, 17, 300, 301]),
+        greedy(10, logit_bias={9: 3.0, 40: 2.5}),
+        SamplingParams(temperature=0.0, max_tokens=10, min_tokens=6, stop_token_ids=list(range(100, 300))),
+        greedy(10, presence_penalty=-2.0, n=2),
+    ]
+    single = [[c.token_ids for c in gen(llm, p, sp)[0].outputs] for p, sp in zip(prompts, params)]
+    assert len(single[5][0]) >= 6
+    batch = [[c.token_ids for c in o.outputs] for o in gen(llm, prompts, params)]
+    assert batch == single
+    backwards = [[c.token_ids for c in o.outputs] for o in gen(llm, prompts[::-1], params[::-1])]
+    assert backwards[::-1] == single
+    assert_all_free(llm)
 
 
 # ---- 9. skip_special_tokens ----------------------------------------------------------------------
@@ -643,6 +687,50 @@ def test_logprobs_match_transformers(llm, hf_tied, tok):
             assert any(entry[t].rank > 1 for t, entry in zip(c.token_ids, c.logprobs))
 
 
+def test_logprobs_are_of_the_raw_distribution(llm, hf_tied, tok):
+    """Penalties and biases change the choice, not the reported log-probabilities (vLLM's raw ones)."""
+    prompt = random_prompts(1, [10], vocab=TEXT_VOCAB, seed=129)[0]
+    params = greedy(6, logprobs=2, repetition_penalty=1.5, logit_bias={7: 5.0})
+    c = gen(llm, prompt, params)[0].outputs[0]
+    logits = hf_logits(hf_tied, prompt + c.token_ids)
+    for i, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+        check_logprob_entry(entry, logits[len(prompt) - 1 + i], token, 2, tok)
+    assert c.token_ids != hf_greedy(hf_tied, prompt, 6)  # the adjustments did change the choice
+
+
+def test_logprobs_count_is_per_request_in_a_mixed_batch(llm, hf_tied, tok):
+    """Each request gets its own N most likely tokens, whatever N its batch neighbours asked for."""
+    prompts = random_prompts(4, [17, 5, 33, 12], vocab=TEXT_VOCAB, seed=130)
+    asked = [2, None, 0, 4]
+    params = [greedy(4, logprobs=k) for k in asked]
+    for out, prompt, k in zip(gen(llm, prompts, params), prompts, asked):
+        c = out.outputs[0]
+        assert c.token_ids == hf_greedy(hf_tied, prompt, 4)
+        if k is None:
+            assert c.logprobs is None and c.cumulative_logprob is None
+            continue
+        logits = hf_logits(hf_tied, prompt + c.token_ids)
+        for i, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+            check_logprob_entry(entry, logits[len(prompt) - 1 + i], token, k, tok)
+
+
+def test_prompt_logprobs_in_a_mixed_batch(llm, hf_tied, tok):
+    prompts = random_prompts(4, [17, 5, 33, 12], vocab=TEXT_VOCAB, seed=131)
+    asked = [2, None, 1, 3]
+    outs = gen(llm, prompts, [greedy(3, prompt_logprobs=k) for k in asked])
+    for out, prompt, k in zip(outs, prompts, asked):
+        assert out["token_ids"] == hf_greedy(hf_tied, prompt, 3)
+        if k is None:
+            assert out.prompt_logprobs is None
+        else:
+            check_prompt_logprobs(out, hf_tied, tok, k)
+    # With n: the prompt's list once, for the request.
+    out = gen(llm, prompts[2], greedy(3, prompt_logprobs=2, n=3))[0]
+    check_prompt_logprobs(out, hf_tied, tok)
+    assert [c.token_ids for c in out.outputs] == [hf_greedy(hf_tied, prompts[2], 3)] * 3
+    assert_all_free(llm)
+
+
 def check_prompt_logprobs(out: RequestOutput, model, tok, num_top: int = 2) -> None:
     prompt = out.prompt_token_ids
     plp = out.prompt_logprobs
@@ -674,9 +762,18 @@ def test_prompt_logprobs_under_chunked_prefill(qwen3_tied, hf_tied, tok):
     engine = LLM(qwen3_tied, max_num_batched_tokens=16, **ENGINE)
     try:
         prompt = random_prompts(1, [45], vocab=TEXT_VOCAB, seed=117)[0]
-        out = gen(engine, prompt, greedy(4, prompt_logprobs=2))[0]
-        check_prompt_logprobs(out, hf_tied, tok)
-        assert out["token_ids"] == hf_greedy(hf_tied, prompt, 4)
+        for _ in range(2):  # the second time its blocks are cached: still every position
+            out = gen(engine, prompt, greedy(4, prompt_logprobs=2))[0]
+            check_prompt_logprobs(out, hf_tied, tok)
+            assert out["token_ids"] == hf_greedy(hf_tied, prompt, 4)
+            assert_all_free(engine)
+        # Several prompts under the 16-token budget, one of them without prompt logprobs.
+        prompts = random_prompts(3, [30, 7, 19], vocab=TEXT_VOCAB, seed=132)
+        outs = gen(engine, prompts, [greedy(3, prompt_logprobs=1), greedy(3), greedy(3, prompt_logprobs=3)])
+        check_prompt_logprobs(outs[0], hf_tied, tok, 1)
+        assert outs[1].prompt_logprobs is None
+        check_prompt_logprobs(outs[2], hf_tied, tok, 3)
+        assert [o["token_ids"] for o in outs] == [hf_greedy(hf_tied, p, 3) for p in prompts]
         assert_all_free(engine)
     finally:
         engine.exit()
