@@ -540,12 +540,10 @@ class LLMEngine:
         `RequestOutput` per prompt, in prompt order; `out["text"]` and `out["token_ids"]` read its first
         completion. `sampling_params` defaults to `get_default_sampling_params()`."""
         self._check_alive()
-        pbar = tqdm(total=0, desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        parsed = parse_prompts(prompts)
+        pbar = tqdm(total=len(parsed), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         try:
-            parsed = parse_prompts(prompts)
             collector = GenerateCollector(len(parsed), pbar if use_tqdm else None)
-            pbar.total = len(parsed)
-            pbar.refresh()
             requests = self._submit(parsed, sampling_params, collector)
             speed = {"Prefill": 0.0, "Decode": 0.0}
 
