@@ -627,6 +627,50 @@ def test_stop_string_from_the_middle_of_a_completion(llm, tok):
     assert_all_free(llm)
 
 
+def test_min_tokens_stop_string_generated_before_min_tokens_does_not_match_later(llm, tok):
+    """A stop string whose only occurrence lies within the first min_tokens tokens never matches: the
+    check after min_tokens looks at newly generated text only (vLLM's rule), so the completion runs to
+    max_tokens; one occurring again later stops there."""
+    printable = [i for i in range(TEXT_VOCAB) if (d := tok.decode([i])) and d.isascii() and d.isprintable()]
+    params = greedy(24, allowed_token_ids=printable)
+    m = 10
+    once = again = None
+    for seed in range(340, 400):
+        prompt = random_prompts(1, [6], vocab=TEXT_VOCAB, seed=seed)[0]
+        tokens = gen(llm, prompt, params)[0]["token_ids"]
+        full = tok.decode(tokens)
+        early_end = len(tok.decode(tokens[:3]))  # the stop string ends within the first 3 tokens
+        late_start = len(tok.decode(tokens[: m + 1]))  # a later occurrence starts after token m + 1
+        for i in range(early_end - 2):
+            stop = full[i : i + 3]
+            if stop.strip() != stop or full.find(stop) != i:
+                continue
+            later = full.find(stop, i + 1)
+            if later == -1 and once is None:
+                once = (prompt, tokens, full, stop)
+            elif later >= late_start and full.find(stop, i + 1, later) == -1 and again is None:
+                again = (prompt, tokens, full, stop, later)
+        if once and again:
+            break
+    assert once is not None, "no completion with a stop string only among its first tokens"
+    prompt, tokens, full, stop = once
+    assert (
+        gen(llm, prompt, greedy(24, allowed_token_ids=printable, stop=stop))[0]["text"]
+        == full[: full.find(stop)]
+    )
+    out = gen(llm, prompt, greedy(24, allowed_token_ids=printable, stop=stop, min_tokens=m))[0]
+    assert (out["token_ids"], out["text"], out["finish_reason"]) == (tokens, full, "length")
+    if again is not None:
+        prompt, tokens, full, stop, later = again
+        out = gen(llm, prompt, greedy(24, allowed_token_ids=printable, stop=stop, min_tokens=m))[0]
+        assert out["text"] == full[:later] and out["finish_reason"] == "stop" and out["stop_reason"] == stop
+        ids = out["token_ids"]
+        assert ids == tokens[: len(ids)] and len(tok.decode(ids)) >= later + len(stop) > len(
+            tok.decode(ids[:-1])
+        )
+    assert_all_free(llm)
+
+
 def test_stop_token_ids_and_eos_reasons(llm, tok):
     prompt = random_prompts(1, [9], seed=113)[0]
     tokens = gen(llm, prompt, greedy(14))[0]["token_ids"]
@@ -877,6 +921,39 @@ def test_llm_engine_interface(qwen3_tied, llm):
         engine.exit()
 
 
+def test_llm_engine_step_outputs_grow_and_abort_takes_lists(qwen3_tied, hf_tied):
+    engine = LLMEngine.from_engine_args(EngineArgs(model=qwen3_tied, **ENGINE))
+    try:
+        prompts = random_prompts(3, [9, 20, 6], seed=133)
+        engine.add_request("n2", prompts[0], greedy(6, n=2))
+        engine.add_request("x", prompts[1], greedy(40))
+        engine.add_request("y", prompts[2], greedy(40))
+        history: dict[str, list[list[list[int]]]] = {}
+        steps = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                history.setdefault(out.request_id, []).append([list(c.token_ids) for c in out.outputs])
+            steps += 1
+            if steps == 3:
+                engine.abort_request(["x", "no-such-id", "y"])  # a list; an unknown id is ignored
+        reference = hf_greedy(hf_tied, prompts[0], 6)
+        assert history["n2"][-1] == [reference, reference]
+        # Every report is cumulative: the completions so far, each a growing prefix of the final one.
+        for earlier, later in zip(history["n2"], history["n2"][1:]):
+            for a, b in zip(earlier, later):
+                assert len(a) <= len(b) and b[: len(a)] == a
+        for rid in ("x", "y"):
+            final = history[rid][-1][0]
+            assert (
+                len(final) < 40
+                and final == hf_greedy(hf_tied, prompts[int(rid == "y") + 1], 40)[: len(final)]
+            )
+        assert engine.get_num_unfinished_requests() == 0
+        assert_all_free(engine)
+    finally:
+        engine.exit()
+
+
 def test_original_add_request_and_step(llm, hf_tied):
     prompts = random_prompts(2, [6, 10], seed=122)
     ids = [llm.add_request(p, greedy(5)) for p in prompts]
@@ -949,6 +1026,36 @@ def test_chat_template_kwargs_and_generation_prompt(llm, qwen3_tied):
     assert_all_free(llm)
 
 
+def test_chat_renders_like_transformers(llm, qwen3_tied):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if enable_thinking %}THINK{% endif %}"
+    reference_tok = transformers.AutoTokenizer.from_pretrained(qwen3_tied)
+    one = [{"role": "user", "content": "Hello, my name is"}]
+    two = one + [{"role": "assistant", "content": " Grüße"}, {"role": "user", "content": " again"}]
+    params = greedy(3)
+    outs = llm.chat(
+        [one, two],
+        params,
+        use_tqdm=False,
+        chat_template=template,
+        chat_template_kwargs={"enable_thinking": True},
+    )
+    assert [o.prompt for o in outs] == ["Hello, my name isTHINK", "Hello, my name is Grüße againTHINK"]
+    for conversation, out in zip([one, two], outs):
+        rendered = reference_tok.apply_chat_template(
+            conversation,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+        assert out.prompt == rendered
+        assert out.prompt_token_ids == reference_tok.encode(rendered, add_special_tokens=False)
+        assert out["token_ids"] == gen(llm, [out.prompt_token_ids], params)[0]["token_ids"]
+    off = llm.chat(one, params, use_tqdm=False, chat_template=template)[0]
+    assert off.prompt == "Hello, my name is"
+    assert llm.get_tokenizer().encode("Grüße") == reference_tok.encode("Grüße")
+
+
 # ---- 17. refused values --------------------------------------------------------------------------
 
 
@@ -991,6 +1098,18 @@ def test_n_too_large_for_the_cache_is_refused(qwen3_tied, hf_tied):
         # Each completion fits alone (3 blocks) but not all four at once (12): preemption, not refusal.
         out = gen(engine, prompt, greedy(40, n=4))[0]
         assert [c.token_ids for c in out.outputs] == [hf_greedy(hf_tied, prompt, 40)] * 4
+        assert_all_free(engine)
+    finally:
+        engine.exit()
+
+
+def test_max_model_len_ends_with_length(qwen3_tied, hf_tied):
+    engine = LLM(qwen3_tied, **{**ENGINE, "max_model_len": 64})
+    try:
+        prompt = random_prompts(1, [60], seed=134)[0]
+        out = gen(engine, prompt, greedy(10))[0]
+        assert out["token_ids"] == hf_greedy(hf_tied, prompt, 4)  # 60 + 4 = max_model_len
+        assert out["finish_reason"] == "length" and out.outputs[0].stop_reason is None
         assert_all_free(engine)
     finally:
         engine.exit()
