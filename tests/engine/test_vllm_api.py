@@ -402,6 +402,28 @@ def test_n_seeded_completion_i_uses_seed_plus_i(llm):
     assert_all_free(llm)
 
 
+def test_n_forks_keep_their_own_sampling_state(llm, hf_tied):
+    """Each fork's penalties, min_tokens and truncation follow its own tokens: completion i equals a
+    single request with seed + i. Greedy forks of block-aligned prompts (no partial block to copy)
+    equal transformers."""
+    prompt = random_prompts(1, [13], seed=135)[0]
+    for extra in (
+        dict(frequency_penalty=1.5, ignore_eos=True),
+        dict(repetition_penalty=1.4, top_k=5, top_p=0.8, ignore_eos=True),
+        dict(presence_penalty=1.0, min_tokens=8, stop_token_ids=list(range(200))),
+    ):
+        base = dict(temperature=1.0, max_tokens=12, **extra)
+        out = gen(llm, prompt, SamplingParams(seed=100, n=3, **base))[0]
+        singles = [gen(llm, prompt, SamplingParams(seed=100 + i, **base))[0]["token_ids"] for i in range(3)]
+        assert [c.token_ids for c in out.outputs] == singles, extra
+        assert len(set(map(tuple, singles))) > 1
+    for length in (16, 32):
+        aligned = random_prompts(1, [length], seed=136 + length)[0]
+        out = gen(llm, aligned, greedy(18, n=3))[0]
+        assert [c.token_ids for c in out.outputs] == [hf_greedy(hf_tied, aligned, 18)] * 3
+    assert_all_free(llm)
+
+
 # ---- 6. min_tokens with a stop token -------------------------------------------------------------
 
 
@@ -841,7 +863,7 @@ def test_detokenize_false(llm, hf_tied):
 # ---- 13. engine seed -----------------------------------------------------------------------------
 
 
-def test_engine_seed_repeats_unseeded_sampling(qwen3_tied):
+def test_engine_seed_repeats_unseeded_sampling(qwen3_tied, llm):
     prompts = random_prompts(3, [5, 9], seed=119)
     params = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
 
@@ -855,6 +877,14 @@ def test_engine_seed_repeats_unseeded_sampling(qwen3_tied):
     seven = run(7)
     assert run(7) == seven
     assert run(8) != seven
+    # A request's own seed wins over the engine's.
+    own = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=3)
+    engine = LLM(qwen3_tied, seed=7, **ENGINE)
+    try:
+        seeded = gen(engine, prompts[0], own)[0]["token_ids"]
+    finally:
+        engine.exit()
+    assert seeded == gen(llm, prompts[0], own)[0]["token_ids"]
 
 
 # ---- 14. enable_prefix_caching=False -------------------------------------------------------------
