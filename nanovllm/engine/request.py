@@ -84,12 +84,12 @@ class Completion:
             self._follow_grammar(index, scheduler)
         if not self.stops or self.stop_text is not None:
             return
-        if index + 1 - self.seq.num_prompt_tokens < self.params.min_tokens:
-            return  # no stop string ends a completion shorter than min_tokens
         before = len(self.detokenizer.text)
         # Stop strings are searched in released text; hold nothing back once the sequence is done.
         # Tokens are filled in order, so every known completion token ends at `index`.
         self._advance_text(final=self.seq.is_finished)
+        if index + 1 - self.seq.num_prompt_tokens < self.params.min_tokens:
+            return  # no stop string ends a completion shorter than min_tokens (nor matches later)
         found = find_stop(self.detokenizer.text, self.stops, before)
         if found is not None:
             cut, stop = found
@@ -103,7 +103,9 @@ class Completion:
                 self.seq.finish_reason = "stop"
 
     def add_logprobs(self, row: TokenLogprobs) -> None:
-        self.logprobs.append(logprob_dict(row, self.tokenizer if self.params.detokenize else None))
+        tokenizer = self.tokenizer if self.params.detokenize else None
+        # The batch's top-k used its largest N: keep this request's own.
+        self.logprobs.append(logprob_dict(row, tokenizer, self.params.logprobs))
         self.cumulative_logprob += row.logprob
 
     def text(self) -> str:
@@ -156,14 +158,16 @@ class Completion:
         }
 
 
-def logprob_dict(row: TokenLogprobs, tokenizer) -> dict[int, Logprob]:
-    """{token id: Logprob} for the chosen token and the top ones (the chosen token first)."""
+def logprob_dict(row: TokenLogprobs, tokenizer, num_top: int | None = None) -> dict[int, Logprob]:
+    """{token id: Logprob} for the chosen token and the `num_top` most likely (all of `row`'s when None;
+    the chosen token first)."""
 
     def text(token: int) -> str | None:
         return None if tokenizer is None else tokenizer.decode([token])
 
     entries = {row.token: Logprob(row.logprob, row.rank, text(row.token))}
-    for rank, (token, lp) in enumerate(zip(row.top_ids, row.top_logprobs), start=1):
+    top = slice(None) if num_top is None else slice(num_top)
+    for rank, (token, lp) in enumerate(zip(row.top_ids[top], row.top_logprobs[top]), start=1):
         if token not in entries:
             entries[token] = Logprob(lp, rank, text(token))
     return entries
