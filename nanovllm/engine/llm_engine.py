@@ -398,7 +398,7 @@ class LLMEngine:
                     else:
                         result = self.model_runner.launch(batch, token_bitmask=masks)
                 except BaseException:  # KeyboardInterrupt included: a later step must run the batch again
-                    for _, child in batch.forks:
+                    for _, child in reversed(batch.forks):
                         self._drop_fork(child)
                     self.scheduler.unschedule(batch)
                     raise
@@ -445,8 +445,8 @@ class LLMEngine:
         self._num_host_token_seqs += child.needs_host_tokens
 
     def _drop_fork(self, child: Sequence) -> None:
-        request, _ = self._completion_of.pop(child.seq_id)
-        request.completions.remove(request.completions[-1])
+        request, index = self._completion_of.pop(child.seq_id)
+        del request.completions[index]  # forks are dropped newest first (reversed), so indices hold
         self._num_host_token_seqs -= child.needs_host_tokens
 
     def _finalize_all(self) -> list[Request]:

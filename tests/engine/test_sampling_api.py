@@ -245,3 +245,32 @@ def test_prompt_logprobs_whole_under_chunking_preemption_and_forks(qwen3_tied, l
         assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
         for x, y, token in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], prompt[1:]):
             assert token in y and abs(x[token].logprob - y[token].logprob) < 1e-4
+
+
+def test_a_failed_launch_of_a_forking_step_leaves_n_completions_intact(llm):
+    # The prefill that forks n=3 completions raises once: the forks are undone and made again later.
+    prompt = random_prompts(1, [21], seed=81)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, n=3)
+    expected = [c.token_ids for c in llm.generate([prompt], params, use_tqdm=False)[0].outputs]
+    launch, calls = llm.model_runner.launch, []
+
+    def failing_once(batch, **kwargs):
+        calls.append(bool(batch.forks))
+        if batch.forks and calls.count(True) == 1:
+            raise KeyboardInterrupt
+        return launch(batch, **kwargs)
+
+    llm.model_runner.launch = failing_once
+    try:
+        rid = llm.add_request(prompt, params)
+        with pytest.raises(KeyboardInterrupt):
+            llm.step()
+        finished = {}
+        while not llm.is_finished():
+            finished.update(llm.step()[0])
+    finally:
+        del llm.model_runner.launch
+    request_outputs = finished[rid]
+    assert request_outputs == expected[0] and calls.count(True) == 2
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    llm.block_manager.check_integrity()
