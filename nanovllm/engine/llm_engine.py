@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceABC
 from contextlib import contextmanager
+from dataclasses import dataclass
 from time import perf_counter
 
 import numpy as np
@@ -49,6 +50,22 @@ _SEED_BITS = 63
 def _exit_if_alive(engine: "weakref.ref[LLMEngine]") -> None:
     if (alive := engine()) is not None:
         alive.exit()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's load (`LLMEngine.get_stats()`), for metrics: requests with a
+    sequence running (or waiting only), and KV-cache blocks (free ones include cached prefixes)."""
+
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """The share of KV-cache blocks in use, in [0, 1] (vLLM's kv_cache_usage_perc)."""
+        return 1.0 - self.num_free_kv_blocks / self.num_kv_blocks
 
 
 class LLMEngine:
@@ -295,6 +312,35 @@ class LLMEngine:
         params = self._default_params if params is None else params
         request = self._make_request(parse_prompt(prompt), params, self._step_outputs, request_id=request_id)
         self._enqueue([request])
+
+    def add_request_with_owner(
+        self, request_id: str, prompt: PromptType, params: SamplingParams | None, owner
+    ) -> None:
+        """Queue one request whose results go to `owner` instead of to `step()`: front ends (the async
+        engine) hand every request to one owner of theirs. `owner.on_update(request, finished)` is
+        called by whichever thread steps the engine, with the engine held, each time the request gets
+        tokens and once when it finishes or is aborted; it must not call back into the engine. Raises
+        ValueError/TypeError for a bad prompt or parameters (nothing is queued then)."""
+        self._check_alive()
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        params = self._default_params if params is None else params
+        self._enqueue([self._make_request(parse_prompt(prompt), params, owner, request_id=request_id)])
+
+    def get_stats(self) -> EngineStats:
+        """Requests running and waiting and KV-cache blocks in use now (waits for a step in progress)."""
+        with self._exclusive():
+            def keys(seqs) -> set[int]:
+                return {e[0].key for s in seqs if (e := self._completion_of.get(s.seq_id)) is not None}
+
+            waiting, running = keys(self.scheduler.waiting), keys(self.scheduler.running)
+            bm = self.block_manager
+            return EngineStats(
+                num_running=len(running),
+                num_waiting=len(waiting - running),
+                num_kv_blocks=bm.num_blocks,
+                num_free_kv_blocks=bm.num_free_blocks,
+            )
 
     def abort_request(self, request_id: int | str | list[str]) -> None:
         """Drop a queued or running request and free its KV blocks; whoever waits for it gets it back
