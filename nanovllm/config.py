@@ -43,6 +43,8 @@ class Config:
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
+    # Engine replicas, each with tensor_parallel_size devices, run as Ray actors by `LLM` (vLLM's name).
+    data_parallel_size: int = 1
     enforce_eager: bool = False
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
@@ -156,6 +158,7 @@ class Config:
             "max_model_len",
             "kvcache_block_size",
             "tensor_parallel_size",
+            "data_parallel_size",
             "cpu_kvcache_bytes",
         ):
             positive_int(name)

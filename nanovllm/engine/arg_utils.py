@@ -35,6 +35,8 @@ _HELP: dict[str, str] = {
     "max_position_embeddings (default: %(default)s).",
     "gpu_memory_utilization": "Share of GPU memory the engine may use, in (0, 1] (default: %(default)s).",
     "tensor_parallel_size": "Number of GPUs to split the model over, 1..8 (default: %(default)s).",
+    "data_parallel_size": "Engine replicas run as Ray actors by LLM, each with tensor_parallel_size devices "
+    "(needs the ray extra; default: %(default)s).",
     "enforce_eager": "Run decode eagerly, without CUDA graphs (default: %(default)s).",
     "kvcache_block_size": "Tokens per KV-cache block, a multiple of 16 (default: %(default)s).",
     "num_kvcache_blocks": "KV-cache blocks; -1 sizes the cache from free memory (default: %(default)s).",
