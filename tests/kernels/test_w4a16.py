@@ -1,0 +1,204 @@
+"""The Triton W4A16 GEMM against dequantize-then-matmul (plain PyTorch, fp32).
+
+Without CUDA the kernel tests re-run this file in a subprocess under TRITON_INTERPRET=1 at small sizes
+(as tests/kernels/test_triton_kernels.py does); on a GPU they run directly, with realistic shapes and a
+CUDA-graph capture too.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanovllm.quantization.int4_utils import dequantize_int4, pack_int4
+
+ON_GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+RUN_DIRECT = ON_GPU or INTERPRET
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# bf16 dots are wrong under the numpy-backed interpreter, so it checks fp16 and fp32; the GPU bf16 too.
+DTYPES = [torch.float16, torch.bfloat16, torch.float32] if ON_GPU else [torch.float16, torch.float32]
+# Relative to the output's largest magnitude: the kernel rounds the dequantized weights to x's dtype
+# (or not at all), as the reference does, and sums in a different order.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+_direct_marks = [
+    pytest.mark.skipif(not RUN_DIRECT, reason="no CUDA: run by test_w4a16_under_triton_interpreter")
+]
+if ON_GPU:
+    _direct_marks.append(pytest.mark.cuda)
+
+
+def direct(fn):
+    for mark in _direct_marks:
+        fn = mark(fn)
+    return fn
+
+
+@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+def test_w4a16_under_triton_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 20, report
+    assert "failed" not in proc.stdout, report
+
+
+def make_weights(k: int, n: int, group_size: int, act_order: bool, seed: int = 0):
+    """Random 4-bit weights in the internal layout: (qweight, qzeros, scales, g_idx or None)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else k // group_size
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    zeros = torch.randint(0, 16, (groups, n), generator=gen)
+    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.001).half()
+    g_idx = None
+    if act_order:
+        order = torch.randperm(k, generator=gen)
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
+    return pack_int4(q, 0), pack_int4(zeros, 1), scales, g_idx
+
+
+def reference(x, qweight, qzeros, scales, zero_offset, g_idx, bias):
+    """fp32 matmul with the weights dequantized and rounded to x's dtype (what the engine's CPU path and
+    an unquantized model holding the dequantized weights compute)."""
+    w = dequantize_int4(
+        qweight.cpu(), qzeros.cpu(), scales.cpu(), zero_offset, None if g_idx is None else g_idx.cpu()
+    )
+    y = x.cpu().float() @ w.to(x.dtype).float().t()
+    if bias is not None:
+        y += bias.cpu().float()
+    return y
+
+
+def check(m, k, n, group_size, dtype, act_order=False, zero_offset=1, bias=False, config=None, seed=0):
+    from nanovllm.kernels.w4a16 import w4a16_matmul
+
+    qweight, qzeros, scales, g_idx = make_weights(k, n, group_size, act_order, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    want = reference(x, qweight, qzeros, scales, zero_offset, g_idx, b)
+    dx, dq, dz, ds, dg, db = (
+        t.to(DEVICE) if t is not None else None for t in (x, qweight, qzeros, scales, g_idx, b)
+    )
+    got = w4a16_matmul(dx, dq, dz, ds, group_size, zero_offset, g_idx=dg, bias=db, config=config)
+    assert got.dtype == dtype and got.shape == (m, n)
+    err = (got.cpu().float() - want).abs().max() / want.abs().max()
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e} (m={m} k={k} n={n} group={group_size})"
+
+
+SMALL = dict(k=256, n=64) if not ON_GPU else dict(k=1024, n=512)
+
+
+@direct
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("m", [1, 5, 70])
+def test_matches_dequantized_matmul(m, group_size, dtype):
+    """Decode (split-K) and prefill (tiled) launches for every group size."""
+    check(m, SMALL["k"], SMALL["n"], group_size, dtype)
+
+
+@direct
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [2, 70])
+def test_act_order_g_idx(m, dtype):
+    """GPTQ act-order: each row's group read from g_idx."""
+    check(m, SMALL["k"], SMALL["n"], 32, dtype, act_order=True)
+
+
+@direct
+@pytest.mark.parametrize("zero_offset", [0, 1])
+@pytest.mark.parametrize("m", [3, 70])
+def test_zero_offset_and_bias(m, zero_offset):
+    """AWQ's zeros as stored (offset 0), GPTQ v1's plus one; bias added after the split-K reduction
+    (m=3) or in the tile (m=70)."""
+    check(m, SMALL["k"], SMALL["n"], 64, torch.float16, zero_offset=zero_offset, bias=True)
+
+
+@direct
+@pytest.mark.parametrize("split_k", [1, 3, 8])
+def test_explicit_configs(split_k):
+    """Uneven K splits, tiles wider than N, a K tile below the group size."""
+    from nanovllm.kernels.w4a16 import W4A16Config
+
+    cfg = W4A16Config(block_m=16, block_n=32, block_k=32, split_k=split_k, num_warps=4, num_stages=2)
+    check(3, 192, 40, 64, torch.float16, config=cfg)
+    check(3, 192, 40, -1, torch.float16, config=cfg, bias=True)
+
+
+@direct
+def test_ragged_shapes():
+    """N not a multiple of the tile, K not a multiple of the tile (per-channel group), M between
+    tiles."""
+    check(17, 200, 88, -1, torch.float16)
+    check(65, 96, 24, 32, torch.float32)
+
+
+@direct
+def test_empty_batch():
+    from nanovllm.kernels.w4a16 import w4a16_matmul
+
+    qweight, qzeros, scales, _ = make_weights(64, 16, 32, False)
+    x = torch.empty(0, 64, dtype=torch.float16, device=DEVICE)
+    y = w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), 32, 1)
+    assert y.shape == (0, 16)
+
+
+def test_refuses_mismatched_shapes():
+    from nanovllm.kernels.w4a16 import w4a16_matmul
+
+    qweight, qzeros, scales, _ = make_weights(64, 16, 32, False)
+    x = torch.zeros(2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="qweight"):
+        w4a16_matmul(torch.zeros(2, 72, dtype=torch.float16), qweight, qzeros, scales, 32, 1)
+    with pytest.raises(ValueError, match="scales"):
+        w4a16_matmul(x, qweight, qzeros, scales[:, :8].contiguous(), 32, 1)
+    with pytest.raises(ValueError, match="groups"):
+        w4a16_matmul(x, qweight, qzeros, scales, 16, 1)
+    with pytest.raises(TypeError, match="fp16"):
+        w4a16_matmul(x.to(torch.int32), qweight, qzeros, scales, 32, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU only: realistic shapes, CUDA graphs
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("k,n", [(4096, 12288), (12288, 4096), (4096, 6144)])
+@pytest.mark.parametrize("m", [1, 16, 256, 1024])
+def test_8b_shapes_gpu(m, k, n):
+    check(m, k, n, 128, torch.bfloat16)
+    check(m, k, n, 128, torch.float16, act_order=m in (1, 1024))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_cuda_graph_capture():
+    """Split-K decode launches replay in a CUDA graph with new inputs (no host syncs inside)."""
+    from nanovllm.kernels.w4a16 import w4a16_matmul
+
+    qweight, qzeros, scales, _ = make_weights(4096, 1024, 128, False)
+    qweight, qzeros, scales = qweight.cuda(), qzeros.cuda(), scales.cuda()
+    bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    w4a16_matmul(x, qweight, qzeros, scales, 128, 1, bias=bias)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = w4a16_matmul(x, qweight, qzeros, scales, 128, 1, bias=bias)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference(x, qweight, qzeros, scales, 1, None, bias)
+    assert (y.cpu().float() - want).abs().max() / want.abs().max() < TOLERANCE[torch.bfloat16]
