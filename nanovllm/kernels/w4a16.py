@@ -118,7 +118,7 @@ def _w4a16_kernel(
     s_ptr,  # [G, N]
     gidx_ptr,  # int32 [K] (read only with HAS_G_IDX)
     bias_ptr,  # [N] (read only with HAS_BIAS)
-    out_ptr,  # [M, N] in x's dtype, or fp32 partials [SPLIT_K, M, N] when SPLIT_K > 1
+    out_ptr,  # [M, N] in x's dtype, or fp32 partials [splits, M, N] with WRITE_PARTIALS
     M,
     N,
     K,
@@ -129,7 +129,7 @@ def _w4a16_kernel(
     PER_ROW_GROUPS: tl.constexpr,
     HAS_G_IDX: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    WRITE_PARTIALS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -182,7 +182,7 @@ def _w4a16_kernel(
             acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
 
     mask_mn = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
+    if not WRITE_PARTIALS:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -194,20 +194,20 @@ def _w4a16_kernel(
 
 @triton.jit
 def _split_k_reduce_kernel(
-    part_ptr,  # fp32 [SPLIT_K, M, N]
+    part_ptr,  # fp32 [splits, M, N]
     bias_ptr,  # [N]
     out_ptr,  # [M, N]
     M,
     N,
+    splits,
     HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for split in range(SPLIT_K):  # a fixed order: the same sums whatever the schedule
+    for split in range(splits):  # a fixed order: the same sums whatever the schedule
         acc += tl.load(part_ptr + split * M * N + row * N + offs_n, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
@@ -280,7 +280,7 @@ def w4a16_matmul(
         PER_ROW_GROUPS=per_row,
         HAS_G_IDX=g_idx is not None,
         HAS_BIAS=bias is not None and split_k == 1,
-        SPLIT_K=split_k,
+        WRITE_PARTIALS=split_k > 1,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=block_k,
@@ -295,8 +295,8 @@ def w4a16_matmul(
             out,
             m,
             n,
+            split_k,
             HAS_BIAS=bias is not None,
-            SPLIT_K=split_k,
             BLOCK_N=REDUCE_BLOCK_N,
         )
     return out

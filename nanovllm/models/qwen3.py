@@ -12,6 +12,7 @@ from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import check_rope_parameters, get_rope, rope_parameters
+from nanovllm.quantization.base_config import QuantizationConfig
 from nanovllm.utils.parallel import get_tp_size
 
 
@@ -45,7 +46,13 @@ class Qwen3Attention(nn.Module):
     (`qkv_bias`, `o_bias`) default to the config's `attention_bias`."""
 
     def __init__(
-        self, config, qk_norm: bool = True, qkv_bias: bool | None = None, o_bias: bool | None = None
+        self,
+        config,
+        qk_norm: bool = True,
+        qkv_bias: bool | None = None,
+        o_bias: bool | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ):
         super().__init__()
         tp_size = get_tp_size()
@@ -63,9 +70,15 @@ class Qwen3Attention(nn.Module):
             self.total_num_heads,
             self.total_num_kv_heads,
             bias=bias if qkv_bias is None else qkv_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
-            self.total_num_heads * self.head_dim, config.hidden_size, bias=bias if o_bias is None else o_bias
+            self.total_num_heads * self.head_dim,
+            config.hidden_size,
+            bias=bias if o_bias is None else o_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
         )
         self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, rope_parameters(config))
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
@@ -89,11 +102,21 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None, prefix: str = ""):
         super().__init__()
         check_mlp_config(config)
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size,
+            [config.intermediate_size] * 2,
+            quant_config=quant_config,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size,
+            config.hidden_size,
+            quant_config=quant_config,
+            prefix=f"{prefix}.down_proj",
+        )
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +126,10 @@ class Qwen3MLP(nn.Module):
 class Qwen3DecoderLayer(nn.Module):
     attention_cls = Qwen3Attention
 
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None, prefix: str = ""):
         super().__init__()
-        self.self_attn = self.attention_cls(config)
-        self.mlp = Qwen3MLP(config)
+        self.self_attn = self.attention_cls(config, quant_config=quant_config, prefix=f"{prefix}.self_attn")
+        self.mlp = Qwen3MLP(config, quant_config=quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -126,10 +149,15 @@ class Qwen3DecoderLayer(nn.Module):
 class Qwen3Model(nn.Module):
     layer_cls = Qwen3DecoderLayer
 
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None, prefix: str = "model"):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([self.layer_cls(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [
+                self.layer_cls(config, quant_config=quant_config, prefix=f"{prefix}.layers.{i}")
+                for i in range(config.num_hidden_layers)
+            ]
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -168,9 +196,10 @@ class Qwen3ForCausalLM(nn.Module):
                 f"(got max_model_len={max_model_len})"
             )
 
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
-        self.model = self.model_cls(config)
+        # Quantized linear layers (embeddings, LM head and norms stay unquantized, as in vLLM).
+        self.model = self.model_cls(config, quant_config=quant_config, prefix="model")
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:

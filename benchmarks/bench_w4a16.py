@@ -1,0 +1,182 @@
+"""Benchmark the Triton W4A16 GEMM on the GPU: Qwen3-8B layer shapes, decode (M = 1..256) and prefill,
+against bf16 F.linear, with the bandwidth of the 4-bit bytes against the device copy bandwidth.
+
+Usage: PYTHONPATH=. python3 benchmarks/bench_w4a16.py [--json PATH] [--sweep]
+
+Weights are AWQ-like (group 128, zero points), bf16 activations. Every shape is checked against
+dequantize-then-matmul before it is timed. Times are medians of do_bench; decode launches (split-K plus
+the reduction) are replayed from a CUDA graph, as the engine runs them. The bytes a launch must move:
+qweight (K x N / 2) + scales (2 B per group and column) + zeros (0.5 B per group and column) + x and y.
+`--sweep` times a grid of launch configurations at the decode shapes and prints the best per shape (the
+numbers to put into the tunables at the top of nanovllm/kernels/w4a16.py).
+"""
+
+import argparse
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from nanovllm.kernels.w4a16 import W4A16Config, default_config, w4a16_matmul
+from nanovllm.quantization.int4_utils import dequantize_int4, pack_int4
+
+# Qwen3-8B: hidden 4096, intermediate 12288, 32 query heads and 8 KV heads of 128.
+SHAPES = {  # name: (K, N)
+    "qkv 4096x6144": (4096, 6144),
+    "o 4096x4096": (4096, 4096),
+    "gate_up 4096x24576": (4096, 24576),
+    "4096x12288": (4096, 12288),
+    "down 12288x4096": (12288, 4096),
+}
+DECODE_M = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+PREFILL_M = [1024, 4096]
+GROUP_SIZE = 128
+DTYPE = torch.bfloat16
+COPY_BYTES = 1 << 30
+WARMUP_MS, REP_MS = 10, 100
+SWEEP_SHAPES = ["4096x12288", "down 12288x4096", "qkv 4096x6144"]
+SWEEP_M = [1, 16]
+
+
+@dataclass
+class Row:
+    shape: str
+    m: int
+    w4_us: float
+    bf16_us: float
+    speedup: float
+    w4_tbps: float  # bytes a 4-bit launch must move / its time
+    frac_of_copy: float
+    config: str
+
+
+def bench(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median") * 1e3
+
+
+def bench_graph(fn: Callable[[], object]) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
+def copy_tbps() -> float:
+    src = torch.empty(COPY_BYTES // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    return 2 * COPY_BYTES / (t * 1e-6) / 1e12
+
+
+def make_layer(k: int, n: int, gen: torch.Generator):
+    groups = k // GROUP_SIZE
+    q = torch.randint(0, 16, (k, n), generator=gen, device="cuda", dtype=torch.int32)
+    zeros = torch.randint(0, 16, (groups, n), generator=gen, device="cuda", dtype=torch.int32)
+    scales = (torch.rand(groups, n, generator=gen, device="cuda") * 0.02 + 0.001).half()
+    qweight, qzeros = pack_int4(q, 0), pack_int4(zeros, 1)
+    weight = dequantize_int4(qweight, qzeros, scales, 0).to(DTYPE)  # [N, K]
+    return qweight, qzeros, scales, weight
+
+
+def w4_bytes(m: int, k: int, n: int) -> int:
+    groups = k // GROUP_SIZE
+    return k * n // 2 + groups * n * 2 + groups * n // 2 + (m * k + m * n) * DTYPE.itemsize
+
+
+def run_shape(name: str, m: int, layer, copy: float, gen: torch.Generator) -> Row:
+    qweight, qzeros, scales, weight = layer
+    n, k = weight.shape
+    x = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen)
+    got = w4a16_matmul(x, qweight, qzeros, scales, GROUP_SIZE, 0)
+    want = x.float() @ weight.float().t()
+    err = ((got.float() - want).abs().max() / want.abs().max()).item()
+    if err > 2e-2:
+        raise RuntimeError(f"{name} m={m}: relative error {err:.2e} against dequantize-then-matmul")
+    timer = bench_graph if m <= 256 else bench
+    t4 = timer(lambda: w4a16_matmul(x, qweight, qzeros, scales, GROUP_SIZE, 0))
+    t16 = timer(lambda: F.linear(x, weight))
+    tbps = w4_bytes(m, k, n) / (t4 * 1e-6) / 1e12
+    cfg = default_config(m, n, k, DTYPE, x.device)
+    return Row(name, m, t4, t16, t16 / t4, tbps, tbps / copy, str(asdict(cfg)))
+
+
+def sweep(copy: float, gen: torch.Generator) -> list[dict]:
+    """Time a grid of configurations at the decode shapes; print the best few per shape."""
+    results = []
+    for name in SWEEP_SHAPES:
+        k, n = SHAPES[name]
+        qweight, qzeros, scales, _ = make_layer(k, n, gen)
+        for m in SWEEP_M:
+            x = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen)
+            timings = []
+            for bn, bk, warps, stages, split in itertools.product(
+                (32, 64, 128), (64, 128, 256), (4, 8), (3, 4), (1, 2, 4, 8, 16, 32)
+            ):
+                if k // split < bk:
+                    continue
+                cfg = W4A16Config(16, bn, bk, split, warps, stages)
+
+                def launch(cfg=cfg, x=x, layer=(qweight, qzeros, scales)):
+                    return w4a16_matmul(x, *layer, GROUP_SIZE, 0, config=cfg)
+
+                try:
+                    t = bench_graph(launch)
+                except Exception as e:  # noqa: BLE001 - out of shared memory etc.: skip the config
+                    print(f"  skip {cfg}: {type(e).__name__}")
+                    continue
+                timings.append((t, cfg))
+            timings.sort(key=lambda r: r[0])
+            print(f"sweep {name} m={m}: best of {len(timings)}")
+            for t, cfg in timings[:5]:
+                tbps = w4_bytes(m, k, n) / (t * 1e-6) / 1e12
+                print(f"  {t:8.1f} us {tbps:5.2f} TB/s ({tbps / copy:4.0%} of copy)  {cfg}")
+                results.append({"shape": name, "m": m, "us": t, "tbps": tbps, "config": asdict(cfg)})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_w4a16.py needs a CUDA GPU")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy = copy_tbps()
+    print(f"device copy: {copy:.2f} TB/s ({torch.cuda.get_device_name()})")
+    rows = []
+    print(
+        f"{'shape':>20} {'M':>5} {'w4a16 us':>9} {'bf16 us':>9} {'speedup':>8} {'w4 TB/s':>8} {'of copy':>8}"
+    )
+    for name, (k, n) in SHAPES.items():
+        layer = make_layer(k, n, gen)
+        for m in DECODE_M + PREFILL_M:
+            row = run_shape(name, m, layer, copy, gen)
+            rows.append(row)
+            print(
+                f"{name:>20} {m:>5} {row.w4_us:9.1f} {row.bf16_us:9.1f} {row.speedup:7.2f}x "
+                f"{row.w4_tbps:8.2f} {row.frac_of_copy:7.0%}"
+            )
+        del layer
+    small = [r for r in rows if r.m <= 16 and r.shape in ("4096x12288", "down 12288x4096")]
+    worst = min(small, key=lambda r: r.frac_of_copy)
+    print(
+        f"goal (>= 75% of copy at M 1-16, 4096x12288 and 12288x4096): worst {worst.frac_of_copy:.0%} "
+        f"({worst.shape}, M={worst.m})"
+    )
+    sweep_rows = sweep(copy, gen) if args.sweep else []
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"copy_tbps": copy, "rows": [asdict(r) for r in rows], "sweep": sweep_rows}, f, indent=1
+            )
+
+
+if __name__ == "__main__":
+    main()
