@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.quantization import QuantizationConfig, get_quantization_config
+from nanovllm.layers.rotary_embedding import rope_max_position
 from nanovllm.utils.hub import TOKENIZER_FILE_PATTERNS, resolve_model_path
 from nanovllm.utils.tokenizer import check_tokenizer_files
 
@@ -31,6 +33,8 @@ DTYPE_CHOICES = ("auto", *_DTYPES, *_DTYPE_ALIASES)
 ATTENTION_BACKENDS = ("auto", "flash-attn", "triton", "torch")
 # "auto" and "safetensors" read the *.safetensors files; "dummy" fills random weights (no weight files).
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# vLLM's KV-cache dtypes we serve: "auto" is the compute dtype; "fp8" and "fp8_e4m3" both mean e4m3.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass(slots=True)
@@ -76,7 +80,15 @@ class Config:
     seed: int | None = None
     # Reuse the KV blocks of a prompt prefix already computed (hash-chained full blocks).
     enable_prefix_caching: bool = True
+    # Weight quantization (nanovllm.quantization): None serves the checkpoint as its config.json says;
+    # a method name must match a quantized checkpoint's, or quantizes an unquantized one at load
+    # ("fp8": per-channel FP8 weights, per-token FP8 activations).
+    quantization: str | None = None
+    # KV-cache element type: one of KV_CACHE_DTYPES.
+    kv_cache_dtype: str = "auto"
     hf_config: PretrainedConfig = field(init=False, repr=False)
+    # The quantization format resolved from `quantization` and the checkpoint (None: unquantized).
+    quant_config: QuantizationConfig | None = field(init=False, default=None, repr=False)
     # Token ids that end a sequence (the tokenizer's and generation config's EOS); set by the engine.
     eos_token_ids: tuple[int, ...] = field(init=False, default=())
 
@@ -86,9 +98,11 @@ class Config:
         self._check_model_dir()
         self._resolve_tokenizer()
         self.hf_config = AutoConfig.from_pretrained(self.model, trust_remote_code=False)
-        max_pos = getattr(self.hf_config, "max_position_embeddings", None)
-        if max_pos is not None:
-            self.max_model_len = min(self.max_model_len, int(max_pos))
+        self.quant_config = get_quantization_config(self.hf_config, self.quantization, self.model)
+        if getattr(self.hf_config, "max_position_embeddings", None) is not None:
+            # Capped by the model's limit: max_position_embeddings, stretched by a yarn, dynamic or
+            # linear rope scaling as vLLM derives it (Qwen3 with yarn factor 4: 131,072).
+            self.max_model_len = min(self.max_model_len, rope_max_position(self.hf_config))
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -113,6 +127,12 @@ class Config:
                 f"got {type(self.tokenizer).__name__}"
             )
         self.dtype = _canonical_dtype(self.dtype)
+        if self.quantization is not None and not isinstance(self.quantization, str):
+            raise TypeError(
+                f"quantization must be None or a method name, got {type(self.quantization).__name__}"
+            )
+        if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 
     def _check_model_dir(self) -> None:
         if not isinstance(self.model, (str, os.PathLike)):

@@ -13,7 +13,8 @@ import dataclasses
 import typing
 from typing import Any
 
-from nanovllm.config import ATTENTION_BACKENDS, DTYPE_CHOICES, LOAD_FORMATS, Config
+from nanovllm.config import ATTENTION_BACKENDS, DTYPE_CHOICES, KV_CACHE_DTYPES, LOAD_FORMATS, Config
+from nanovllm.quantization import QUANTIZATION_METHODS
 
 # `--model` when the script sets none: vLLM's default model, resolved through the hub cache.
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
@@ -23,6 +24,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": DTYPE_CHOICES,
     "attention_backend": ATTENTION_BACKENDS,
     "load_format": LOAD_FORMATS,
+    "quantization": QUANTIZATION_METHODS,
+    "kv_cache_dtype": KV_CACHE_DTYPES,
 }
 
 # One help text per Config field (a test checks that none is missing). argparse fills %(default)s.
@@ -58,6 +61,10 @@ _HELP: dict[str, str] = {
     "(default: %(default)s).",
     "seed": "Engine-level random seed (default: %(default)s).",
     "enable_prefix_caching": "Reuse the KV cache of prompt prefixes already computed (default: %(default)s).",
+    "quantization": "Weight quantization method; unset: the checkpoint's quantization_config, if any. "
+    "'fp8' also quantizes an unquantized checkpoint at load (default: %(default)s).",
+    "kv_cache_dtype": "KV-cache element type: 'auto' (the compute dtype) or 'fp8'/'fp8_e4m3' "
+    "(default: %(default)s).",
 }
 
 

@@ -18,6 +18,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels.paged_attention import default_num_splits
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.logits_processor import LogitsProcessors
+from nanovllm.layers.rotary_embedding import RotaryEmbedding, rope_lengths
 from nanovllm.layers.sampler import Sampler, SamplingTensors
 from nanovllm.models.registry import get_model_class, resolve_architecture
 from nanovllm.structured_output.manager import apply_token_bitmask
@@ -140,8 +141,14 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         hf_config = config.hf_config
         model_cls = get_model_class(resolve_architecture(hf_config))
+        quant_config = config.quant_config
         with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = model_cls(hf_config)
+            if quant_config is None:
+                self.model = model_cls(hf_config)
+            else:
+                # Fused layers are skipped or quantized by their checkpoint parts' names.
+                quant_config.packed_modules_mapping = dict(getattr(model_cls, "packed_modules_mapping", {}))
+                self.model = model_cls(hf_config, quant_config=quant_config)
         load_weights(self.model, config)
         self.model.eval()
         use_compile = config.torch_compile if config.torch_compile is not None else self.device.type == "cuda"
@@ -149,6 +156,10 @@ class ModelRunner:
             enable_compilation()
         self.vocab_size = hf_config.vocab_size
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        # Dynamic / longrope: prefill steps give each token the sequence length of its frequencies.
+        self.rope_needs_lengths = any(
+            isinstance(m, RotaryEmbedding) and m.length_dependent for m in self.model.modules()
+        )
         self.forward_context = ForwardContext()  # this runner's own: engines never share step metadata
         for layer in self.attention_layers:
             layer.backend = self.backend
@@ -317,11 +328,14 @@ class ModelRunner:
         slot_mapping: list[int] = []
         cu_q, cu_k = [0], [0]
         seqlens_q, seqlens_k = [], []
+        lengths: list[int] = []
         has_prefix = False
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids.extend(seq.token_slice(start, end))
             positions.extend(range(start, end))
+            if self.rope_needs_lengths:
+                lengths.extend(rope_lengths(start, end, seq.num_prompt_tokens))
             slot_mapping.extend(self._slots(seq, start, end))
             cu_q.append(cu_q[-1] + n)
             cu_k.append(cu_k[-1] + end)
@@ -338,6 +352,7 @@ class ModelRunner:
             block_tables=self.block_tables_tensor(batch.seqs) if has_prefix else None,
             seqlens_q=seqlens_q,
             seqlens_k=seqlens_k,
+            rope_lengths=self._to_device(lengths, torch.int64) if self.rope_needs_lengths else None,
         )
         return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), meta
 

@@ -8,8 +8,8 @@ from nanovllm.models.qwen3 import Qwen3Attention, Qwen3DecoderLayer, Qwen3ForCau
 
 
 class LlamaAttention(Qwen3Attention):
-    def __init__(self, config):
-        super().__init__(config, qk_norm=False)
+    def __init__(self, config, **kwargs):  # quant_config, prefix
+        super().__init__(config, qk_norm=False, **kwargs)
 
 
 class LlamaDecoderLayer(Qwen3DecoderLayer):
@@ -22,3 +22,4 @@ class LlamaModel(Qwen3Model):
 
 class LlamaForCausalLM(Qwen3ForCausalLM):
     model_cls = LlamaModel
+    sliding_window_rule = "none"  # transformers' Llama has no window, whatever config.json says

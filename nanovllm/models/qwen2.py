@@ -4,8 +4,8 @@ from nanovllm.models.qwen3 import Qwen3Attention, Qwen3DecoderLayer, Qwen3ForCau
 
 
 class Qwen2Attention(Qwen3Attention):
-    def __init__(self, config):
-        super().__init__(config, qk_norm=False, qkv_bias=True, o_bias=False)
+    def __init__(self, config, **kwargs):  # quant_config, prefix
+        super().__init__(config, qk_norm=False, qkv_bias=True, o_bias=False, **kwargs)
 
 
 class Qwen2DecoderLayer(Qwen3DecoderLayer):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nanovllm.layers.activation import SiluAndMul
+from nanovllm.kernels.qk_norm_rope import qk_norm_rope
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
@@ -93,12 +94,26 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if qkv.is_cuda:
+            # One kernel for q/k-norm and rope, in place in qkv (q and k stay views of it).
+            norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None)
+            qk_norm_rope(
+                qkv, positions, self.rotary_emb.cos_sin_cache, self.num_heads, self.num_kv_heads,
+                self.head_dim, *norm,
+            )
+        else:
+            q, k = self._norm_and_rotate(positions, q, k)
+        o = self.attn(q, k, v)  # [num_tokens, num_heads * head_dim]
+        return self.o_proj(o)
+
+    def _norm_and_rotate(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unfused path (CPU, and rope tables that depend on the sequence length)."""
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q, k, v)  # [num_tokens, num_heads * head_dim]
-        return self.o_proj(o)
+        return self.rotary_emb(positions, q, k)
 
 
 class Qwen3MLP(nn.Module):

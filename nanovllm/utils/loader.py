@@ -32,7 +32,13 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> N
 
 
 def _target(model: nn.Module, name: str) -> tuple[str, object]:
-    """Map a checkpoint tensor name to (parameter name, shard id or None)."""
+    """Map a checkpoint tensor name to (parameter name, shard id or None): the model's own
+    `map_checkpoint_name(name)` first where it has one (e.g. per-expert tensors into stacked expert
+    parameters), then its `packed_modules_mapping`."""
+    mapper = getattr(model, "map_checkpoint_name", None)
+    target = mapper(name) if mapper is not None else None
+    if target is not None:
+        return target
     mapping = getattr(model, "packed_modules_mapping", {})
     for ckpt_part, (fused_part, shard_id) in mapping.items():
         if f".{ckpt_part}." in name:
@@ -81,6 +87,24 @@ def _check_dtype(ckpt_name: str, file: str, param: nn.Parameter, tensor: torch.T
         )
 
 
+def _check_float8(ckpt_name: str, file: str, param: nn.Parameter, tensor: torch.Tensor) -> None:
+    """An FP8 tensor for a parameter the model does not hold in FP8 would be cast without its scale."""
+    if tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1 and param.dtype != tensor.dtype:
+        raise ValueError(
+            f"checkpoint tensor {ckpt_name!r} in {os.path.basename(file)} has dtype {tensor.dtype} for a "
+            f"{param.dtype} parameter: an FP8 tensor needs its quantization method (the layer is not "
+            "quantized, or the checkpoint's quantization_config does not say so)"
+        )
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let each layer's quantization method repack, quantize or precompute once weights are in."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
+
+
 def load_model(model: nn.Module, path: str, hf_config: PretrainedConfig | None = None) -> None:
     """Fill every parameter of `model` from the `*.safetensors` files in `path`.
 
@@ -102,6 +126,10 @@ def load_model(model: nn.Module, path: str, hf_config: PretrainedConfig | None =
         for name in params:
             if f".{fused}." in name:
                 expected[name].add(shard)
+    # A parameter may list the shard ids that fill it piece by piece (stacked experts); one load of the
+    # whole tensor fills it too.
+    for name, param in params.items():
+        expected[name].update(getattr(param, "shard_ids", ()))
     for file in files:
         try:
             handle = safe_open(file, framework="pt", device="cpu")
@@ -128,6 +156,7 @@ def load_model(model: nn.Module, path: str, hf_config: PretrainedConfig | None =
                 tensor = f.get_tensor(ckpt_name)
                 if not quantized:
                     _check_dtype(ckpt_name, file, param, tensor)
+                _check_float8(ckpt_name, file, param, tensor)
                 if shard_id is None:
                     _check_whole_shape(ckpt_name, param, tensor)
                 try:
@@ -139,6 +168,15 @@ def load_model(model: nn.Module, path: str, hf_config: PretrainedConfig | None =
                     raise ValueError(f"cannot load checkpoint tensor {ckpt_name!r}: {e}") from None
     for name in params:
         want = expected[name] or {"whole"}
+        if seen[name] == {"whole"} and hasattr(params[name], "shard_ids"):
+            continue
+        if seen[name] != want and hasattr(params[name], "shard_ids"):
+            lacking = sorted(want - seen[name], key=repr)
+            raise ValueError(
+                f"model parameter {name!r} was not filled by the checkpoint (missing shard(s) "
+                f"{', '.join(map(repr, lacking[:4]))}{', ...' if len(lacking) > 4 else ''}"
+                f"{' beside a whole tensor' if 'whole' in seen[name] else ''})"
+            )
         if seen[name] != want:
             # Name what the checkpoint lacks: for a fused parameter, the tensors of its missing shards.
             missing = (
@@ -158,6 +196,8 @@ def load_model(model: nn.Module, path: str, hf_config: PretrainedConfig | None =
 
 # Parameters whose name ends so are norm scales: filled with ones, as a freshly built model has them.
 _NORM_SUFFIX = "norm.weight"
+# Quantization scales of random weights: the init std (the quantized values are standard normal).
+_SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 
 
 @torch.no_grad()
@@ -172,11 +212,17 @@ def load_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
             param.fill_(1.0)
         elif name.endswith("bias"):
             param.zero_()
+        elif name.endswith(_SCALE_SUFFIXES):
+            param.fill_(std)  # quantized values below are N(0, 1): weights come out N(0, std)
         else:
             gen = generators.get(param.device)
             if gen is None:
                 gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-            param.normal_(0.0, std, generator=gen)
+            if param.dtype.is_floating_point and param.dtype.itemsize > 1:
+                param.normal_(0.0, std, generator=gen)
+            else:  # FP8 and integer (packed) tensors: no normal_ of their own
+                values = torch.empty(param.shape, device=param.device).normal_(0.0, 1.0, generator=gen)
+                param.copy_(values if param.dtype.is_floating_point else values.round().clamp(-7, 7))
 
 
 def load_weights(model: nn.Module, config: Config) -> None:
@@ -187,3 +233,4 @@ def load_weights(model: nn.Module, config: Config) -> None:
         load_dummy_weights(model, seed=config.seed if config.seed is not None else 0, std=float(std))
     else:
         load_model(model, config.model, hf_config=config.hf_config)
+    process_weights_after_loading(model)

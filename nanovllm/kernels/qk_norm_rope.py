@@ -1,0 +1,120 @@
+"""Triton kernel: per-head RMSNorm of q and k (Qwen3) and the rotary embedding, in place, in one launch.
+
+Unfused, a decode layer spends four small launches here (q-norm, k-norm, rope on q, rope on k), each a
+few microseconds of mostly fixed cost at small batches. This kernel does all of it in one pass over the
+q and k columns of the fused qkv projection's output, writing the results back into that buffer, so q and
+k become strided views of it (V is untouched).
+
+Rounding follows the unfused PyTorch ops exactly, so the two paths differ only by the order of the
+sum of squares: the norm is computed in float32 and rounded to the input dtype, multiplied by the weight
+and rounded again (RMSNorm's `weight * x.to(dtype)`), then rotated in float32 and rounded once more.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# One program handles one token: all of its q and k heads as one [HEADS_PAD, HEAD_DIM / 2] tile per half.
+NUM_WARPS = 4
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    qkv_ptr,
+    positions_ptr,
+    cos_sin_ptr,
+    q_weight_ptr,
+    k_weight_ptr,
+    stride_token,
+    eps,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_HEADS: tl.constexpr,  # q heads + k heads
+    HEADS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
+    token = tl.program_id(0)
+    half: tl.constexpr = HEAD_DIM // 2
+    heads = tl.arange(0, HEADS_PAD)
+    dims = tl.arange(0, half)
+    head_mask = (heads < NUM_HEADS)[:, None]
+    row = qkv_ptr + token.to(tl.int64) * stride_token
+    lo_offsets = heads[:, None] * HEAD_DIM + dims[None, :]  # q heads then k heads are contiguous columns
+    x1 = tl.load(row + lo_offsets, mask=head_mask, other=0.0)
+    x2 = tl.load(row + lo_offsets + half, mask=head_mask, other=0.0)
+    dtype = x1.dtype
+    if HAS_NORM:
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        inv_rms = tl.rsqrt((tl.sum(f1 * f1, 1) + tl.sum(f2 * f2, 1)) / HEAD_DIM + eps)[:, None]
+        is_q = (heads < NUM_Q_HEADS)[:, None]
+        w1 = tl.where(is_q, tl.load(q_weight_ptr + dims)[None, :], tl.load(k_weight_ptr + dims)[None, :])
+        w2 = tl.where(
+            is_q, tl.load(q_weight_ptr + half + dims)[None, :], tl.load(k_weight_ptr + half + dims)[None, :]
+        )
+        x1 = ((f1 * inv_rms).to(dtype).to(tl.float32) * w1.to(tl.float32)).to(dtype)
+        x2 = ((f2 * inv_rms).to(dtype).to(tl.float32) * w2.to(tl.float32)).to(dtype)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + dims)[None, :]  # the table is [max_position, 2, half]
+    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + half + dims)[None, :]
+    r1 = x1.to(tl.float32)
+    r2 = x2.to(tl.float32)
+    tl.store(row + lo_offsets, (r1 * cos - r2 * sin).to(dtype), mask=head_mask)
+    tl.store(row + lo_offsets + half, (r2 * cos + r1 * sin).to(dtype), mask=head_mask)
+
+
+def qk_norm_rope(
+    qkv: Tensor,
+    positions: Tensor,
+    cos_sin_cache: Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_weight: Tensor | None = None,
+    k_weight: Tensor | None = None,
+    eps: float = 1e-6,
+) -> None:
+    """Normalise (when weights are given) and rotate the q and k heads of `qkv` in place.
+
+    qkv: [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim] with a contiguous last dimension, q
+    columns first, then k, then v; positions: [num_tokens] int; cos_sin_cache: float32
+    [max_position, 2, head_dim // 2] (cos then sin). No host synchronisation (CUDA-graph safe).
+    """
+    if qkv.dim() != 2 or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be 2-D with a contiguous last dimension, got {tuple(qkv.shape)}")
+    if qkv.shape[1] != (num_q_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(
+            f"qkv has {qkv.shape[1]} columns, expected ({num_q_heads} + 2 x {num_kv_heads}) x {head_dim}"
+        )
+    if head_dim < 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two, got {head_dim}")
+    if cos_sin_cache.dtype != torch.float32 or tuple(cos_sin_cache.shape[1:]) != (2, head_dim // 2):
+        raise ValueError(
+            f"cos_sin_cache must be float32 [max_position, 2, {head_dim // 2}], got "
+            f"{cos_sin_cache.dtype} {tuple(cos_sin_cache.shape)}"
+        )
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("give both q_weight and k_weight, or neither")
+    if positions.numel() != qkv.shape[0]:
+        raise ValueError(f"{positions.numel()} positions for {qkv.shape[0]} tokens")
+    num_tokens = qkv.shape[0]
+    if num_tokens == 0:
+        return
+    has_norm = q_weight is not None
+    num_heads = num_q_heads + num_kv_heads
+    _qk_norm_rope_kernel[(num_tokens,)](
+        qkv,
+        positions,
+        cos_sin_cache.contiguous(),
+        q_weight if has_norm else qkv,
+        k_weight if has_norm else qkv,
+        qkv.stride(0),
+        eps,
+        NUM_Q_HEADS=num_q_heads,
+        NUM_HEADS=num_heads,
+        HEADS_PAD=triton.next_power_of_2(num_heads),
+        HEAD_DIM=head_dim,
+        HAS_NORM=has_norm,
+        num_warps=NUM_WARPS,
+    )
