@@ -10,6 +10,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("nanovllm.models.qwen2", "Qwen2ForCausalLM"),
     "LlamaForCausalLM": ("nanovllm.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("nanovllm.models.mistral", "MistralForCausalLM"),
+    "Qwen3MoeForCausalLM": ("nanovllm.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Qwen2MoeForCausalLM": ("nanovllm.models.qwen2_moe", "Qwen2MoeForCausalLM"),
+    "MixtralForCausalLM": ("nanovllm.models.mixtral", "MixtralForCausalLM"),
 }
 
 
