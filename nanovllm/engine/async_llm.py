@@ -1,0 +1,372 @@
+"""AsyncLLM: the engine behind an asyncio front end (the OpenAI server), as vLLM's `AsyncLLM`.
+
+One engine thread owns the `LLMEngine`: it takes new requests and aborts from a queue between steps,
+steps while any request is unfinished, and after each step hands every changed request's new text and
+tokens to the event loop in one call. Each request is an async iterator of `RequestUpdate`s, so many
+HTTP requests share one continuous batch, and nothing the event loop runs waits for a step.
+
+    engine = AsyncLLM.from_engine_args(EngineArgs(model=...))
+    async for update in engine.generate({"prompt_token_ids": ids}, SamplingParams(...), "req-1"):
+        ...  # update.completions: what is new per completion; update.finished at the end
+    engine.shutdown()
+
+Leaving the iterator early (`break`, a cancelled task, a closed HTTP stream) aborts the request, which
+frees its KV blocks.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from nanovllm.engine.llm_engine import EngineStats, LLMEngine
+from nanovllm.engine.request import Request
+from nanovllm.inputs import PromptType
+from nanovllm.outputs import Logprob, PromptLogprobs
+from nanovllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class CompletionDelta:
+    """What one completion gained since its last delta: text, token ids and (when asked) their
+    log-probabilities; `finish_reason`/`stop_reason` once it has finished."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class RequestUpdate:
+    """One step's news for one request: a delta per completion that changed. `finished` once every
+    completion has; the first update of a request carries `prompt_logprobs` when they were asked for."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    completions: list[CompletionDelta]
+    finished: bool
+    num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None
+    # Set by the engine thread: when the step that made this update ended (time.monotonic()) and its
+    # number (updates of one step share it: the requests were batched together).
+    time: float = 0.0
+    step: int = 0
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One engine step, for metrics: tokens computed (prefill) or sequences decoded, and its length."""
+
+    is_prefill: bool
+    num_tokens: int
+    seconds: float
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped on an error; the server cannot serve any more requests."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    """The event-loop side of one request: its queue of updates (an exception ends it)."""
+
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sent_logprobs: dict[int, int] = field(default_factory=dict)  # per completion, entries already sent
+    sent_prompt_logprobs: bool = False
+
+
+class _Owner:
+    """The owner of every request this AsyncLLM queues: turns each update into a `RequestUpdate`
+    (in the engine thread, with the engine held) and keeps them for the thread to hand over."""
+
+    def __init__(self):
+        self.pending: list[RequestUpdate] = []
+        self.streams: dict[str, _Stream] = {}  # engine thread only: per request, what was sent so far
+
+    def on_update(self, request: Request, finished: bool) -> None:
+        stream = self.streams.get(request.request_id)
+        if stream is None:
+            return
+        deltas = []
+        for completion in request.completions:
+            sent_tokens = completion.sent_tokens
+            delta = completion.delta()
+            if delta is None:
+                continue
+            logprobs = None
+            if completion.params.logprobs is not None:
+                start = stream.sent_logprobs.get(completion.index, 0)
+                end = sent_tokens + len(delta["token_ids"])
+                logprobs = completion.logprobs[start:end]
+                stream.sent_logprobs[completion.index] = end
+            out = completion.output() if delta["finished"] else None
+            deltas.append(
+                CompletionDelta(
+                    index=completion.index,
+                    text=delta["text"],
+                    token_ids=delta["token_ids"],
+                    logprobs=logprobs,
+                    finish_reason=delta["finish_reason"],
+                    stop_reason=out.stop_reason if out is not None else None,
+                )
+            )
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None and not stream.sent_prompt_logprobs:
+            if len(request.prompt_logprobs) == len(request.prompt_token_ids):  # every chunk read back
+                prompt_logprobs = list(request.prompt_logprobs)
+                stream.sent_prompt_logprobs = True
+        if not deltas and not finished and prompt_logprobs is None:
+            return
+        self.pending.append(
+            RequestUpdate(
+                request_id=request.request_id,
+                prompt_token_ids=request.prompt_token_ids,
+                completions=deltas,
+                finished=finished,
+                num_cached_tokens=request.num_cached_tokens,
+                prompt_logprobs=prompt_logprobs,
+            )
+        )
+        if finished:
+            del self.streams[request.request_id]
+
+
+class AsyncLLM:
+    """An `LLMEngine` driven by one thread of its own, with async per-request output streams."""
+
+    def __init__(self, engine: LLMEngine, log_requests: bool = False):
+        self.engine = engine
+        self.log_requests = log_requests
+        self._owner = _Owner()
+        self._streams: dict[str, _Stream] = {}  # event loop only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cond = threading.Condition()  # guards the inbox below
+        self._inbox: deque = deque()  # ("add", request_id, prompt, params, future) or ("abort", ids)
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._num_steps = 0
+        self.on_step = None  # optional callable(StepRecord), called in the engine thread after each step
+        self._thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, engine_args, **kwargs) -> "AsyncLLM":
+        return cls(LLMEngine(**engine_args.to_kwargs()), **kwargs)
+
+    # ---- event-loop side ------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests this AsyncLLM has queued that have not finished yet (their streams are open)."""
+        return len(self._streams)
+
+    def _post(self, item: tuple) -> None:
+        with self._cond:
+            if self._stopping:
+                raise EngineDeadError("the engine is shutting down")
+            if self._dead is not None:
+                raise EngineDeadError(f"the engine stopped on an error: {self._dead!r}") from self._dead
+            self._inbox.append(item)
+            self._cond.notify()
+
+    async def add_request(
+        self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestUpdate]:
+        """Queue a request; returns once the engine has accepted it (ValueError/TypeError for bad input,
+        raised here), as an iterator of its updates. Closing the iterator early aborts the request."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._streams:
+                raise RuntimeError("an AsyncLLM serves one event loop at a time (requests are open in another)")
+            self._loop = loop
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
+        stream = _Stream()
+        self._streams[request_id] = stream
+        accepted = loop.create_future()
+        try:
+            self._post(("add", request_id, prompt, sampling_params, accepted, stream))
+            await accepted
+        except BaseException:
+            self._streams.pop(request_id, None)
+            if not accepted.done():  # cancelled while queued: the engine thread may still add it
+                self._post_abort([request_id])
+            raise
+        if self.log_requests:
+            logger.info("added request %s", request_id)
+        return self._iterate(request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestUpdate]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._post_abort([request_id])
+
+    async def generate(
+        self, prompt: PromptType, sampling_params: SamplingParams | None, request_id: str
+    ) -> AsyncIterator[RequestUpdate]:
+        """vLLM's form: `async for update in engine.generate(prompt, params, request_id)`."""
+        updates = await self.add_request(request_id, prompt, sampling_params)
+        try:
+            async for update in updates:
+                yield update
+        finally:
+            await updates.aclose()
+
+    def _post_abort(self, request_ids: list[str]) -> None:
+        try:
+            self._post(("abort", request_ids))
+        except EngineDeadError:
+            pass  # nothing runs any more
+
+    async def abort(self, request_id: str | list[str]) -> None:
+        """Abort requests by id (unknown or finished ones are ignored); their streams end with
+        finish_reason "abort"."""
+        self._post_abort([request_id] if isinstance(request_id, str) else list(request_id))
+
+    async def get_stats(self) -> EngineStats:
+        """The engine's load now (asks in a worker thread: the engine answers between steps)."""
+        return await asyncio.to_thread(self.engine.get_stats)
+
+    @property
+    def num_steps(self) -> int:
+        """Engine steps run so far."""
+        return self._num_steps
+
+    def _deliver(self, updates: list[RequestUpdate]) -> None:
+        """In the event loop: put each update on its request's queue."""
+        for update in updates:
+            stream = self._streams.get(update.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(update)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.queue.put_nowait(error)
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the engine thread (requests still running are aborted) and exit the engine."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self.engine.exit()
+
+    # ---- engine thread --------------------------------------------------------------------------
+
+    def _take_inbox(self) -> list[tuple] | None:
+        """Wait for work: the inbox's items (empty when requests are running), None when stopping."""
+        with self._cond:
+            while not self._inbox and not self._stopping and self.engine.get_num_unfinished_requests() == 0:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            items = list(self._inbox)
+            self._inbox.clear()
+            return items
+
+    def _call_loop(self, fn, *args) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    def _handle(self, items: list[tuple]) -> None:
+        aborts: list[str] = []
+        for item in items:
+            if item[0] == "abort":
+                aborts.extend(item[1])
+                continue
+            _, request_id, prompt, params, accepted, stream = item
+            self._owner.streams[request_id] = stream
+            try:
+                self.engine.add_request_with_owner(request_id, prompt, params, self._owner)
+            except Exception as e:  # bad input: the caller gets it, the engine goes on
+                self._owner.streams.pop(request_id, None)
+                self._call_loop(_settle, accepted, e)
+            else:
+                self._call_loop(_settle, accepted, None)
+        if aborts:
+            self.engine.abort_request(aborts)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                items = self._take_inbox()
+                if items is None:
+                    break
+                if items:
+                    self._handle(items)
+                if self.engine.get_num_unfinished_requests() == 0:
+                    self._flush()  # aborts end their streams without a step
+                    continue
+                t = time.perf_counter()
+                _, num_tokens = self.engine.step()
+                seconds = time.perf_counter() - t
+                self._num_steps += 1
+                if self.on_step is not None and num_tokens:
+                    self.on_step(StepRecord(num_tokens > 0, abs(num_tokens), seconds))
+                self._flush()
+        except BaseException as e:  # an engine failure: every open stream gets the error
+            logger.exception("the engine thread stopped on an error")
+            with self._cond:
+                self._dead = e
+            self._call_loop(self._fail_all, EngineDeadError(f"the engine stopped on an error: {e!r}"))
+        finally:
+            with self._cond:
+                self._stopping = True
+            # Requests still open when stopping end as aborted.
+            if self._owner.streams:
+                try:
+                    self.engine.abort_request(list(self._owner.streams))
+                    self._flush()
+                except Exception:
+                    logger.exception("aborting the open requests at shutdown failed")
+
+    def _flush(self) -> None:
+        updates, self._owner.pending = self._owner.pending, []
+        if updates:
+            now = time.monotonic()
+            for update in updates:
+                update.time = now
+                update.step = self._num_steps
+            self._call_loop(self._deliver, updates)
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

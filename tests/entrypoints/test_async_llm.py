@@ -1,0 +1,180 @@
+"""AsyncLLM on a tiny random model: its streams against LLM.generate on the same checkpoint, requests
+batched into shared steps, early exits and aborts freeing every block, bad input refused while the
+engine keeps serving. Every wait is bounded (asyncio.wait_for)."""
+
+import asyncio
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.async_llm import AsyncLLM
+from nanovllm.engine.llm_engine import LLMEngine
+from tests.conftest import random_prompts
+
+CONFIG = dict(kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=512, enforce_eager=True, device="cpu")
+WAIT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def engines(qwen3_tied):
+    reference = LLM(qwen3_tied, **CONFIG)
+    engine = AsyncLLM(LLMEngine(qwen3_tied, **CONFIG))
+    yield engine, reference
+    engine.shutdown()
+    reference.exit()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, WAIT_S))
+
+
+def assert_idle(engine: AsyncLLM) -> None:
+    inner = engine.engine
+    bm = inner.block_manager
+    assert inner.get_num_unfinished_requests() == 0
+    bm.check_integrity()
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+async def collect(engine: AsyncLLM, request_id: str, prompt, params) -> tuple[dict, list]:
+    """Join a request's updates: per completion (text, token ids, finish_reason); also the updates."""
+    out: dict[int, list] = {}
+    updates = []
+    async for update in engine.generate(prompt, params, request_id):
+        updates.append(update)
+        for d in update.completions:
+            text, ids, _ = out.get(d.index, ("", [], None))
+            out[d.index] = (text + d.text, ids + d.token_ids, d.finish_reason)
+    return out, updates
+
+
+def test_streams_equal_generate_and_share_steps(engines):
+    engine, reference = engines
+    prompts = random_prompts(6, [5, 9, 17, 30], seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    expected = reference.generate(prompts, params, use_tqdm=False)
+
+    async def main():
+        return await asyncio.gather(
+            *(collect(engine, f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts))
+        )
+
+    steps_before = engine.num_steps
+    results = run(main())
+    for (out, updates), exp in zip(results, expected):
+        text, ids, reason = out[0]
+        assert ids == exp.outputs[0].token_ids
+        assert text == exp.outputs[0].text
+        assert reason == "length" and updates[-1].finished
+    # Batched: the six requests were decoded in the same steps (alone they need ~6 x 10 steps).
+    steps = engine.num_steps - steps_before
+    assert steps < 2 * 10 + 6, steps
+    last_steps = {updates[-1].step for _, updates in results}
+    assert len(last_steps) == 1, last_steps  # all six finished in one step
+    assert_idle(engine)
+
+
+def test_n_and_seed_equal_generate(engines):
+    engine, reference = engines
+    params = SamplingParams(temperature=1.0, max_tokens=8, n=3, seed=11, ignore_eos=True, logprobs=1)
+    exp = reference.generate(["Hello, my name is"], params, use_tqdm=False)[0]
+    out, updates = run(collect(engine, "n3", "Hello, my name is", params))
+    assert sorted(out) == [0, 1, 2]
+    for c in exp.outputs:
+        assert out[c.index][1] == c.token_ids
+        assert out[c.index][0] == c.text
+    got = [lp for u in updates for d in u.completions if d.index == 1 for lp in d.logprobs]
+    assert [{t: round(v.logprob, 4) for t, v in d.items()} for d in got] == [
+        {t: round(v.logprob, 4) for t, v in d.items()} for d in exp.outputs[1].logprobs
+    ]
+    assert_idle(engine)
+
+
+def test_leaving_a_stream_early_aborts_it(engines):
+    engine, _ = engines
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        seen = 0
+        async for update in engine.generate("The quick brown fox", params, "early"):
+            seen += sum(len(d.token_ids) for d in update.completions)
+            if seen >= 3:
+                break
+        # the abort reaches the engine thread between steps
+        for _ in range(200):
+            if engine.engine.get_num_unfinished_requests() == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    run(main())
+    assert_idle(engine)
+
+
+def test_abort_ends_the_stream_with_abort(engines):
+    engine, _ = engines
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        reasons = []
+        async for update in engine.generate("The quick brown fox", params, "to-abort"):
+            reasons += [d.finish_reason for d in update.completions]
+            if len(reasons) == 2:
+                await engine.abort("to-abort")
+        return reasons
+
+    reasons = run(main())
+    assert reasons[-1] == "abort"
+    assert_idle(engine)
+
+
+def test_cancelled_task_aborts(engines):
+    engine, _ = engines
+    params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+
+    async def main():
+        task = asyncio.create_task(collect(engine, "cancel-me", "Hello", params))
+        while engine.engine.get_num_unfinished_requests() == 0:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if engine.engine.get_num_unfinished_requests() == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    run(main())
+    assert_idle(engine)
+
+
+def test_bad_input_is_refused_and_the_engine_goes_on(engines):
+    engine, reference = engines
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    async def main():
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await engine.add_request("bad", {"prompt_token_ids": [1, 99999]}, params)
+        with pytest.raises(ValueError, match="empty"):
+            await engine.add_request("bad2", {"prompt_token_ids": []}, params)
+        return await collect(engine, "good", "Hello", params)
+
+    out, _ = run(main())
+    assert out[0][1] == reference.generate(["Hello"], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert_idle(engine)
+
+
+def test_stats(engines):
+    engine, _ = engines
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+
+    async def main():
+        updates = await engine.add_request("stats", "Hello", params)
+        async for _ in updates:
+            stats = await engine.get_stats()
+            break
+        await updates.aclose()
+        return stats
+
+    stats = run(main())
+    assert stats.num_running == 1 and stats.num_waiting == 0
+    assert 0 < stats.kv_cache_usage < 1 and stats.num_kv_blocks == 64
