@@ -194,6 +194,110 @@ def memory_stats() -> dict[str, int] | None:
 Result = tuple[float, int, dict[str, Any]]  # seconds, generated tokens, details
 
 
+# Decode batch-size buckets of the breakdown (upper bounds, inclusive).
+BATCH_BUCKETS = (8, 32, 64, 128, 192, 256)
+
+
+class StepTimeline:
+    """Wraps ModelRunner.launch to note, per step, its phase, rows and tokens, and when the GPU began and
+    finished it (CUDA events recorded before and after the launch, read once the run is over; on a CPU,
+    the launch's wall time, since the CPU computes inside it). Events cost the host about a microsecond
+    and the GPU nothing, so the run is timed as it would be without them."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.steps: list[dict[str, Any]] = []
+
+    def wrap(self, launch: Any) -> Any:
+        def timed(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            step: dict[str, Any] = {"prefill": batch.is_prefill, "rows": len(batch.seqs)}
+            if batch.is_prefill:
+                step["tokens"] = sum(batch.num_new_tokens)
+            else:  # the cached tokens each sequence attends over (its new token included)
+                step["context"] = sum(seq.num_tokens for seq in batch.seqs)
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = launch(batch, *args, **kwargs)
+                end.record()
+                step["events"] = (start, end)
+            else:
+                t = time.perf_counter()
+                out = launch(batch, *args, **kwargs)
+                step["wall"] = time.perf_counter() - t
+            self.steps.append(step)
+            return out
+
+        return timed
+
+    def breakdown(self, weight_bytes: int, kv_token_bytes: int, bandwidth: float | None) -> dict[str, Any]:
+        """Prefill and decode GPU seconds, the decode floor and efficiency per batch-size bucket, and the
+        GPU's idle time between steps. Call after the GPU has finished."""
+        idle = 0.0
+        for step in self.steps:
+            if self.cuda:
+                start, end = step.pop("events")
+                step["gpu_s"] = start.elapsed_time(end) / 1e3
+                step["start"] = start
+                step["end"] = end
+            else:
+                step["gpu_s"] = step.pop("wall")
+        if self.cuda:
+            for prev, cur in zip(self.steps, self.steps[1:]):
+                idle += max(0.0, prev["end"].elapsed_time(cur["start"]) / 1e3)
+            for step in self.steps:
+                del step["start"], step["end"]
+        prefill = [s for s in self.steps if s["prefill"]]
+        decode = [s for s in self.steps if not s["prefill"]]
+        buckets: list[dict[str, Any]] = []
+        low = 1
+        for high in (*BATCH_BUCKETS, None):
+            inside = [s for s in decode if s["rows"] >= low and (high is None or s["rows"] <= high)]
+            if inside:
+                gpu = sum(s["gpu_s"] for s in inside)
+                moved = sum(weight_bytes + (s["context"] + s["rows"]) * kv_token_bytes for s in inside)
+                floor = moved / bandwidth if bandwidth else None
+                buckets.append(
+                    {
+                        "batch": f"{low}-{high}" if high else f">{low - 1}",
+                        "steps": len(inside),
+                        "gpu_s": gpu,
+                        "floor_s": floor,
+                        "efficiency": floor / gpu if floor and gpu > 0 else None,
+                    }
+                )
+            low = (high or 0) + 1
+        decode_gpu = sum(s["gpu_s"] for s in decode)
+        decode_floor = sum(b["floor_s"] for b in buckets) if bandwidth else None
+        return {
+            "timing": "CUDA events around each launch" if self.cuda else "wall time of each launch",
+            "prefill_steps": len(prefill),
+            "prefill_s": sum(s["gpu_s"] for s in prefill),
+            "decode_steps": len(decode),
+            "decode_gpu_s": decode_gpu,
+            "decode_floor_s": decode_floor,
+            "decode_efficiency": decode_floor / decode_gpu if decode_floor and decode_gpu > 0 else None,
+            "gpu_idle_between_steps_s": idle if self.cuda else None,
+            "decode_buckets": buckets,
+        }
+
+
+def print_breakdown(b: dict[str, Any]) -> None:
+    eff = f" ({b['decode_efficiency']:.0%} of it)" if b["decode_efficiency"] else ""
+    floor = f" against a {b['decode_floor_s']:.2f} s floor{eff}" if b["decode_floor_s"] else ""
+    idle = b["gpu_idle_between_steps_s"]
+    print(
+        f"Breakdown ({b['timing']}): prefill {b['prefill_steps']} steps {b['prefill_s']:.2f} s; decode "
+        f"{b['decode_steps']} steps {b['decode_gpu_s']:.2f} s{floor}"
+        + (f"; GPU idle between steps {idle:.3f} s" if idle is not None else "")
+    )
+    print(f"  {'decode batch':>12} {'steps':>6} {'time s':>8} {'floor s':>8} {'efficiency':>10}")
+    for row in b["decode_buckets"]:
+        floor = f"{row['floor_s']:8.3f}" if row["floor_s"] is not None else f"{'-':>8}"
+        eff = f"{row['efficiency']:10.0%}" if row["efficiency"] is not None else f"{'-':>10}"
+        print(f"  {row['batch']:>12} {row['steps']:>6} {row['gpu_s']:8.3f} {floor} {eff}")
+
+
 def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
     from nanovllm import LLM, SamplingParams
 
@@ -221,13 +325,18 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
         return out
 
     llm._step = counting_step
+    runner = llm.model_runner
+    timeline = StepTimeline(torch.cuda.is_available() and str(args.device) != "cpu")
+    if not args.no_breakdown:
+        runner.launch = timeline.wrap(runner.launch)
     _sync()
     start = time.perf_counter()
     outputs = llm.generate(wl.prompts, params, use_tqdm=False)
     _sync()
     seconds = time.perf_counter() - start
     del llm._step
-    runner = llm.model_runner
+    if not args.no_breakdown:
+        del runner.launch
     prefill = [n for n in step_tokens if n > 0]
     decode = [-n for n in step_tokens if n < 0]
     details = {
@@ -242,6 +351,7 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
             if f.name != "hf_config"
         },
         "steps": {"prefill_tokens_per_step": summary(prefill), "decode_batch_size": summary(decode)},
+        "timeline": None if args.no_breakdown else timeline,
     }
     llm.exit()
     return seconds, sum(len(o["token_ids"]) for o in outputs), details
@@ -449,6 +559,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"run on a CPU even a workload of more than {CPU_OUTPUT_TOKENS_LIMIT:,} output tokens",
     )
+    p.add_argument(
+        "--no-breakdown",
+        action="store_true",
+        help="skip the per-step timing (CUDA events around each launch) behind the breakdown",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     return p.parse_args(argv)
 
@@ -520,6 +635,8 @@ def main(argv: list[str] | None = None) -> None:
     embedding = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     # Per GPU: the whole model's prefill matmuls split N ways (the replicated norms are negligible).
     tflop = prefill_tflop(wl, cfg, tp * (details["weight_bytes"] // details["elem_size"]) - embedding) / tp
+    timeline = details.pop("timeline", None)
+    breakdown = timeline.breakdown(details["weight_bytes"], kv_token, bandwidth) if timeline else None
     floor_s = parts["total"] / bandwidth if bandwidth else None
     limit = wl.output_tokens / floor_s if floor_s else None
     limit_prefill = wl.output_tokens / (floor_s + tflop / PREFILL_TFLOPS) if floor_s else None
@@ -573,6 +690,7 @@ def main(argv: list[str] | None = None) -> None:
                 "limit_with_prefill_tok_per_s": limit_prefill,
             },
             "memory": mem,
+            "breakdown": breakdown,
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "attention_backend": details["attention_backend"],
             **{k: details[k] for k in ("dtype", "steps", "engine_config") if k in details},
@@ -581,6 +699,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"Wrote {args.json}")
     print(f"Total: {wl.output_tokens}tok, Time: {seconds:.2f}s, Throughput: {throughput:.2f}tok/s")
+    if breakdown:
+        print_breakdown(breakdown)
 
 
 if __name__ == "__main__":

@@ -38,13 +38,23 @@ def test_bench_runs_the_workload_and_writes_json(qwen3_tied, tmp_path, tp):
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT}
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r"Total: (\d+)tok, Time: [\d.]+s, Throughput: [\d.]+tok/s", last)
-    assert match, last
+    lines = proc.stdout.strip().splitlines()
+    totals = [i for i, line in enumerate(lines) if line.startswith("Total: ")]
+    assert len(totals) == 1, proc.stdout[-3000:]
+    match = re.fullmatch(r"Total: (\d+)tok, Time: [\d.]+s, Throughput: [\d.]+tok/s", lines[totals[0]])
+    assert match, lines[totals[0]]
     data = json.loads(out.read_text())
     assert data["total_tokens"] == int(match.group(1)) > 0
     assert data["steps"]["prefill_tokens_per_step"]["sum"] == data["prompt_tokens"]
     assert data["steps"]["decode_batch_size"]["steps"] > 0
+    # The breakdown follows the throughput line and accounts for every step the engine ran.
+    assert lines[totals[0] + 1].startswith("Breakdown (wall time of each launch): prefill ")
+    b = data["breakdown"]
+    assert b["prefill_steps"] == data["steps"]["prefill_tokens_per_step"]["steps"]
+    assert b["decode_steps"] == data["steps"]["decode_batch_size"]["steps"]
+    assert sum(row["steps"] for row in b["decode_buckets"]) == b["decode_steps"]
+    assert b["decode_buckets"][0]["batch"] == "1-8"  # 6 requests: every decode step is in the first bucket
+    assert 0 < b["decode_gpu_s"] and 0 < b["prefill_s"]
     assert data["engine_config"]["tensor_parallel_size"] == tp
     # One GPU's weights (what the floor counts): 1/tp of the model plus the small replicated norms.
     with safe_open(os.path.join(qwen3_tied, "model.safetensors"), framework="pt") as f:
