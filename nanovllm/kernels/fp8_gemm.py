@@ -1,0 +1,330 @@
+"""W8A8 FP8 (e4m3) GEMMs with fp32 accumulation: y = x W^T in x's dtype.
+
+- `w8a8_block_matmul`: block-scaled weights (Qwen3-FP8 / DeepSeek-V3: one scale per block_n x block_k
+  block) and activations quantized per token and block_k-wide group of input features, inside the
+  GEMM: each K tile is one group, so the tile's row maxima give its scales in registers and no
+  quantized copy of x is written. Partial last blocks (N or K not a multiple of the block) are masked.
+- `w8a8_channel_matmul`: one weight scale per output channel, one activation scale per token
+  (vLLM's online FP8). `per_token_quant` writes x in FP8 with its scales (one Triton pass); the GEMM is
+  `torch._scaled_mm` (cuBLASLt row-wise scaling on sm_89+/sm_90) where it applies (bf16 output,
+  K and N multiples of 16), else our Triton kernel.
+
+Under TRITON_INTERPRET=1 the fp32 -> e4m3 cast of the interpreter truncates (and loses the carry into
+the exponent); the kernels then round to the e4m3 grid themselves first (`EMULATE_CAST`), so the
+interpreter checks tiling, masks and scales against the same round-to-nearest quantizer as the GPU.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# Smallest activation-group maximum used for a scale (an all-zero group gets a harmless tiny scale).
+MIN_AMAX = 1e-10
+
+
+def _emulate_cast() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _to_fp8(x, EMULATE_CAST: tl.constexpr):
+    """fp32 (already within +-448) -> e4m3, round to nearest."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if EMULATE_CAST:
+        a = tl.abs(x)
+        e = tl.floor(tl.log2(tl.maximum(a, 1e-30)))
+        e = tl.minimum(tl.maximum(e, -6.0), 8.0)  # below 2^-6: e4m3's subnormal spacing 2^-9
+        step = tl.exp2(e - 3.0)  # 3 mantissa bits
+        r = tl.minimum(tl.floor(a / step + 0.5) * step, 448.0)
+        x = tl.where(x < 0, -r, r)
+    return x.to(tl.float8e4nv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Block-scaled weights, per-token-group activations
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_bsn,
+    stride_cs,
+    stride_cm,
+    k_tiles_per_split,
+    GROUP_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EMULATE_CAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_k_tiles = tl.cdiv(K, BLOCK_K)
+    first = split * k_tiles_per_split
+    last = tl.minimum(first + k_tiles_per_split, num_k_tiles)
+    # One weight-scale row per output column (its block of GROUP_N columns).
+    bs_rows = bs_ptr + (offs_n // GROUP_N).to(tl.int64) * stride_bsn
+    for kt in range(first, last):
+        k = kt * BLOCK_K + offs_k
+        mask_k = k < K
+        a = tl.load(
+            a_ptr + offs_m[:, None].to(tl.int64) * stride_am + k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_M, BLOCK_K]: one activation group per row
+        a_scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0  # [BLOCK_M]
+        a_q = _to_fp8(a / a_scale[:, None], EMULATE_CAST)
+        b = tl.load(
+            b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + k[:, None],
+            mask=mask_n[None, :] & mask_k[:, None],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_N] fp8
+        b_scale = tl.load(bs_rows + kt, mask=mask_n, other=0.0)  # [BLOCK_N]
+        acc += tl.dot(a_q, b, out_dtype=tl.float32) * a_scale[:, None] * b_scale[None, :]
+    c = c_ptr + split * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def block_gemm_config(m: int, n: int, k_tiles: int, num_sms: int) -> dict:
+    """Tile sizes and split-K for an [m, n] output: small m (decode) is bound by reading the weight,
+    so the K loop is split until the grid covers the SMs about twice; large m uses bigger tiles."""
+    if m <= 16:
+        block_m, block_n, warps, stages = 16, 64, 4, 4
+    elif m <= 64:
+        block_m, block_n, warps, stages = 64, 64, 4, 4
+    else:
+        block_m, block_n, warps, stages = 128, 128, 8, 3
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = max(1, min(k_tiles, (2 * num_sms) // max(tiles, 1))) if m <= 64 else 1
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, split_k=split)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def w8a8_block_matmul(
+    x: Tensor, weight: Tensor, weight_scale: Tensor, block: list[int], config: dict | None = None
+) -> Tensor:
+    """y [m, n] = x [m, k] W^T in x's dtype, W = weight [n, k] (e4m3) times weight_scale
+    [ceil(n / block_n), ceil(k / block_k)] (fp32) per block; x quantized per token and block_k group.
+    `config`: tile sizes / split-K (default: `block_gemm_config`)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"x [m, k] and weight [n, k] expected, got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    m, k = x.shape
+    n = weight.shape[0]
+    block_n, block_k = block
+    if weight.dtype != FP8_DTYPE or weight_scale.dtype != torch.float32:
+        raise ValueError(
+            f"weight must be {FP8_DTYPE} and weight_scale float32, got {weight.dtype}, {weight_scale.dtype}"
+        )
+    if tuple(weight_scale.shape) != (triton.cdiv(n, block_n), triton.cdiv(k, block_k)):
+        raise ValueError(
+            f"weight_scale shape {tuple(weight_scale.shape)} does not match weight {n}x{k}, block {block}"
+        )
+    if block_k < 16 or block_k & (block_k - 1):
+        raise ValueError(f"block_k must be a power of two >= 16 for the Triton kernel, got {block_k}")
+    if x.stride(1) != 1:
+        x = x.contiguous()  # [m, k]
+    if weight.stride(1) != 1 or weight_scale.stride(1) != 1:
+        raise ValueError("weight and weight_scale must be row-contiguous")
+    k_tiles = triton.cdiv(k, block_k)
+    cfg = dict(config or block_gemm_config(m, n, k_tiles, _num_sms(x.device)))
+    split = max(1, min(int(cfg.pop("split_k", 1)), k_tiles))
+    per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, per_split)  # no empty split
+    if split == 1:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        stride_cs = 0
+    else:
+        out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)  # [split, m, n] partial sums
+        stride_cs = out.stride(0)
+    if m == 0:
+        return out if split == 1 else out.sum(0).to(x.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
+    _block_gemm_kernel[grid](
+        x,
+        weight,
+        weight_scale,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        weight_scale.stride(0),
+        stride_cs,
+        n,
+        per_split,
+        GROUP_N=block_n,
+        BLOCK_K=block_k,
+        EMULATE_CAST=_emulate_cast(),
+        **cfg,
+    )
+    if split == 1:
+        return out
+    return out.sum(0).to(x.dtype)  # [m, n]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-channel weights, per-token activations
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _per_token_quant_kernel(
+    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr, EMULATE_CAST: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-10) / 448.0
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + offs < K
+        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(q_ptr + row * stride_qm + k0 + offs, _to_fp8(x / scale, EMULATE_CAST), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def per_token_quant(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [m, k] -> (q [m, k] e4m3, scale [m, 1] fp32) with x ~ q * scale, one scale per row."""
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()  # [m, k]
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        block = min(triton.next_power_of_2(k), 1024)
+        _per_token_quant_kernel[(m,)](
+            x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, EMULATE_CAST=_emulate_cast(), num_warps=4
+        )
+    return q, scale
+
+
+@triton.jit
+def _channel_gemm_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_cm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        a = tl.load(
+            a_ptr + offs_m[:, None].to(tl.int64) * stride_am + k[None, :],
+            mask=mask_m[:, None] & (k < K)[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_K] fp8
+        b = tl.load(
+            b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + k[:, None],
+            mask=mask_n[None, :] & (k < K)[:, None],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_N] fp8
+        acc += tl.dot(a, b, out_dtype=tl.float32)
+    a_scale = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
+    b_scale = tl.load(bs_ptr + offs_n, mask=mask_n, other=0.0)
+    acc = acc * a_scale[:, None] * b_scale[None, :]
+    c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def channel_gemm_triton(
+    q: Tensor, q_scale: Tensor, weight: Tensor, weight_scale: Tensor, out_dtype: torch.dtype, config=None
+) -> Tensor:
+    """y [m, n] = (q * q_scale) (weight * weight_scale[:, None])^T with fp32 accumulation."""
+    m, k = q.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
+    if m == 0:
+        return out
+    if config is None:
+        if m <= 16:
+            config = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+        elif m <= 64:
+            config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+        else:
+            config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+    grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
+    _channel_gemm_kernel[grid](
+        q, q_scale, weight, weight_scale, out, m, n, k, q.stride(0), weight.stride(0), out.stride(0), **config
+    )
+    return out
+
+
+def scaled_mm_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether torch._scaled_mm's row-wise scaling serves this GEMM: CUDA sm_89+, bf16 output, K and N
+    multiples of 16."""
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(torch, "_scaled_mm"):
+        return False
+    if torch.cuda.get_device_capability(x.device) < (8, 9):
+        return False
+    return x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
+
+
+def w8a8_channel_matmul(
+    x: Tensor, weight: Tensor, weight_scale: Tensor, use_scaled_mm: bool | None = None
+) -> Tensor:
+    """y [m, n] = x [m, k] W^T, W = weight [n, k] (e4m3) * weight_scale [n] (fp32); x quantized per
+    token. `use_scaled_mm`: None picks torch._scaled_mm where it applies."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"x [m, k] and weight [n, k] expected, got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    q, q_scale = per_token_quant(x)
+    if use_scaled_mm is None:
+        use_scaled_mm = scaled_mm_applies(x, weight)
+    if use_scaled_mm:
+        return torch._scaled_mm(
+            q,
+            weight.t(),  # [k, n], column-major as cuBLASLt wants the second operand
+            scale_a=q_scale,  # [m, 1]
+            scale_b=weight_scale.view(1, -1),  # [1, n]
+            out_dtype=x.dtype,
+        )
+    return channel_gemm_triton(q, q_scale, weight, weight_scale, x.dtype)

@@ -1,0 +1,149 @@
+"""FP8 GEMM kernels (block-scaled with per-token-group activations; per-channel with per-token
+activations) against a plain PyTorch reference: the same quantizer in fp32 (round to nearest e4m3),
+dequantize, fp32 matmul.
+
+Without CUDA, `test_fp8_kernels_under_triton_interpreter` re-runs this file with TRITON_INTERPRET=1 in a
+subprocess at small shapes (partial blocks in N and K, split-K, an all-zero row). On the GPU the same
+tests run at small and realistic shapes in bf16; the bound there is a relative error of 2e-2 of the
+output's largest value (bf16 output rounding, and fp32 accumulation order), 1e-4 in fp32.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+RUN_DIRECT = ON_GPU or INTERPRET
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+FP8 = torch.float8_e4m3fn
+
+_marks = [
+    pytest.mark.skipif(not RUN_DIRECT, reason="no CUDA: run by test_fp8_kernels_under_triton_interpreter")
+]
+if ON_GPU:
+    _marks.append(pytest.mark.cuda)
+
+
+def direct(fn):
+    for mark in _marks:
+        fn = mark(fn)
+    return fn
+
+
+@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+def test_fp8_kernels_under_triton_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 8, report
+
+
+def quantize_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [m, k] quantized per row and `group`-wide column group (last group partial), dequantized."""
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=torch.float32, device=x.device)
+    for g0 in range(0, k, group):
+        part = x[:, g0 : g0 + group].float()
+        scale = part.abs().amax(dim=1, keepdim=True).clamp(min=1e-10) / 448.0
+        out[:, g0 : g0 + group] = (part / scale).clamp(-448, 448).to(FP8).float() * scale
+    return out
+
+
+def random_block_weight(n: int, k: int, block, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    w = (torch.randn(n, k, generator=gen) * 2).to(FP8)
+    scale = torch.rand(-(-n // block[0]), -(-k // block[1]), generator=gen) * 0.02 + 0.001
+    return w.to(DEVICE), scale.to(DEVICE)
+
+
+def dequant_block(w, scale, block):
+    n, k = w.shape
+    full = scale.repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+    return w.float() * full
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    err = (out.float() - ref).abs().max().item()
+    assert err <= tol * ref.abs().max().item() + 1e-6, (err, ref.abs().max().item())
+
+
+SMALL_BLOCK_CASES = [
+    # m, n, k, block, split_k
+    (1, 160, 160, (128, 128), 1),  # partial last block in N and K
+    (5, 96, 200, (32, 64), 1),
+    (17, 64, 256, (64, 64), 3),  # split-K with a short last split
+    (3, 40, 48, (16, 16), 2),
+]
+GPU_BLOCK_CASES = [
+    (m, n, k, (128, 128), None) for m in (1, 16, 64, 256, 2048) for n, k in ((4096, 4096), (3072, 1024))
+]
+
+
+@direct
+@pytest.mark.parametrize("m, n, k, block, split", SMALL_BLOCK_CASES + (GPU_BLOCK_CASES if ON_GPU else []))
+def test_block_matmul_against_reference(m, n, k, block, split):
+    from nanovllm.kernels.fp8_gemm import block_gemm_config, w8a8_block_matmul
+
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    if m > 2:
+        x[1] = 0  # an all-zero row: a tiny scale, exact zeros out
+    w, scale = random_block_weight(n, k, block, gen)
+    config = None
+    if split is not None:
+        config = block_gemm_config(m, n, -(-k // block[1]), 4) | {"split_k": split}
+        if not ON_GPU:
+            config |= dict(BLOCK_M=16, BLOCK_N=32, num_stages=1)
+    out = w8a8_block_matmul(x, w, scale, list(block), config)
+    assert out.dtype == dtype and out.shape == (m, n)
+    ref = quantize_groups(x, block[1]) @ dequant_block(w, scale, block).t()
+    _close(out, ref, dtype)
+    if m > 2:
+        assert out[1].abs().max().item() == 0
+
+
+@direct
+@pytest.mark.parametrize("m, k", [(1, 64), (6, 200), (3, 2048)])
+def test_per_token_quant(m, k):
+    from nanovllm.kernels.fp8_gemm import per_token_quant
+
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(DEVICE) * 3
+    q, scale = per_token_quant(x)
+    want_scale = x.abs().amax(dim=1, keepdim=True) / 448.0
+    torch.testing.assert_close(scale, want_scale)
+    want = (x / want_scale).clamp(-448, 448).to(FP8)
+    # Equal up to a rare rounding tie of the division: at most one e4m3 step apart, almost always equal.
+    diff = (q.float() - want.float()).abs()
+    assert (diff > 0).float().mean().item() < 0.01
+    assert torch.all(diff <= want.float().abs() * 0.125 + 2**-9)
+
+
+@direct
+@pytest.mark.parametrize(
+    "m, n, k", [(1, 48, 64), (7, 80, 200)] + ([(1, 4096, 4096), (256, 3072, 1024)] if ON_GPU else [])
+)
+@pytest.mark.parametrize("use_scaled_mm", [False] + ([True] if ON_GPU else []))
+def test_channel_matmul_against_reference(m, n, k, use_scaled_mm):
+    from nanovllm.kernels.fp8_gemm import w8a8_channel_matmul
+
+    gen = torch.Generator().manual_seed(n + k)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) * 2).to(FP8).to(DEVICE)
+    scale = (torch.rand(n, generator=gen) * 0.02 + 0.001).to(DEVICE)
+    if use_scaled_mm and (k % 16 or n % 16):
+        pytest.skip("torch._scaled_mm needs K and N multiples of 16")
+    out = w8a8_channel_matmul(x, w, scale, use_scaled_mm=use_scaled_mm)
+    ref = quantize_groups(x, k) @ (w.float() * scale[:, None]).t()
+    _close(out, ref, dtype)
