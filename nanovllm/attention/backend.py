@@ -45,11 +45,14 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         """Causal attention of the new tokens over their sequence's prefix and themselves.
 
         Without `meta.block_tables` the keys are exactly the new k, v; with it they are read
-        from the cache. Returns `[num_tokens, num_heads, head_dim]`.
+        from the cache. With `sliding_window` W a query at position i sees only keys i - W < j <= i
+        (transformers' count: W keys, its own included); block-table entries of blocks wholly before
+        every query's window may be -1 and must not be read. Returns `[num_tokens, num_heads, head_dim]`.
         """
 
     @abstractmethod
@@ -60,5 +63,8 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
-        """One query per sequence over its `meta.context_lens` cached tokens; `[batch, heads, dim]`."""
+        """One query per sequence over its `meta.context_lens` cached tokens (the last
+        `sliding_window` of them if set; entries of blocks wholly before that may be -1);
+        `[batch, heads, dim]`."""

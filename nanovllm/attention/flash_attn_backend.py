@@ -9,6 +9,11 @@ from nanovllm.kernels.kv_store import store_kvcache
 from nanovllm.utils.context import AttentionMetadata
 
 
+def _window_size(sliding_window: int | None) -> tuple[int, int]:
+    """flash-attn's (left, right) window: W keys including the query's own is (W - 1, 0); -1 is none."""
+    return (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+
+
 class FlashAttnBackend(AttentionBackend):
     name = "flash-attn"
     supports_cuda_graphs = True
@@ -30,7 +35,7 @@ class FlashAttnBackend(AttentionBackend):
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
         store_kvcache(k, v, k_cache, v_cache, slot_mapping)
 
-    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale):
+    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window=None):
         if meta.block_tables is not None:
             k, v = k_cache, v_cache
         return flash_attn_varlen_func(
@@ -43,10 +48,11 @@ class FlashAttnBackend(AttentionBackend):
             max_seqlen_k=meta.max_seqlen_k,
             softmax_scale=scale,
             causal=True,
+            window_size=_window_size(sliding_window),
             block_table=meta.block_tables,
         )
 
-    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
+    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window=None):
         o = flash_attn_with_kvcache(
             q.unsqueeze(1),  # [batch, 1, num_heads, head_dim]
             k_cache,
@@ -55,6 +61,7 @@ class FlashAttnBackend(AttentionBackend):
             block_table=meta.block_tables,
             softmax_scale=scale,
             causal=True,
+            window_size=_window_size(sliding_window),
             num_splits=meta.num_splits or 1,
         )
         return o.squeeze(1)  # [batch, num_heads, head_dim]

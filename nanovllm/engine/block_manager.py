@@ -4,6 +4,11 @@ A block gets a hash only once it is full: xxh64 over the previous block's hash (
 little-endian; absent for a sequence's first block) followed by the block's token ids. A map from
 hash to block id lets a new prompt reuse every leading full block whose hash and tokens match. Freed
 blocks keep their hash and can be revived by a later hit until they are handed out for new data.
+
+With a sliding attention window in every layer (`sliding_window`), a block that lies wholly before the
+window of a sequence's next query is never read again: it is released as the sequence advances
+(`free_outside_window`) and its table entry becomes FREED_BLOCK, so a sequence holds about
+window / block_size + 2 blocks however long it grows. Released blocks keep their hash like any free one.
 """
 
 from collections import deque
@@ -12,6 +17,10 @@ import numpy as np
 import xxhash
 
 from nanovllm.engine.sequence import Sequence
+
+# A block-table entry whose block was released because it lies wholly before every later query's
+# sliding window (never read again; the model runner passes a valid id in its place).
+FREED_BLOCK = -1
 
 
 class Block:
@@ -30,10 +39,21 @@ class Block:
 class BlockManager:
     """Owns `num_blocks` KV-cache blocks of `block_size` token slots each."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+    ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of one slot, got {num_blocks} blocks of {block_size}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
         self.block_size = block_size
+        # The attention window of every layer (the largest if they differ), or None when some layer
+        # sees the whole context: then no block is released before its sequence ends.
+        self.sliding_window = sliding_window
         # False: no block is ever hashed, so nothing is shared between requests (forks of one request
         # still share their prompt blocks).
         self.enable_prefix_caching = enable_prefix_caching
@@ -181,7 +201,8 @@ class BlockManager:
         if num_full < len(parent.block_table) and not self.free_block_ids:
             raise ValueError(f"no free KV block to fork sequence {parent.seq_id}")
         for block_id in parent.block_table[:num_full]:
-            self.blocks[block_id].ref_count += 1
+            if block_id != FREED_BLOCK:
+                self.blocks[block_id].ref_count += 1
             child.block_table.append(block_id)
         if num_full < len(parent.block_table):
             block = self._take_free_block()
@@ -193,6 +214,8 @@ class BlockManager:
     def deallocate(self, seq: Sequence) -> None:
         """Release every block of `seq`. Blocks whose K/V were never fully computed lose their hash."""
         for i in reversed(range(len(seq.block_table))):
+            if seq.block_table[i] == FREED_BLOCK:
+                continue
             block = self.blocks[seq.block_table[i]]
             if (i + 1) * self.block_size > seq.num_computed_tokens and block.ref_count == 1:
                 self._forget_hash(block)
@@ -227,10 +250,30 @@ class BlockManager:
         if i >= len(seq.block_table):
             return
         block = self.blocks[seq.block_table[i]]
-        prev_hash = self.blocks[seq.block_table[i - 1]].hash if i > 0 else None
+        prev = seq.block_table[i - 1] if i > 0 else None
+        # A released previous block keeps no hash here: the chain stops (nothing is hashed wrongly).
+        prev_hash = self.blocks[prev].hash if prev is not None and prev != FREED_BLOCK else None
         if block.hash is None and (i == 0 or prev_hash is not None):
             token_ids = seq.block(i)
             self._register(block, self.compute_hash(token_ids, prev_hash), token_ids)
+
+    def free_outside_window(self, seq: Sequence) -> int:
+        """Release the blocks of `seq` that lie wholly before the window of its next query (at position
+        `seq.num_computed_tokens`; later queries see later keys only). The last two blocks of the table
+        are kept (the newest block's hash chains to the one before it). Returns how many were released."""
+        if self.sliding_window is None:
+            return 0
+        first_needed = seq.num_computed_tokens - self.sliding_window + 1  # oldest key still visible
+        end = min(first_needed // self.block_size, len(seq.block_table) - 2)
+        released = 0
+        for i in range(end - 1, -1, -1):  # newest first; stop at the ones released before
+            block_id = seq.block_table[i]
+            if block_id == FREED_BLOCK:
+                break
+            self._release(block_id)
+            seq.block_table[i] = FREED_BLOCK
+            released += 1
+        return released
 
     def forget_unfilled_block(self, seq: Sequence) -> None:
         """Undo `may_append`'s hashing of the block `seq`'s newest token completes, for a decode step

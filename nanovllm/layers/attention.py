@@ -4,7 +4,7 @@ backend chosen at start-up (flash-attn, Triton or plain PyTorch)."""
 import torch
 from torch import nn
 
-from nanovllm.utils.context import ForwardContext
+from nanovllm.utils.context import AttentionMetadata, ForwardContext
 
 
 class Attention(nn.Module):
@@ -17,18 +17,28 @@ class Attention(nn.Module):
         # Bound by the model runner once the cache exists: [num_blocks, block_size, kv_heads, head_dim]
         self.k_cache = self.v_cache = torch.tensor([])
         self.backend = None
+        # Keys this layer sees: the last `sliding_window` positions up to the query's own (None: all).
+        # Set by the model from the checkpoint's per-layer windows.
+        self.sliding_window: int | None = None
         self.forward_context: ForwardContext | None = None  # the owning runner's, bound at start-up
+
+    def step_metadata(self) -> AttentionMetadata:
+        """The current step's metadata (RuntimeError outside a forward pass)."""
+        if self.forward_context is None:
+            raise RuntimeError("attention layer has no backend: the model runner binds one at start-up")
+        return self.forward_context.get()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         if self.backend is None or self.forward_context is None:
             raise RuntimeError("attention layer has no backend: the model runner binds one at start-up")
-        meta = self.forward_context.get()
+        meta = self.step_metadata()
+        window = self.sliding_window
         has_cache = self.k_cache.numel() > 0
         if has_cache:
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.is_prefill:
-            o = self.backend.prefill(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+            o = self.backend.prefill(q, k, v, self.k_cache, self.v_cache, meta, self.scale, window)
         else:
-            o = self.backend.decode(q, self.k_cache, self.v_cache, meta, self.scale)
+            o = self.backend.decode(q, self.k_cache, self.v_cache, meta, self.scale, window)
         return o.reshape(q.shape[0], self.num_heads * self.head_dim)  # [num_tokens, num_heads * head_dim]

@@ -17,7 +17,7 @@ class Qwen2Model(Qwen3Model):
 
 
 class Qwen2ForCausalLM(Qwen3ForCausalLM):
-    """Sliding-window checkpoints (`use_sliding_window: true` with some layer windowed) are refused by
-    `check_config` unless the window covers max_model_len; Qwen2.5 releases ship with it off."""
+    """Sliding windows as transformers' Qwen2: `layer_types` (from `use_sliding_window` and
+    `max_window_layers`) says which layers attend to the last `sliding_window` tokens only."""
 
     model_cls = Qwen2Model

@@ -6,13 +6,18 @@ mistral.py), which subclass them to switch the q/k norm off and choose the proje
 import torch
 from torch import nn
 
-from nanovllm.layers.activation import SiluAndMul
 from nanovllm.kernels.qk_norm_rope import qk_norm_rope
+from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from nanovllm.layers.rotary_embedding import check_rope_parameters, get_rope, rope_parameters
+from nanovllm.layers.rotary_embedding import (
+    check_rope_parameters,
+    get_rope,
+    rope_max_position,
+    rope_parameters,
+)
 from nanovllm.quantization.base_config import QuantizationConfig
 from nanovllm.utils.parallel import get_tp_size
 
@@ -25,21 +30,40 @@ def check_mlp_config(config) -> None:
         raise ValueError("mlp_bias=True is not supported (MLP projections without bias only)")
 
 
-def sliding_window(config) -> int | None:
-    """The attention window some layer of this checkpoint uses, or None when every layer sees the
-    whole context. Qwen configs keep a `sliding_window` number with `use_sliding_window: false`, and
-    transformers 5 lists per-layer kinds in `layer_types`."""
+# How transformers' modeling of a family applies `config.sliding_window` to its layers.
+WINDOW_RULES = ("layer_types", "all", "none")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_sliding_windows(config, rule: str = "layer_types") -> list[int | None]:
+    """The attention window of each layer (None: the whole context), as transformers counts it: a
+    query at position i sees keys i - W < j <= i. `rule` is the family's: "layer_types" (Qwen2/Qwen3:
+    the `layer_types` list, or for transformers 4 configs the layers from `max_window_layers` on),
+    "all" (Mistral, Mixtral, Qwen3-MoE: every layer) or "none" (Llama ignores the field). A window
+    of None or 0 (Qwen2-MoE writes 0 when it is off), or `use_sliding_window: false`, is no window."""
+    if rule not in WINDOW_RULES:
+        raise ValueError(f"unknown sliding-window rule {rule!r} (one of {WINDOW_RULES})")
+    num_layers = config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
-    if window is None or getattr(config, "use_sliding_window", True) is False:
-        return None
+    if rule == "none" or not window or getattr(config, "use_sliding_window", True) is False:
+        return [None] * num_layers
+    window = int(window)
+    if window < 1:
+        raise ValueError(f"sliding_window must be a positive number of tokens, got {window}")
+    if rule == "all":
+        return [window] * num_layers
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
-        return int(window) if "sliding_attention" in layer_types else None
-    # transformers 4 Qwen configs: the layers from max_window_layers on use the window.
-    first = getattr(config, "max_window_layers", None)
-    if first is not None and first >= config.num_hidden_layers:
-        return None
-    return int(window)
+        if len(layer_types) != num_layers or any(t not in LAYER_TYPES for t in layer_types):
+            raise ValueError(
+                f"layer_types must list one of {LAYER_TYPES} for each of the {num_layers} layers, "
+                f"got {layer_types}"
+            )
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    first = getattr(config, "max_window_layers", None)  # transformers 4 Qwen configs
+    if first is None:
+        return [window] * num_layers
+    return [window if i >= first else None for i in range(num_layers)]
 
 
 class Qwen3Attention(nn.Module):
@@ -81,7 +105,8 @@ class Qwen3Attention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
         )
-        self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, rope_parameters(config))
+        # The table covers every position the engine may use (rope scaling extends the context).
+        self.rotary_emb = get_rope(self.head_dim, rope_max_position(config), rope_parameters(config))
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
         self.qk_norm = qk_norm
         if qk_norm:
@@ -94,7 +119,7 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if qkv.is_cuda:
+        if qkv.is_cuda and not self.rotary_emb.length_dependent:
             # One kernel for q/k-norm and rope, in place in qkv (q and k stay views of it).
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None)
             qk_norm_rope(
@@ -113,7 +138,11 @@ class Qwen3Attention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        return self.rotary_emb(positions, q, k)
+        if self.rotary_emb.length_dependent:  # dynamic / longrope: each token's length from the step
+            q, k = self.rotary_emb(positions, q, k, self.attn.step_metadata().rope_lengths)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
+        return q, k
 
 
 class Qwen3MLP(nn.Module):
@@ -195,26 +224,30 @@ class Qwen3ForCausalLM(nn.Module):
     }
     model_cls = Qwen3Model
 
+    # How this family's transformers modeling applies `sliding_window` (see layer_sliding_windows).
+    sliding_window_rule = "layer_types"
+
+    @classmethod
+    def layer_windows(cls, config) -> list[int | None]:
+        """Each layer's attention window (None: whole context)."""
+        return layer_sliding_windows(config, cls.sliding_window_rule)
+
     @classmethod
     def check_config(cls, config, max_model_len: int) -> None:
-        """Refuse, before anything is built or loaded, a checkpoint this class cannot serve exactly.
-
-        We attend over the whole context in every layer, so a sliding attention window smaller than
-        `max_model_len` is refused (a window at least that long never hides a token)."""
+        """Refuse, before anything is built or loaded, a checkpoint this class cannot serve exactly."""
         check_mlp_config(config)
-        check_rope_parameters(rope_parameters(config))
-        window = sliding_window(config)
-        if window is not None and window < max_model_len:
-            raise ValueError(
-                f"this checkpoint uses sliding-window attention (sliding_window={window}), which is not "
-                f"implemented; it can be served only with max_model_len <= {window} "
-                f"(got max_model_len={max_model_len})"
-            )
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        check_rope_parameters(rope_parameters(config), head_dim)
+        cls.layer_windows(config)  # a malformed layer_types or window raises here
 
     def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         # Quantized linear layers (embeddings, LM head and norms stay unquantized, as in vLLM).
         self.model = self.model_cls(config, quant_config=quant_config, prefix="model")
+        for layer, window in zip(self.model.layers, self.layer_windows(config)):
+            for module in layer.modules():
+                if isinstance(module, Attention):
+                    module.sliding_window = window
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:

@@ -33,6 +33,9 @@ class AttentionMetadata:
     # Host copies of the sequence lengths, for backends that loop over sequences on the CPU.
     seqlens_q: list[int] = field(default_factory=list)
     seqlens_k: list[int] = field(default_factory=list)
+    # Prefill with a length-dependent rope (dynamic, longrope): [num_tokens] int64, the sequence length
+    # whose frequencies rotate each new token (None in decode: p + 1 for the token at position p).
+    rope_lengths: torch.Tensor | None = None
 
 
 class ForwardContext:

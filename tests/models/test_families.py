@@ -1,7 +1,7 @@
 """Llama, Qwen2 and Mistral against transformers' own models with the same random weights, and the
-registry's refusals (unsupported architecture, sliding window, rope type, MLP bias)."""
+registry's refusals (unsupported architecture, rope type, MLP bias). Sliding windows and the long-context
+rope scalings are tested in test_long_context.py."""
 
-import inspect
 import json
 import os
 from types import SimpleNamespace
@@ -12,9 +12,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import nanovllm.engine.llm_engine
-import nanovllm.engine.model_runner
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM
 from nanovllm.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_inv_freq, rope_parameters
 from nanovllm.models.registry import (
     check_model_config,
@@ -25,7 +23,6 @@ from nanovllm.models.registry import (
 from tests.conftest import (
     TINY,
     assert_greedy_matches_hf,
-    hf_greedy,
     load_hf_model,
     random_prompts,
     write_hf_checkpoint,
@@ -197,12 +194,15 @@ def tiny_config(arch: str, **overrides):
 
 
 def test_unsupported_rope_type_is_refused_by_name():
-    config = tiny_config(
-        "LlamaForCausalLM", rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0)
+    config = SimpleNamespace(
+        **TINY,
+        hidden_act="silu",
+        architectures=["LlamaForCausalLM"],
+        rope_parameters=dict(rope_type="proportional", rope_theta=1e4, factor=2.0),
     )
-    with pytest.raises(ValueError, match="rope type 'dynamic' is not supported.*'llama3'"):
+    with pytest.raises(ValueError, match="rope type 'proportional' is not supported.*'llama3'.*'yarn'"):
         check_model_config(config, 256)
-    with pytest.raises(ValueError, match="'dynamic'"):
+    with pytest.raises(ValueError, match="'proportional'"):
         get_rope(16, 64, rope_parameters(config))
     with pytest.raises(ValueError, match="original_max_position_embeddings"):
         get_rope(
@@ -224,41 +224,6 @@ def test_llama_mlp_bias_is_refused():
         check_model_config(config, 256)
     with pytest.raises(ValueError, match="mlp_bias"):
         get_model_class("LlamaForCausalLM")(config)
-
-
-def test_mistral_sliding_window_refused_below_max_model_len():
-    config = tiny_config("MistralForCausalLM", sliding_window=32)
-    with pytest.raises(
-        ValueError, match=r"sliding_window=32.*max_model_len <= 32 \(got max_model_len=1024\)"
-    ):
-        check_model_config(config, 1024)
-    check_model_config(config, 32)  # the window covers the whole context: served as Llama
-    check_model_config(config, 16)
-    check_model_config(tiny_config("MistralForCausalLM", sliding_window=None), 1024)
-
-
-def test_qwen2_sliding_window_only_when_some_layer_uses_it():
-    off = tiny_config("Qwen2ForCausalLM", use_sliding_window=False, sliding_window=32)
-    check_model_config(off, 1024)
-    all_full = tiny_config(
-        "Qwen2ForCausalLM", use_sliding_window=True, sliding_window=32, max_window_layers=2
-    )
-    check_model_config(all_full, 1024)
-    windowed = tiny_config(
-        "Qwen2ForCausalLM", use_sliding_window=True, sliding_window=32, max_window_layers=1
-    )
-    with pytest.raises(ValueError, match="sliding_window=32"):
-        check_model_config(windowed, 1024)
-    tf4_style = SimpleNamespace(
-        **TINY,
-        hidden_act="silu",
-        architectures=["Qwen2ForCausalLM"],
-        use_sliding_window=True,
-        sliding_window=32,
-        max_window_layers=0,
-    )
-    with pytest.raises(ValueError, match="sliding_window=32"):
-        check_model_config(tf4_style, 1024)
 
 
 def test_unsupported_architecture_lists_all_supported(tmp_path):
@@ -284,31 +249,6 @@ def test_unsupported_architecture_lists_all_supported(tmp_path):
     with pytest.raises(ValueError) as err:
         LLM(path)
     assert all(name in str(err.value) for name in supported_architectures())
-
-
-def _engine_calls_check_model_config() -> bool:
-    return any(
-        "check_model_config(" in inspect.getsource(m)
-        for m in (nanovllm.engine.llm_engine, nanovllm.engine.model_runner)
-    )
-
-
-@pytest.mark.skipif(
-    not _engine_calls_check_model_config(), reason="the engine does not call check_model_config yet"
-)
-def test_mistral_sliding_window_through_engine(tmp_path):
-    path = write_hf_checkpoint(tmp_path / "m", arch="MistralForCausalLM", seed=2, sliding_window=32)
-    with pytest.raises(ValueError, match="sliding_window=32"):
-        LLM(path, num_kvcache_blocks=4, kvcache_block_size=16)
-    # max_model_len within the window: full attention equals windowed attention, outputs match
-    llm = LLM(path, num_kvcache_blocks=4, kvcache_block_size=16, max_model_len=32)
-    hf = load_hf_model(path)
-    prompt = PROMPTS[1]
-    out = llm.generate(
-        [prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False
-    )
-    assert out[0]["token_ids"] == hf_greedy(hf, prompt, 8)
-    llm.exit()
 
 
 def test_model_files_are_one_per_family():
