@@ -13,6 +13,11 @@ request once per step and write the new token's K/V; those bytes over the measur
 are the floor time, and output tokens over the floor time are the limit. With --tensor-parallel-size N
 each GPU holds and reads its shard (1/N of the weights, except the small replicated norms, and 1/N of
 the KV heads) in parallel with the others, so the floor counts one GPU's bytes over one GPU's bandwidth.
+A mixture-of-experts model reads per step only the experts its batch activates: the floor counts the
+other weights once per step plus, per sparse layer, the distinct experts a batch of that step's size
+activates on average under uniform routing (E * (1 - (1 - top_k / E) ** batch): at batch 256 with top-8 of
+128 that is all but 0.0003 of them); prefill FLOPs count the top_k experts per token.
+Built-in checkpoints without weight files (qwen3-30b-a3b-random) run with load_format="dummy".
 """
 
 import argparse
@@ -97,18 +102,63 @@ def kv_bytes_per_token(cfg: Any, elem_size: int, tensor_parallel_size: int = 1) 
     return cfg.num_hidden_layers * 2 * kv_heads * _head_dim(cfg) * elem_size
 
 
-def decode_bytes(wl: Workload, weight_bytes: int, kv_token_bytes: int) -> dict[str, int]:
+@dataclasses.dataclass
+class MoeShape:
+    """What a mixture-of-experts step reads of its experts (on one GPU)."""
+
+    num_experts: int
+    top_k: int
+    sparse_layers: int
+    expert_params: int  # one expert of one layer: gate, up and down (all ranks)
+    expert_bytes: int  # the same on one GPU (its slice of the expert width)
+
+    def active_experts(self, batch: int) -> float:
+        """Distinct experts of one layer a batch of `batch` tokens activates on average when routing is
+        uniform (a token misses a given expert with probability 1 - top_k / E)."""
+        return self.num_experts * (1.0 - (1.0 - self.top_k / self.num_experts) ** batch)
+
+    def step_weight_bytes(self, weight_bytes: int, batch: int) -> float:
+        """Weight bytes one decode step at this batch size reads: all but the experts, once, plus the
+        active experts of each sparse layer."""
+        experts = self.sparse_layers * self.expert_bytes
+        return weight_bytes - experts * self.num_experts + experts * self.active_experts(batch)
+
+
+def moe_shape(cfg: Any, elem_size: int, tensor_parallel_size: int = 1) -> MoeShape | None:
+    """The experts of a Qwen2/3-MoE or Mixtral config (None for a dense model)."""
+    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if not num_experts:
+        return None
+    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    step = getattr(cfg, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(cfg, "mlp_only_layers", None) or [])
+    layers = sum(1 for i in range(cfg.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
+    params = 3 * cfg.hidden_size * width
+    per_gpu = params * elem_size // tensor_parallel_size
+    return MoeShape(num_experts, cfg.num_experts_per_tok, layers, params, per_gpu)
+
+
+def decode_bytes(
+    wl: Workload, weight_bytes: int, kv_token_bytes: int, moe: MoeShape | None = None
+) -> dict[str, int]:
     """Least bytes decode moves: step s = 1..max(max_tokens)-1 (token 1 comes from prefill) reads the weights
-    once, and each request still running at step s reads its prompt_len + s cached tokens and writes one."""
+    once (of an MoE model, the experts that step's batch activates), and each request still running at step
+    s reads its prompt_len + s cached tokens and writes one."""
     steps = max(wl.max_tokens) - 1
     read = written = 0
     for prompt, m in zip(wl.prompts, wl.max_tokens, strict=True):
         n = m - 1  # the decode steps this request takes part in
         read += n * len(prompt) + n * (n + 1) // 2  # sum over s = 1..n of (prompt_len + s)
         written += n
+    if moe is None:
+        weights = steps * weight_bytes
+    else:
+        remaining = [m - 1 for m in wl.max_tokens]
+        batches = [sum(1 for n in remaining if n >= s) for s in range(1, steps + 1)]
+        weights = int(sum(moe.step_weight_bytes(weight_bytes, b) for b in batches))
     parts = {
         "steps": steps,
-        "weights": steps * weight_bytes,
+        "weights": weights,
         "kv_read": read * kv_token_bytes,
         "kv_write": written * kv_token_bytes,
     }
@@ -146,6 +196,16 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
 
 def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())  # tied weights counted once
+
+
+def meta_param_bytes(path: str, elem_size: int) -> int:
+    """Bytes of a checkpoint's parameters at `elem_size` per value, from its config alone (a model built
+    on the meta device; for checkpoints without weight files)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return sum(p.numel() for p in model.parameters()) * elem_size
 
 
 def human(n: float, unit: str = "B") -> str:
@@ -313,6 +373,8 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
     )
     kwargs: dict[str, Any] = {name: getattr(args, name) for name in names}
     kwargs["overlap_scheduling"] = not args.no_overlap
+    if builtin_model.builtin_load_format(path):  # a built-in checkpoint without weight files
+        kwargs["load_format"] = builtin_model.builtin_load_format(path)
     llm = LLM(path, **kwargs)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in wl.max_tokens]
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
@@ -374,6 +436,8 @@ def run_hf(args: argparse.Namespace, path: str, wl: Workload) -> Result:
         attn = "flash_attention_2"
     else:  # transformers 5.17 calls paged SDPA "paged|sdpa"; 5.24 dropped the prefix ("sdpa" is paged there)
         attn = "paged|sdpa" if "paged|sdpa" in ALL_ATTENTION_FUNCTIONS else "sdpa"
+    if builtin_model.builtin_load_format(path) == "dummy":
+        raise SystemExit(f"--engine hf needs weight files; {path} has none (it is for load_format='dummy')")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
     no_flash = "flash" not in attn and "auto_switch_to_flash" in {
         f.name for f in dataclasses.fields(ContinuousBatchingConfig)
@@ -444,6 +508,7 @@ def run_vllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
         dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size,
+        **({"load_format": "dummy"} if builtin_model.builtin_load_format(path) == "dummy" else {}),
     )
     params = [VSP(temperature=0.6, ignore_eos=True, max_tokens=m) for m in wl.max_tokens]
     llm.generate(["Benchmark: "], VSP(), use_tqdm=False)
@@ -454,6 +519,8 @@ def run_vllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
     _sync()
     seconds = time.perf_counter() - start
     weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    if not weights:  # dummy weights: count vLLM's parameters as ours would be counted
+        weights = meta_param_bytes(path, 4 if args.dtype == "float32" else 2)
     return (
         seconds,
         sum(len(o.outputs[0].token_ids) for o in outputs),
@@ -631,10 +698,14 @@ def main(argv: list[str] | None = None) -> None:
 
     tp = args.tensor_parallel_size
     kv_token = kv_bytes_per_token(cfg, details["elem_size"], tp)
-    parts = decode_bytes(wl, details["weight_bytes"], kv_token)
+    moe = moe_shape(cfg, details["elem_size"], tp)
+    parts = decode_bytes(wl, details["weight_bytes"], kv_token, moe)
     embedding = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    # Per token an MoE model multiplies by top_k of its experts, not all of them.
+    inactive = moe.sparse_layers * (moe.num_experts - moe.top_k) * moe.expert_params if moe else 0
     # Per GPU: the whole model's prefill matmuls split N ways (the replicated norms are negligible).
-    tflop = prefill_tflop(wl, cfg, tp * (details["weight_bytes"] // details["elem_size"]) - embedding) / tp
+    active_params = tp * (details["weight_bytes"] // details["elem_size"]) - embedding - inactive
+    tflop = prefill_tflop(wl, cfg, active_params) / tp
     timeline = details.pop("timeline", None)
     breakdown = timeline.breakdown(details["weight_bytes"], kv_token, bandwidth) if timeline else None
     floor_s = parts["total"] / bandwidth if bandwidth else None
@@ -643,10 +714,19 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"Decode must move {human(parts['total'])}{' per GPU' if tp > 1 else ''} in {parts['steps']} steps: "
         f"weights "
-        f"{human(details['weight_bytes'])} x {parts['steps']} = {human(parts['weights'])} + KV read "
+        f"{human(details['weight_bytes'])} x {parts['steps']}{' (active experts)' if moe else ''} = "
+        f"{human(parts['weights'])} + KV read "
         f"{human(parts['kv_read'])} + KV write {human(parts['kv_write'])} ({kv_token:,} B/token, "
         f"{details['dtype']}); prefill is ~{tflop:.3g} TFLOP of matmuls"
     )
+    if moe:
+        print(
+            f"Mixture of experts: {moe.sparse_layers} sparse layers x {moe.num_experts} experts of "
+            f"{human(moe.expert_bytes)}{' per GPU' if tp > 1 else ''}, top-{moe.top_k}; a step reads the "
+            f"experts its batch activates (uniform routing: {moe.active_experts(1):.0f} at batch 1, "
+            f"{moe.active_experts(16):.1f} at 16, {moe.active_experts(256):.2f} at 256), so the weights "
+            f"average {human(parts['weights'] / max(1, parts['steps']))} per step"
+        )
     if floor_s:
         print(
             f"Floor {floor_s:.2f} s: limit {limit:,.0f} tok/s ({limit_prefill:,.0f} tok/s counting prefill "
@@ -688,6 +768,7 @@ def main(argv: list[str] | None = None) -> None:
                 "fraction_of_limit": limit and throughput / limit,
                 "prefill_tflop": tflop,
                 "limit_with_prefill_tok_per_s": limit_prefill,
+                "moe": dataclasses.asdict(moe) if moe else None,
             },
             "memory": mem,
             "breakdown": breakdown,

@@ -86,7 +86,9 @@ class FusedMoE(nn.Module):
     def _rank_slice(self, t: Tensor, dim: int) -> Tensor:
         return t.narrow(dim, self.tp_rank * self.local_intermediate, self.local_intermediate)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Tensor, shard_id: tuple[int, str] | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: Tensor, shard_id: tuple[int, str] | None = None
+    ) -> None:
         """Copy this rank's slice of a checkpoint tensor: one expert's `gate`/`up` [I, H] or `down`
         [H, I] (shard id (expert, "w1"/"w3"/"w2")), or a whole stacked tensor as transformers 5 holds it
         (`experts.gate_up_proj` [E, 2I, H], gate rows first; `experts.down_proj` [E, H, I])."""
@@ -129,7 +131,9 @@ class FusedMoE(nn.Module):
 
 def _check_shape(t: Tensor, want: tuple[int, ...]) -> None:
     if tuple(t.shape) != tuple(want):
-        raise ValueError(f"shape mismatch: expected {tuple(want)} (all ranks), checkpoint has {tuple(t.shape)}")
+        raise ValueError(
+            f"shape mismatch: expected {tuple(want)} (all ranks), checkpoint has {tuple(t.shape)}"
+        )
 
 
 def expert_checkpoint_target(

@@ -23,7 +23,9 @@ from nanovllm.utils.parallel import all_reduce, get_tp_size
 
 class Qwen2MoeAttention(Qwen3Attention):
     def __init__(self, config):
-        super().__init__(config, qk_norm=False, qkv_bias=bool(getattr(config, "qkv_bias", True)), o_bias=False)
+        super().__init__(
+            config, qk_norm=False, qkv_bias=bool(getattr(config, "qkv_bias", True)), o_bias=False
+        )
 
 
 class _PartialRowParallelLinear(RowParallelLinear):

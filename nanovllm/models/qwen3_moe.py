@@ -43,9 +43,7 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
     """The router (`gate`, [E, H]) and the experts; output all-reduced under tensor parallelism unless
     `reduce_results=False` (then the caller reduces)."""
 
-    def __init__(
-        self, config, expert_width: int, renormalize: bool, reduce_results: bool = True
-    ):
+    def __init__(self, config, expert_width: int, renormalize: bool, reduce_results: bool = True):
         super().__init__()
         e = num_experts(config)
         self.gate = ReplicatedLinear(config.hidden_size, e, bias=False)

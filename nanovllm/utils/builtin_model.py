@@ -2,7 +2,9 @@
 
 `example.py` and `bench.py` use these when no real model is on disk: a tiny Qwen3 for trying the
 API on a CPU, and one with Qwen3-0.6B's exact shapes for measuring speed. The weights are random,
-so the text is gibberish, but every byte goes through the real loading code.
+so the text is gibberish, but every byte goes through the real loading code. The Qwen3-30B-A3B-shaped
+MoE model (61 GB in bf16) is written without weights: config.json and the tokenizer only, to be run with
+`load_format="dummy"` (random weights drawn on the device; its nanovllm_builtin.json says so).
 """
 
 import json
@@ -79,12 +81,50 @@ QWEN3_8B = dict(
 )
 
 
+# Qwen3-30B-A3B's published configuration: 48 layers, 128 experts of width 768, top-8 (3.3B active).
+QWEN3_30B_A3B = dict(
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    rope_theta=1000000.0,
+    initializer_range=0.02,
+)
+
+
 # Built-in models by name: (configuration overrides, weight dtype).
 BUILTIN_MODELS = {
     "tiny-qwen3": (TINY_QWEN3, torch.float32),
     "qwen3-0.6b-random": (QWEN3_0_6B, torch.bfloat16),
     "qwen3-8b-random": (QWEN3_8B, torch.bfloat16),
+    "qwen3-30b-a3b-random": (QWEN3_30B_A3B, torch.bfloat16),
 }
+# Architectures other than Qwen3ForCausalLM, by built-in name.
+BUILTIN_ARCHITECTURES = {"qwen3-30b-a3b-random": "Qwen3MoeForCausalLM"}
+# Built-in models written without weight files: engines load them with load_format="dummy".
+DUMMY_WEIGHT_MODELS = frozenset({"qwen3-30b-a3b-random"})
+
+
+def builtin_load_format(path: str) -> str | None:
+    """The load_format a built-in checkpoint directory needs ("dummy" when it has no weights), or None
+    for any other directory."""
+    try:
+        with open(os.path.join(path, "nanovllm_builtin.json")) as f:
+            return json.load(f).get("load_format")
+    except (OSError, ValueError):
+        return None
 
 
 def cache_root() -> str:
@@ -141,40 +181,51 @@ def write_random_checkpoint(
 
 
 def build_qwen3_checkpoint(
-    out_dir: str, overrides: dict, dtype: torch.dtype, tokenizer_vocab: int = 400, device: str = "cpu"
+    out_dir: str,
+    overrides: dict,
+    dtype: torch.dtype,
+    tokenizer_vocab: int = 400,
+    device: str = "cpu",
+    architecture: str = "Qwen3ForCausalLM",
+    weights: bool = True,
 ) -> str:
-    """Write config.json, random weights and a small tokenizer for a Qwen3 model into `out_dir`."""
-    from transformers import Qwen3Config
+    """Write config.json, a small tokenizer and (unless `weights=False`) random weights for a model of
+    `architecture` (Qwen3 or Qwen3-MoE) into `out_dir`."""
+    import transformers
 
     os.makedirs(out_dir, exist_ok=True)
     build_tokenizer(tokenizer_vocab, out_dir)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(out_dir)
-    config = Qwen3Config(**overrides, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    config.architectures = ["Qwen3ForCausalLM"]
+    tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+    config_cls = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    config = config_cls(**overrides, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    config.architectures = [architecture]
     config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(out_dir)
-    write_random_checkpoint(out_dir, config, dtype, device=device)
+    if weights:
+        write_random_checkpoint(out_dir, config, dtype, device=device)
     return out_dir
 
 
 def get_builtin_model(name: str = "tiny-qwen3") -> str:
-    """Path of a built-in random checkpoint, built once: 'tiny-qwen3', 'qwen3-0.6b-random' or
-    'qwen3-8b-random' (16 GB; its weights are drawn on the GPU when there is one)."""
+    """Path of a built-in random checkpoint, built once: 'tiny-qwen3', 'qwen3-0.6b-random',
+    'qwen3-8b-random' (16 GB; its weights are drawn on the GPU when there is one) or
+    'qwen3-30b-a3b-random' (no weight file: load it with load_format="dummy", see `builtin_load_format`)."""
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; choose from {sorted(BUILTIN_MODELS)}")
     path = os.path.join(cache_root(), name)
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
+    dummy = name in DUMMY_WEIGHT_MODELS
+    if os.path.isfile(os.path.join(path, "nanovllm_builtin.json" if dummy else "model.safetensors")):
         return path
     os.makedirs(cache_root(), exist_ok=True)
     overrides, dtype = BUILTIN_MODELS[name]
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root())
     try:
         device = "cuda" if name == "qwen3-8b-random" and torch.cuda.is_available() else "cpu"
-        build_qwen3_checkpoint(tmp, overrides, dtype, device=device)
+        arch = BUILTIN_ARCHITECTURES.get(name, "Qwen3ForCausalLM")
+        build_qwen3_checkpoint(tmp, overrides, dtype, device=device, architecture=arch, weights=not dummy)
+        marker = {"name": name, "random_weights": True} | ({"load_format": "dummy"} if dummy else {})
         with open(os.path.join(tmp, "nanovllm_builtin.json"), "w") as f:
-            json.dump({"name": name, "random_weights": True}, f)
+            json.dump(marker, f)
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
