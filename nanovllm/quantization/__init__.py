@@ -20,7 +20,9 @@ from nanovllm.quantization.base_config import (
 
 # quant_method name -> (module, class); modules import on first use.
 _METHODS: dict[str, tuple[str, str]] = {
+    "awq": ("nanovllm.quantization.awq", "AWQConfig"),
     "fp8": ("nanovllm.quantization.fp8", "Fp8Config"),
+    "gptq": ("nanovllm.quantization.gptq", "GPTQConfig"),
 }
 
 __all__ = [

@@ -160,7 +160,7 @@ def quantize_checkpoint(
         qz = quantize(tensor, group_size, sym, g_idx, min_zero=1 if method == "gptq" else 0)
         packed = pack_awq(qz) if method == "awq" else pack_gptq(qz)
         for suffix, t in packed.items():
-            out[f"{prefix}.{suffix}"] = t
+            out[f"{prefix}.{suffix}"] = t.contiguous()
         reference[name] = qz.dequantized()
     os.remove(path)
     save_file(out, path, metadata={"format": "pt"})
@@ -188,7 +188,9 @@ def quantize_checkpoint(
             "static_groups": False,
             "checkpoint_format": "gptq",
         }
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):  # transformers 5 writes "dtype", older ones "torch_dtype"
+        if key in config:
+            config[key] = str(dtype).removeprefix("torch.")
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)
     return reference
