@@ -193,7 +193,7 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._streams:
-                raise RuntimeError("an AsyncLLM serves one event loop at a time (requests are open in another)")
+                raise RuntimeError("an AsyncLLM serves one event loop at a time (another has open requests)")
             self._loop = loop
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")

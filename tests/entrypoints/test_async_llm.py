@@ -11,7 +11,9 @@ from nanovllm.engine.async_llm import AsyncLLM
 from nanovllm.engine.llm_engine import LLMEngine
 from tests.conftest import random_prompts
 
-CONFIG = dict(kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=512, enforce_eager=True, device="cpu")
+CONFIG = dict(
+    kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=512, enforce_eager=True, device="cpu"
+)
 WAIT_S = 60.0
 
 

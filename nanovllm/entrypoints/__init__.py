@@ -1,0 +1,1 @@
+"""Front ends over the engine: the `nanovllm` command line and the OpenAI-compatible server."""

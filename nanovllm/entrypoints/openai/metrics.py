@@ -1,0 +1,197 @@
+"""Prometheus metrics with vLLM's names (`vllm:...`, labelled by `model_name`), in a registry of the
+server's own (two servers in one process do not share counters).
+
+Gauges are read from the engine when /metrics is scraped; counters and histograms follow each
+request's updates (`ServerMetrics.track`) and each engine step (`ServerMetrics.on_step`).
+"""
+
+import time
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from nanovllm.engine.async_llm import RequestUpdate, StepRecord
+from nanovllm.engine.llm_engine import EngineStats
+
+# Histogram buckets (seconds), as vLLM's.
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+# Tokens per engine step.
+ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        self.running = gauge("vllm:num_requests_running", "Requests with a sequence in the running batch.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage: 1 means every block is in use.")
+        self.kv_blocks = gauge("nanovllm:num_kv_cache_blocks", "KV-cache blocks in the engine.")
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prompt tokens of the requests admitted.", labels, registry=r
+        ).labels(model_name)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Tokens generated.", labels, registry=r
+        ).labels(model_name)
+        self._success = Counter(
+            "vllm:request_success",
+            "Requests finished, by finish reason.",
+            labels + ["finished_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to the first token.",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between two updates of a request.",
+            labels,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Time from arrival to the last token.",
+            labels,
+            buckets=E2E_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.iteration_tokens = Histogram(
+            "vllm:iteration_tokens_total",
+            "Tokens per engine step.",
+            labels,
+            buckets=ITERATION_BUCKETS,
+            registry=r,
+        ).labels(model_name)
+        self.rejected = Counter(
+            "nanovllm:requests_rejected", "Requests refused with 503 (over the limit).", labels, registry=r
+        ).labels(model_name)
+        self.model_name = model_name
+
+    def on_step(self, step: StepRecord) -> None:
+        """Called by the engine thread after each step."""
+        self.iteration_tokens.observe(step.num_tokens)
+
+    def render(self, stats: EngineStats) -> bytes:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.kv_blocks.set(stats.num_kv_blocks)
+        return generate_latest(self.registry)
+
+    async def track(
+        self, updates: AsyncIterator[RequestUpdate], num_prompt_tokens: int
+    ) -> AsyncIterator[RequestUpdate]:
+        """Pass a request's updates through, counting tokens and timing them."""
+        arrival = time.monotonic()
+        self.prompt_tokens.inc(num_prompt_tokens)
+        first = True
+        last: dict[int, float] = {}  # per completion, when its latest tokens came
+        reason = "abort"  # what a request left early (a closed stream, a cancelled task) counts as
+        try:
+            async for update in updates:
+                for c in update.completions:
+                    k = len(c.token_ids)
+                    if not k:
+                        continue
+                    self.generation_tokens.inc(k)
+                    if first:
+                        self.ttft.observe(max(0.0, update.time - arrival))
+                        first = False
+                    # One inter-token latency per token after a completion's first: tokens that came
+                    # together (two steps read back at once) share the gap since its previous ones.
+                    if c.index in last:
+                        gaps, gap = k, max(0.0, update.time - last[c.index]) / k
+                    else:
+                        gaps, gap = k - 1, 0.0
+                    for _ in range(gaps):
+                        self.itl.observe(gap)
+                    last[c.index] = update.time
+                for c in update.completions:
+                    if c.index == 0 and c.finish_reason is not None:
+                        reason = c.finish_reason
+                if update.finished:
+                    self.e2e.observe(max(0.0, update.time - arrival))
+                yield update
+        finally:
+            await updates.aclose()
+            # One count per request (as vLLM), under its first completion's finish reason.
+            self._success.labels(self.model_name, reason).inc()
