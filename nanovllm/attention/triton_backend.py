@@ -13,7 +13,7 @@ class TritonAttentionBackend(AttentionBackend):
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
         store_kvcache(k, v, k_cache, v_cache, slot_mapping)
 
-    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale):
+    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window=None):
         if meta.block_tables is not None:  # some sequence has a cached prefix: keys come from the cache
             k, v = k_cache, v_cache
         return prefill_attention(
@@ -26,9 +26,17 @@ class TritonAttentionBackend(AttentionBackend):
             meta.max_seqlen_k,
             scale,
             block_tables=meta.block_tables,
+            sliding_window=sliding_window,
         )
 
-    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
+    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window=None):
         return decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, num_splits=meta.num_splits
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.context_lens,
+            scale,
+            num_splits=meta.num_splits,
+            sliding_window=sliding_window,
         )

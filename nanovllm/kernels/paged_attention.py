@@ -20,6 +20,8 @@ import triton.language as tl
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
+# The window argument meaning "no sliding window": more positions than any context (int32-safe).
+NO_WINDOW = 1 << 30
 
 # ---------------------------------------------------------------------------------------------------------
 # Tunables. The values are first guesses for an H100 (bf16, head_dim 128); to be tuned with
@@ -104,6 +106,15 @@ def _check_cache(k_cache: Tensor, v_cache: Tensor) -> None:
         raise ValueError(f"block_size must be a multiple of 16, got {block_size}")
 
 
+def _window_arg(sliding_window: int | None) -> int:
+    """The kernels' window argument: W, or a count larger than any context for no window."""
+    if sliding_window is None:
+        return NO_WINDOW
+    if sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 (or None), got {sliding_window}")
+    return min(int(sliding_window), NO_WINDOW)
+
+
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -156,6 +167,7 @@ def _decode_split_kernel(
     part_sum_ptr,
     qk_scale,
     num_splits,
+    window,
     stride_q_seq,
     stride_q_head,
     stride_cache_block,
@@ -177,13 +189,16 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     num_heads = tl.num_programs(1) * GROUP
 
-    # Each sequence's own context is divided evenly among the splits (in whole tiles); a split that starts
-    # past the context runs zero iterations and writes the neutral partial (max=-inf, sum=0, acc=0).
+    # Each sequence's own context (with a sliding window: its last `window` tokens) is divided evenly
+    # among the splits (in whole tiles); a split that starts past the context runs zero iterations and
+    # writes the neutral partial (max=-inf, sum=0, acc=0).
     context_len = tl.load(context_lens_ptr + seq)
-    num_tiles = tl.cdiv(context_len, TILE_N)
+    kv_start = tl.maximum(context_len - window, 0)  # first visible key (window >= context: 0)
+    first_tile = kv_start // TILE_N
+    num_tiles = tl.cdiv(context_len, TILE_N) - first_tile
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_start = split * tiles_per_split
-    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+    tile_start = first_tile + split * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, first_tile + num_tiles)
 
     rows = tl.arange(0, GROUP_PAD)  # query heads of this KV head, padded to >= 16 rows for tl.dot
     row_mask = rows < GROUP
@@ -202,8 +217,8 @@ def _decode_split_kernel(
     head_offset = kv_head.to(tl.int64) * stride_cache_head
     for tile in range(tile_start, tile_end):
         pos0 = tile * TILE_N
-        # TILE_N divides BLOCK_SIZE, so the whole tile lies in one block, and that block holds position
-        # pos0 < context_len, so its block-table entry is valid.
+        # TILE_N divides BLOCK_SIZE, so the whole tile lies in one block, and that block holds a visible
+        # position (in [kv_start, context_len)), so its block-table entry is valid.
         block = tl.load(block_table_row + pos0 // BLOCK_SIZE).to(tl.int64)
         token_in_block = pos0 % BLOCK_SIZE + offs_n
         kv_offsets = (
@@ -212,7 +227,7 @@ def _decode_split_kernel(
             + token_in_block[:, None] * stride_cache_token
             + dims[None, :]
         )  # [TILE_N, HEAD_DIM]: rows of HEAD_DIM contiguous elements
-        valid = (pos0 + offs_n) < context_len
+        valid = ((pos0 + offs_n) < context_len) & ((pos0 + offs_n) >= kv_start)
         k = tl.load(k_cache_ptr + kv_offsets, mask=valid[:, None], other=0.0)  # [TILE_N, HEAD_DIM]
         v = tl.load(v_cache_ptr + kv_offsets, mask=valid[:, None], other=0.0)  # [TILE_N, HEAD_DIM]
 
@@ -285,6 +300,7 @@ def decode_attention(
     scale: float,
     out: Tensor | None = None,
     num_splits: int | None = None,
+    sliding_window: int | None = None,
 ) -> Tensor:
     """Attention of one new query per sequence over its paged KV cache (split-K "flash decoding").
 
@@ -294,6 +310,9 @@ def decode_attention(
     (a 0 entry, e.g. a padding row of a CUDA-graph batch, reads nothing and yields zeros).
     num_splits: programs per (sequence, KV head) along the context; None picks it from the SM count,
     the batch size and the block-table capacity (shapes only, so no host synchronisation).
+    sliding_window: W attends only the last W cached tokens (positions context_len - W .. context_len - 1,
+    transformers' count); the splits divide that range, and table entries of blocks wholly before it
+    are never read (may be -1).
     Returns [batch, num_heads, head_dim] in q's dtype (written into `out` if given).
     """
     if q.dim() != 3:
@@ -321,6 +340,7 @@ def decode_attention(
         num_splits = default_num_splits(q.device, batch, num_kv_heads, block_tables.shape[1], block_size)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    window = _window_arg(sliding_window)
     q = _last_dim_contiguous(q)  # [batch, num_heads, head_dim]
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
 
@@ -346,6 +366,7 @@ def decode_attention(
         part_sum,
         scale * LOG2E,
         num_splits,
+        window,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -397,6 +418,8 @@ def _prefill_attend(
     kv_head,
     start,
     end,
+    lo,
+    window,
     qk_scale,
     stride_k_block,
     stride_k_token,
@@ -414,7 +437,8 @@ def _prefill_attend(
     """Online-softmax update of (acc, l_i, m_i) with keys [start, end) of one sequence.
 
     Without CAUSAL_MASK every key in the range must be visible to every query row and lie below `end`
-    (callers pass whole tiles); with it, keys above a row's position or at/after `end` are masked.
+    (callers pass whole tiles); with it, keys above a row's position, at/after `end`, before `lo` (never
+    read: their blocks may be freed) or outside a row's window (`window` keys up to its own) are masked.
     """
     offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -422,7 +446,7 @@ def _prefill_attend(
     v_head = kv_head.to(tl.int64) * stride_v_head
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n  # [BLOCK_N] key positions in the sequence
-        in_range = pos < end
+        in_range = (pos < end) & (pos >= lo)
         if PAGED:
             # Per-token gather through the block table, so a tile may cross block boundaries.
             if CAUSAL_MASK:
@@ -447,11 +471,15 @@ def _prefill_attend(
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if CAUSAL_MASK:
-            visible = (pos[None, :] <= q_pos[:, None]) & in_range[None, :]
-            s = tl.where(visible, s, float("-inf"))
+            visible = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible & in_range[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if CAUSAL_MASK:  # a row may see no key of this tile yet (before its window): keep it at zero
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -468,6 +496,7 @@ def _prefill_kernel(
     cu_seqlens_k_ptr,
     block_tables_ptr,
     qk_scale,
+    window,
     stride_q_token,
     stride_q_head,
     stride_k_block,
@@ -518,18 +547,32 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
 
-    # Keys [0, prefix + q0] are visible to every row: whole tiles of them need no mask.
-    full_end = ((prefix + q0 + 1) // BLOCK_N) * BLOCK_N
+    # Rows see keys (q_pos - window, q_pos]. Keys [full_lo, prefix + q0] are visible to every row (the
+    # last row's window starts at full_lo): whole tiles of them need no mask. Keys before them down to
+    # the first row's window start `lo`, and keys after them up to the last row, are masked.
+    first_q = prefix + q0
+    lo = tl.maximum(first_q - window + 1, 0)
+    full_lo = tl.cdiv(tl.maximum(first_q + TOKENS_PER_TILE - window, 0), BLOCK_N) * BLOCK_N
+    full_end = ((first_q + 1) // BLOCK_N) * BLOCK_N
+    masked_end = tl.minimum(full_lo, full_end)
     # The last row of the tile sees keys up to prefix + q0 + TOKENS_PER_TILE - 1.
-    kv_end = tl.minimum(k_len, prefix + q0 + TOKENS_PER_TILE)
+    kv_end = tl.minimum(k_len, first_q + TOKENS_PER_TILE)
     # fmt: off
     acc, l_i, m_i = _prefill_attend(
-        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, block_table_row, k_start, kv_head, 0, full_end, qk_scale,
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, block_table_row, k_start, kv_head, (lo // BLOCK_N) * BLOCK_N,
+        masked_end, lo, window, qk_scale,
+        stride_k_block, stride_k_token, stride_k_head, stride_v_block, stride_v_token, stride_v_head,
+        HEAD_DIM, BLOCK_N, BLOCK_SIZE, PAGED, True, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _prefill_attend(
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, block_table_row, k_start, kv_head, full_lo, full_end, lo,
+        window, qk_scale,
         stride_k_block, stride_k_token, stride_k_head, stride_v_block, stride_v_token, stride_v_head,
         HEAD_DIM, BLOCK_N, BLOCK_SIZE, PAGED, False, DOT_PRECISION,
     )
     acc, l_i, m_i = _prefill_attend(
-        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, block_table_row, k_start, kv_head, full_end, kv_end, qk_scale,
+        acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, block_table_row, k_start, kv_head, full_end, kv_end, lo,
+        window, qk_scale,
         stride_k_block, stride_k_token, stride_k_head, stride_v_block, stride_v_token, stride_v_head,
         HEAD_DIM, BLOCK_N, BLOCK_SIZE, PAGED, True, DOT_PRECISION,
     )
@@ -551,6 +594,7 @@ def prefill_attention(
     scale: float,
     block_tables: Tensor | None = None,
     out: Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> Tensor:
     """Causal varlen attention for a prefill batch.
 
@@ -562,6 +606,8 @@ def prefill_attention(
     cu_seqlens_k (no prefix cache; then k_len == q_len).
     Else: k, v are the paged caches [num_blocks, block_size, num_kv_heads, head_dim] and key position p of
     sequence i lives at slot block_tables[i, p // block_size] * block_size + p % block_size.
+    sliding_window: W limits each query at position i to keys i - W < j <= i (transformers' count); block
+    table entries of blocks wholly before every query's window are never read (may be -1).
     num_heads must be a multiple of num_kv_heads (GQA). Returns [total_q, num_heads, head_dim] in q's dtype
     (written into `out` if given). The grid uses max_seqlen_q only; nothing is read back to the host.
     """
@@ -613,6 +659,7 @@ def prefill_attention(
     if total_q == 0 or num_seqs == 0 or max_seqlen_q <= 0:
         return out
     q = _last_dim_contiguous(q)  # [total_q, num_heads, head_dim]
+    window = _window_arg(sliding_window)
 
     group = num_heads // num_kv_heads
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype)
@@ -628,6 +675,7 @@ def prefill_attention(
         cu_seqlens_k,
         block_tables_arg,
         scale * LOG2E,
+        window,
         q.stride(0),
         q.stride(1),
         *k_strides,
