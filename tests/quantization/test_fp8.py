@@ -85,7 +85,7 @@ def dequantized_reference(fp8_dir: str, src_dir: str, block=(128, 128)):
     for name, t in tensors.items():
         if name.endswith("_scale_inv"):
             continue
-        if name.endswith(LINEAR_SUFFIXES):
+        if name + "_scale_inv" in tensors:
             state[name] = dequantize_block(t, tensors[name + "_scale_inv"], list(block), torch.float32)
         else:
             state[name] = t.float()
@@ -128,3 +128,211 @@ def test_block_checkpoint_greedy_equals_dequantized_transformers(fp8_dir, fp8_re
         torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-3)
     finally:
         llm.exit()
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+def test_scales_stored_in_16_bits(bf16_dir, tmp_path, scale_dtype):
+    fp8 = pack_fp8_checkpoint(bf16_dir, str(tmp_path / "ckpt"), scale_dtype=scale_dtype)
+    ref = dequantized_reference(fp8, bf16_dir)
+    llm = LLM(fp8, **ENGINE)
+    try:
+        out = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0]
+        assert out["token_ids"] == hf_greedy(ref, PROMPTS[0], GREEDY.max_tokens)
+    finally:
+        llm.exit()
+
+
+def test_smaller_block_and_ignored_layers(bf16_dir, tmp_path):
+    """A 64 x 32 block (several blocks per tensor, a partial one along hidden 160 -> 5 x 32 whole) and a
+    layer the config leaves unquantized (stored in bf16, loaded as such)."""
+    block = (64, 32)
+    ignored = "model.layers.1.mlp.down_proj"
+    fp8 = pack_fp8_checkpoint(
+        bf16_dir, str(tmp_path / "ckpt"), block=block, config_extra={"ignored_layers": [ignored]}
+    )
+    tensors = load_file(os.path.join(fp8, WEIGHTS))
+    src = load_file(os.path.join(bf16_dir, WEIGHTS))
+    del tensors[ignored + ".weight_scale_inv"]
+    tensors[ignored + ".weight"] = src[ignored + ".weight"].to(torch.bfloat16)
+    save_file(tensors, os.path.join(fp8, WEIGHTS))
+    ref = dequantized_reference(fp8, bf16_dir, block=block)
+    llm = LLM(fp8, **ENGINE)
+    try:
+        layer = llm.model_runner.model.model.layers[1].mlp.down_proj
+        assert layer.weight.dtype == torch.float32 and not hasattr(layer, "weight_scale_inv")
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        for prompt, out in zip(PROMPTS, outs):
+            assert out["token_ids"] == hf_greedy(ref, prompt, GREEDY.max_tokens)
+    finally:
+        llm.exit()
+
+
+def test_tensor_parallel_equals_single_rank(fp8_dir, fp8_reference):
+    llm = LLM(fp8_dir, **ENGINE, tensor_parallel_size=2, tp_timeout_s=30.0, tp_shm_bytes=1 << 16)
+    try:
+        shapes = llm.model_runner.param_shapes()
+        # rank 0's halves: q/k/v 128 rows each, gate/up 128 each; scales one 128-row block per part
+        assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == (384, 160)
+        assert shapes["model.layers.0.self_attn.qkv_proj.weight_scale_inv"] == (3, 2)
+        assert shapes["model.layers.0.mlp.down_proj.weight_scale_inv"] == (2, 1)
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        for prompt, out in zip(PROMPTS, outs):
+            assert out["token_ids"] == hf_greedy(fp8_reference, prompt, GREEDY.max_tokens)
+    finally:
+        llm.exit()
+
+
+def test_tensor_parallel_shard_cutting_a_block_is_refused(tmp_path):
+    src = write_hf_checkpoint(tmp_path / "src", seed=4, **{**FP8_SHAPES, "intermediate_size": 384})
+    fp8 = pack_fp8_checkpoint(src, str(tmp_path / "fp8"))
+    with pytest.raises(ValueError, match=r"gate_up_proj.*\(192\).*FP8 weight block \(128\)"):
+        LLM(fp8, **ENGINE, tensor_parallel_size=2, tp_timeout_s=30.0, tp_shm_bytes=1 << 16)
+    # one rank serves it: the MLP's 384 rows are three whole blocks
+    llm = LLM(fp8, **ENGINE)
+    llm.exit()
+
+
+def test_fused_part_off_block_boundary_is_refused(tmp_path):
+    # k and v of 64 rows: the fused qkv's v part would start inside a 128-row block
+    shapes = {**FP8_SHAPES, "head_dim": 64, "num_key_value_heads": 1}
+    src = write_hf_checkpoint(tmp_path / "src", seed=5, **shapes)
+    fp8 = pack_fp8_checkpoint(src, str(tmp_path / "fp8"))
+    with pytest.raises(ValueError, match=r"qkv_proj: output features of a fused part \(64\)"):
+        LLM(fp8, **ENGINE)
+
+
+@pytest.mark.parametrize("case", ["missing_scale", "scale_shape", "weight_dtype"])
+def test_bad_tensors_are_named(fp8_dir, tmp_path, case):
+    bad = pack_fp8_checkpoint(fp8_dir.replace("fp8_block", "fp8_src"), str(tmp_path / "ckpt"))
+    tensors = load_file(os.path.join(bad, WEIGHTS))
+    name = "model.layers.1.self_attn.k_proj.weight"
+    if case == "missing_scale":
+        del tensors[name + "_scale_inv"]
+        match = r"weight_scale_inv.*not filled.*k_proj\.weight_scale_inv"
+    elif case == "scale_shape":
+        tensors[name + "_scale_inv"] = torch.ones(2, 3)
+        match = r"k_proj\.weight_scale_inv.*shape mismatch.*takes \(2, 2\).*has \(2, 3\)"
+    else:
+        tensors[name] = tensors[name].float()
+        match = r"k_proj\.weight.*dtype mismatch.*float8_e4m3fn.*float32"
+    save_file(tensors, os.path.join(bad, WEIGHTS))
+    with pytest.raises(ValueError, match=match):
+        LLM(bad, **ENGINE)
+
+
+def test_fp8_tensor_in_an_unquantized_checkpoint_is_refused(bf16_dir, tmp_path):
+    bad = pack_fp8_checkpoint(bf16_dir, str(tmp_path / "ckpt"))
+    with open(os.path.join(bad, "config.json")) as f:
+        config = json.load(f)
+    del config["quantization_config"]
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(
+        ValueError, match=r"'model\.layers\.\d\.\w+\.\w+_proj\.weight'.*float8_e4m3fn.*quantization method"
+    ):
+        LLM(bad, **ENGINE)
+
+
+class _Cfg:
+    def __init__(self, qc=None):
+        if qc is not None:
+            self.quantization_config = qc
+
+
+BLOCK_QC = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
+
+
+@pytest.mark.parametrize(
+    "qc, arg, match",
+    [
+        (BLOCK_QC, "int8x", r"quantization='int8x' does not match.*'fp8'"),
+        (None, "int8x", r"unknown quantization method 'int8x'"),
+        ({"quant_method": "bitnet"}, None, r"quant_method 'bitnet', which is not supported"),
+        ({"fmt": "e4m3"}, None, r"no 'quant_method'"),
+        ({**BLOCK_QC, "fmt": "e5m2"}, None, r"fmt 'e5m2'"),
+        ({**BLOCK_QC, "weight_block_size": [128]}, None, r"weight_block_size must be two positive ints"),
+        ({**BLOCK_QC, "weight_block_size": [0, 128]}, None, r"weight_block_size must be two positive ints"),
+        ({**BLOCK_QC, "activation_scheme": "static"}, None, r"only activation_scheme 'dynamic'"),
+        ({**BLOCK_QC, "activation_scheme": "sometimes"}, None, r"activation_scheme must be one of"),
+        ({"quant_method": "fp8", "activation_scheme": "dynamic"}, None, r"per-tensor weight scales"),
+        ({**BLOCK_QC, "ignored_layers": "lm_head"}, None, r"ignored_layers must be a list"),
+    ],
+)
+def test_bad_quantization_configs(qc, arg, match):
+    with pytest.raises(ValueError, match=match):
+        get_quantization_config(_Cfg(qc), arg)
+
+
+def test_quantization_config_resolution():
+    assert get_quantization_config(_Cfg(), None) is None
+    online = get_quantization_config(_Cfg(), "fp8")
+    assert isinstance(online, Fp8Config) and not online.is_checkpoint_fp8_serialized
+    block = get_quantization_config(_Cfg(BLOCK_QC), "FP8")  # the checkpoint's own name, any case
+    assert block.is_checkpoint_fp8_serialized and block.weight_block_size == [128, 128]
+    with pytest.raises(TypeError, match="quantization must be None or a method name"):
+        get_quantization_config(_Cfg(), 8)
+
+
+def test_engine_arguments_are_checked(fp8_dir):
+    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'fp8', 'fp8_e4m3'\)"):
+        LLM(fp8_dir, **ENGINE, kv_cache_dtype="fp8_e5m2")
+    with pytest.raises(ValueError, match="does not match"):
+        LLM(fp8_dir, **ENGINE, quantization="int8x")
+    llm = LLM(fp8_dir, **ENGINE, load_format="dummy")  # random FP8 weights and scales: runs
+    try:
+        assert len(llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0]["token_ids"]) == GREEDY.max_tokens
+    finally:
+        llm.exit()
+
+
+def per_channel_dequantized(w: torch.Tensor) -> torch.Tensor:
+    """The test's own per-output-channel e4m3 quantizer (amax / 448 per row), dequantized."""
+    scale = w.float().abs().amax(dim=1, keepdim=True) / FP8_MAX
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+def prompt_logprobs(llm, prompt: list[int]) -> torch.Tensor:
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    return torch.tensor([next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]])
+
+
+def test_online_fp8_equals_per_channel_dequantized_transformers(bf16_dir):
+    ref = load_hf_model(bf16_dir)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(LINEAR_SUFFIXES):
+                p.copy_(per_channel_dequantized(p))
+    llm = LLM(bf16_dir, **ENGINE, quantization="fp8")
+    try:
+        layer = llm.model_runner.model.model.layers[0].self_attn.qkv_proj
+        assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.shape == (768,)
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        for prompt, out in zip(PROMPTS, outs):
+            assert out["token_ids"] == hf_greedy(ref, prompt, GREEDY.max_tokens)
+    finally:
+        llm.exit()
+
+
+def test_online_fp8_close_to_unquantized(bf16_dir):
+    """FP8 weights move each weight by up to 1/16 of its row's scale. On this peaky tiny model a random
+    prompt's tokens sit deep in the tail (log-probabilities near -20), where FP8 moves them by about 3%
+    (bound: 8% on average); the greedy first tokens mostly agree."""
+    prompts = random_prompts(4, [12, 30], vocab=400, seed=11)
+    results = {}
+    for quantization in (None, "fp8"):
+        llm = LLM(bf16_dir, **ENGINE, quantization=quantization)
+        try:
+            tokens = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+            results[quantization] = tokens, prompt_logprobs(llm, prompts[1])
+        finally:
+            llm.exit()
+    (base_tokens, base_lp), (fp8_tokens, fp8_lp) = results[None], results["fp8"]
+    rel = ((fp8_lp - base_lp).abs().mean() / base_lp.abs().mean()).item()
+    assert rel < 0.08, rel
+    first = [a[0] == b[0] for a, b in zip(base_tokens, fp8_tokens)]
+    assert sum(first) >= 3, (base_tokens, fp8_tokens)
