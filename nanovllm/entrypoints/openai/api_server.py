@@ -6,7 +6,8 @@
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics,
 POST /tokenize, POST /detokenize (and /version). With --api-key every /v1 route needs
 `Authorization: Bearer KEY`. SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in
-flight finish, then exits the engine.
+flight finish and shuts the engine down; then uvicorn ends the process by that signal again (exit
+status -15 for SIGTERM).
 """
 
 import argparse
@@ -101,6 +102,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         yield
         await asyncio.to_thread(engine.shutdown)
+        logger.info("the engine has shut down")
 
     app = FastAPI(title="nano-vllm OpenAI-compatible server", version=_package_version(), lifespan=lifespan)
     app.state.engine = engine
