@@ -195,7 +195,24 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
 
 
 def param_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())  # tied weights counted once
+    # Tied weights counted once. A quantized layer's parameters are its packed integers plus its scales
+    # and zeros (AWQ/GPTQ: int32 words of eight 4-bit weights), so these are the bytes a step reads.
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# Parameters of quantized layers: packed int32 words of 4-bit weights, and what is not a weight.
+_PACKED_WEIGHTS = {"qweight": 8}
+_NOT_WEIGHTS = ("qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv")
+
+
+def weight_count(module: torch.nn.Module) -> int:
+    """Weights the parameters stand for (each 4-bit value one; scales and zeros none): the prefill FLOPs."""
+    total = 0
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in _NOT_WEIGHTS:
+            total += p.numel() * _PACKED_WEIGHTS.get(leaf, 1)
+    return total
 
 
 def meta_param_bytes(path: str, elem_size: int) -> int:
@@ -406,6 +423,7 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
         "dtype": str(runner.dtype).removeprefix("torch."),
         "elem_size": torch.empty(0, dtype=runner.dtype).element_size(),
         "weight_bytes": param_bytes(runner.model),  # rank 0's shard: what one GPU reads per step
+        "weight_count": weight_count(runner.model),
         "memory": memory_stats(),
         "engine_config": {
             f.name: getattr(llm.config, f.name)
@@ -704,7 +722,8 @@ def main(argv: list[str] | None = None) -> None:
     # Per token an MoE model multiplies by top_k of its experts, not all of them.
     inactive = moe.sparse_layers * (moe.num_experts - moe.top_k) * moe.expert_params if moe else 0
     # Per GPU: the whole model's prefill matmuls split N ways (the replicated norms are negligible).
-    active_params = tp * (details["weight_bytes"] // details["elem_size"]) - embedding - inactive
+    weights = details.get("weight_count", details["weight_bytes"] // details["elem_size"])
+    active_params = tp * weights - embedding - inactive
     tflop = prefill_tflop(wl, cfg, active_params) / tp
     timeline = details.pop("timeline", None)
     breakdown = timeline.breakdown(details["weight_bytes"], kv_token, bandwidth) if timeline else None

@@ -104,17 +104,32 @@ QWEN3_30B_A3B = dict(
 )
 
 
+# Qwen3-8B's shapes as an AWQ checkpoint (AutoAWQ gemm, 4 bits, groups of 128, as Qwen3-8B-AWQ): about
+# 5.7 GB, written without weights and run with load_format="dummy" (random packed integers and scales).
+QWEN3_8B_AWQ = QWEN3_8B | dict(
+    quantization_config={
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": 128,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": None,
+    }
+)
+
+
 # Built-in models by name: (configuration overrides, weight dtype).
 BUILTIN_MODELS = {
     "tiny-qwen3": (TINY_QWEN3, torch.float32),
     "qwen3-0.6b-random": (QWEN3_0_6B, torch.bfloat16),
     "qwen3-8b-random": (QWEN3_8B, torch.bfloat16),
     "qwen3-30b-a3b-random": (QWEN3_30B_A3B, torch.bfloat16),
+    "qwen3-8b-awq-random": (QWEN3_8B_AWQ, torch.float16),
 }
 # Architectures other than Qwen3ForCausalLM, by built-in name.
 BUILTIN_ARCHITECTURES = {"qwen3-30b-a3b-random": "Qwen3MoeForCausalLM"}
 # Built-in models written without weight files: engines load them with load_format="dummy".
-DUMMY_WEIGHT_MODELS = frozenset({"qwen3-30b-a3b-random"})
+DUMMY_WEIGHT_MODELS = frozenset({"qwen3-30b-a3b-random", "qwen3-8b-awq-random"})
 
 
 def builtin_load_format(path: str) -> str | None:
@@ -208,8 +223,9 @@ def build_qwen3_checkpoint(
 
 def get_builtin_model(name: str = "tiny-qwen3") -> str:
     """Path of a built-in random checkpoint, built once: 'tiny-qwen3', 'qwen3-0.6b-random',
-    'qwen3-8b-random' (16 GB; its weights are drawn on the GPU when there is one) or
-    'qwen3-30b-a3b-random' (no weight file: load it with load_format="dummy", see `builtin_load_format`)."""
+    'qwen3-8b-random' (16 GB; its weights are drawn on the GPU when there is one),
+    'qwen3-30b-a3b-random' or 'qwen3-8b-awq-random' (no weight file: load them with load_format="dummy",
+    see `builtin_load_format`)."""
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; choose from {sorted(BUILTIN_MODELS)}")
     path = os.path.join(cache_root(), name)
