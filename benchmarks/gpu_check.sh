@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything to check and time on the lent GPU in one call; prints a short table last.
 #   bash benchmarks/gpu_check.sh [tests | tests-engine tests-models] [kernels] [bench] [bench-extra] [baseline] [peers]
-#                                [tp-tests] [tp-small] [tp-8b] [structured] [moe]   (default: tests kernels bench)
+#                                [tp-tests] [tp-small] [tp-8b] [structured] [moe | moe-tests moe-kernel moe-bench]
+#                                (default: tests kernels bench)
 # `moe` runs the MoE GPU tests, the fused MoE layer alone (bench_moe.py --sweep) and bench.py on the
 # Qwen3-30B-A3B shape (random weights drawn on the GPU, nothing written to disk; about 61 GB of GPU memory).
 # `structured` needs xgrammar (and pydantic, apache-tvm-ffi) on the GPU machine: carry them as wheels.
@@ -81,12 +82,16 @@ for part in $parts; do
       python3 benchmarks/bench_structured.py --json "$OUT/structured.json" 2>&1 | grep -v Warn \
         | tee "$OUT/structured.log" | tail -8
       summary+=("structured: $(grep -E '^ +mixed:' "$OUT/structured.log")") ;;
-    moe)
+    moe)  # the three parts below in one call (about 10 minutes: split them over calls if need be)
+      bash "$0" moe-tests moe-kernel moe-bench ;;
+    moe-tests)
       python3 -m pytest -q -m cuda tests/models/test_moe.py tests/kernels/test_fused_moe.py 2>&1 \
         | tee "$OUT/pytest_moe.log" | tail -15
-      summary+=("moe tests: $(tail -1 "$OUT/pytest_moe.log")")
+      summary+=("moe tests: $(tail -1 "$OUT/pytest_moe.log")") ;;
+    moe-kernel)
       python3 benchmarks/bench_moe.py --sweep --json "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe_kernel.log" | tail -40
-      summary+=("moe kernel: $(grep '^summary:' "$OUT/moe_kernel.log")")
+      summary+=("moe kernel: $(grep '^summary:' "$OUT/moe_kernel.log")") ;;
+    moe-bench)
       python3 bench.py --model qwen3-30b-a3b-random --attention-backend triton --json "$OUT/bench_moe.json" 2>&1 \
         | tee "$OUT/bench_moe.log" | grep -E "^(Decode|Mixture|Floor|GPU|Total|Breakdown|  )"
       summary+=("bench qwen3-30b-a3b-random: $(grep -E '^(Total|Floor)' "$OUT/bench_moe.log" | paste -sd';')") ;;

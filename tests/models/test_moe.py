@@ -304,9 +304,9 @@ def test_bf16_cuda_graphs_equal_eager(family):
             path,
             device="cuda",
             dtype="bfloat16",
+            attention_backend="triton",
             enforce_eager=eager,
-            kvcache_block_size=16,
-            max_model_len=256,
+            **ENGINE,
         )
         try:
             assert (llm.model_runner.graph_runner is None) == eager
