@@ -49,6 +49,7 @@ def test_all_scripts_are_covered():
     assert SCRIPTS == [
         "basic.py",
         "chat.py",
+        "data_parallel.py",  # run by tests/distributed/test_ray.py (needs Ray)
         "generate.py",
         "llm_engine_example.py",
         "n_completions.py",

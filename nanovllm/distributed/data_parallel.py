@@ -13,19 +13,17 @@ its `tensor_parallel_size` devices on one node (placement.py); on a cluster with
 import atexit
 import functools
 import itertools
-import random
 import threading
 import weakref
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
-from types import SimpleNamespace
 from uuid import uuid4
 
 from tqdm.auto import tqdm
 
 from nanovllm.config import make_config
 from nanovllm.distributed.balance import request_cost
-from nanovllm.distributed.dispatcher import Dispatch, Replica
+from nanovllm.distributed.dispatcher import Dispatch, Replica, why_lost
 from nanovllm.distributed.placement import place_replicas, remove_groups, replica_resources
 from nanovllm.distributed.ray_utils import connect, import_ray, uses_gpus
 from nanovllm.distributed.replica import EngineReplica, WorkItem
@@ -34,7 +32,6 @@ from nanovllm.inputs import ParsedPrompt, parse_prompts
 from nanovllm.models.registry import check_model_config
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.structured_output import StructuredOutputManager
 from nanovllm.utils.generation_config import default_sampling_params, eos_token_ids
 from nanovllm.utils.tokenizer import load_tokenizer
 
@@ -60,11 +57,9 @@ class DataParallelLLM:
     """What `LLM(model, data_parallel_size=N > 1, ...)` returns (module docstring). Other keywords are
     the engine's, given to every replica."""
 
-    # The engine's own request checks (token ids, lengths, sampling values, KV-cache fit, drawing seeds)
-    # and chat templating, run on the driver over the same attributes (config, tokenizer, vocab_size,
-    # block_manager.num_blocks, _seed_rng, generate).
+    # The engine's checks of token ids and lengths, and its chat templating, run on the driver over the
+    # same attributes (config, tokenizer, vocab_size; generate); the sampling checks run on a replica.
     _token_ids = LLMEngine._token_ids
-    _check_params = LLMEngine._check_params
     chat = LLMEngine.chat
 
     def __init__(self, model: str | None = None, **kwargs):
@@ -80,8 +75,6 @@ class DataParallelLLM:
         self._default_params = default_sampling_params(config.model)
         config.eos_token_ids = eos_token_ids(self.tokenizer, config.model, config.hf_config)
         self.vocab_size = config.hf_config.vocab_size
-        self._seed_rng = random.Random(config.seed) if config.seed is not None else None
-        self._structured = StructuredOutputManager(self.tokenizer, self.vocab_size, config.eos_token_ids)
         self._lock = threading.Lock()  # request ids, seeds, placements and aborts of concurrent calls
         self._request_ids = itertools.count()
         self._run_ids = itertools.count()
@@ -106,9 +99,6 @@ class DataParallelLLM:
         except BaseException:
             remove_groups(self._groups)
             raise
-        num_blocks = min(r.info["num_kvcache_blocks"] for r in self.replicas)
-        # What the borrowed KV-cache check reads: the smallest replica's cache, so a request fits on any.
-        self.block_manager = SimpleNamespace(num_blocks=num_blocks)
         self._exited = False
         self._exit_hook = functools.partial(_exit_if_alive, weakref.ref(self))
         atexit.register(self._exit_hook)
@@ -194,8 +184,8 @@ class DataParallelLLM:
     # ---- requests ----------------------------------------------------------------------------
 
     def _prepare(self, parsed: list[ParsedPrompt], sampling_params) -> tuple[list[WorkItem], list[str]]:
-        """Every request checked as one engine checks it (a bad one: nothing is sent), seeds drawn in
-        order; returns the work and the request ids."""
+        """Every request checked as one engine checks it before anything is sent (a bad one: nothing
+        is); returns the work and the request ids."""
         if sampling_params is None:
             params = [self._default_params] * len(parsed)
         elif isinstance(sampling_params, SequenceABC):
@@ -204,17 +194,39 @@ class DataParallelLLM:
             params = list(sampling_params)
         else:
             params = [sampling_params] * len(parsed)
-        work: list[WorkItem] = []
+        token_ids = [self._token_ids(prompt) for prompt in parsed]
+        checked = self._check_params([(len(ids), sp) for ids, sp in zip(token_ids, params)])
+        work: list[WorkItem] = [(p.text, ids, sp) for p, ids, sp in zip(parsed, token_ids, checked)]
         with self._lock:
-            for prompt, sp in zip(parsed, params):
-                token_ids = self._token_ids(prompt)
-                checked = self._check_params(sp, len(token_ids))
-                if checked.structured_outputs is not None:
-                    self._structured.compile(checked.structured_outputs)  # ValueError if invalid
-                work.append((prompt.text, token_ids, checked))
             ids = [str(next(self._request_ids)) for _ in work]
             self._active.update(ids)
         return work, ids
+
+    def _check_params(self, requests: list[tuple[int, SamplingParams]]) -> list[SamplingParams]:
+        """The engine's sampling checks (values, vocabulary, KV-cache fit, grammars), run by the replica
+        with the smallest KV cache (so what passes fits on every replica); it also draws the seeds of
+        unseeded requests from the engine seed, in prompt order, as one engine would. Sends no work."""
+        ray = self._ray
+        if not requests:
+            return []
+        if any(not isinstance(sp, SamplingParams) for _, sp in requests):
+            bad = next(sp for _, sp in requests if not isinstance(sp, SamplingParams))
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(bad).__name__}")
+        while True:
+            live = [r for r in self.replicas if r.lost is None]
+            if not live:
+                lost = "; ".join(f"{r.name}: {r.lost}" for r in self.replicas)
+                raise RuntimeError(f"every replica of this LLM has been lost ({lost}); create a new LLM")
+            checker = min(live, key=lambda r: (r.info["num_kvcache_blocks"], r.index))
+            try:
+                result = ray.get(checker.actor.check.remote(requests), timeout=self.replica_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                checker.lost = why_lost(e)
+                ray.kill(checker.actor, no_restart=True)
+                continue
+            if isinstance(result, Exception):
+                raise result
+            return result
 
     def _dispatch(self, work: list[WorkItem], ids: list[str], mode: str) -> Iterator[tuple[int, object]]:
         max_len = self.config.max_model_len

@@ -154,7 +154,7 @@ class Dispatch:
                 ray.exceptions.ObjectLostError,
                 ray.exceptions.GetTimeoutError,
             ) as e:
-                self._lose(run.replica, str(e).strip().splitlines()[0])
+                self._lose(run.replica, why_lost(e))
                 continue
             run.deadline = monotonic() + self.replica_timeout_s
             if not run.started:
@@ -251,3 +251,10 @@ class Dispatch:
             ", ".join(r.name for r in survivors),
         )
         self._send(positions, survivors)
+
+
+def why_lost(error: Exception) -> str:
+    """Ray's reason a replica is gone, in a line: its "... because ..." line when it gives one."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    because = [line for line in lines if " because " in line]
+    return (because or lines or [type(error).__name__])[-1]

@@ -32,6 +32,7 @@ def place_replicas(ray, num_replicas: int, resources: ReplicaResources, timeout_
     what the cluster has."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    check_fits(ray, num_replicas, resources)
     groups = [placement_group([resources.bundle()], strategy="STRICT_PACK") for _ in range(num_replicas)]
     ready, _ = ray.wait([g.ready() for g in groups], num_returns=num_replicas, timeout=timeout_s)
     if len(ready) < num_replicas:
@@ -44,6 +45,26 @@ def place_replicas(ray, num_replicas: int, resources: ReplicaResources, timeout_
             f"{total} in all (some may be taken by other work)"
         )
     return groups
+
+
+def check_fits(ray, num_replicas: int, resources: ReplicaResources) -> None:
+    """A ValueError at once when the cluster's nodes could not hold `num_replicas` bundles even empty
+    (otherwise placing would only time out)."""
+    fits = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        per_node = int(have.get("CPU", 0) // resources.num_cpus) if resources.num_cpus else num_replicas
+        if resources.num_gpus:
+            per_node = min(per_node, int(have.get("GPU", 0) // resources.num_gpus))
+        fits += per_node
+    if fits < num_replicas:
+        total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        raise ValueError(
+            f"data_parallel_size={num_replicas}: each replica needs {resources.bundle()} on one node, and "
+            f"the Ray cluster's nodes ({total} in all) can hold only {fits} such replicas"
+        )
 
 
 def remove_groups(groups: list) -> None:

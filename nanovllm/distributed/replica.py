@@ -29,6 +29,14 @@ Item = tuple[int, object]
 WorkItem = tuple[str | None, list[int], SamplingParams]
 
 
+def _drain(items: deque) -> list:
+    """Everything in `items`, taken one by one: an abort from another thread may append meanwhile."""
+    taken = []
+    while items:
+        taken.append(items.popleft())
+    return taken
+
+
 class _FinishedCollector:
     """The owner of one run's requests in mode "generate": each finished request's output, once."""
 
@@ -52,9 +60,7 @@ class _StreamPieces(StreamCollector):
             self.items.append({"index": request.index, "request_finished": True})
 
     def take(self) -> list[Item]:
-        items = [(p["index"], None if "request_finished" in p else p) for p in self.items]
-        self.items.clear()
-        return items
+        return [(p["index"], None if "request_finished" in p else p) for p in _drain(self.items)]
 
 
 class EngineReplica:
@@ -67,6 +73,7 @@ class EngineReplica:
         self.engine = LLMEngine(model, **engine_kwargs)
         self._lock = threading.Lock()
         self._cancelled: set[int] = set()
+        self.requests_run = 0  # requests this replica has been sent (all runs)
 
     def info(self) -> dict:
         """Where this replica runs and what its KV cache holds (for the dispatcher's checks)."""
@@ -78,7 +85,25 @@ class EngineReplica:
             "node_id": ray.get_runtime_context().get_node_id(),
             "node_ip": ray.util.get_node_ip_address(),
             "gpu_ids": ray.get_gpu_ids(),
+            "requests_run": self.requests_run,
         }
+
+    def check(self, requests: list[tuple[int, SamplingParams]]) -> list[SamplingParams] | Exception:
+        """The engine's own checks of each request's (number of prompt tokens, sampling parameters), as
+        `generate` runs them before queueing: the engine's copies of the parameters (an unseeded request
+        gets its seed here when the engine has one, in order), or the first ValueError/TypeError
+        (returned, not raised, so the caller gets it without Ray's wrapping)."""
+        engine = self.engine
+        checked = []
+        try:
+            for num_prompt_tokens, params in requests:
+                params = engine._check_params(params, num_prompt_tokens)
+                if params.structured_outputs is not None:
+                    engine._structured.compile(params.structured_outputs)  # ValueError if invalid
+                checked.append(params)
+        except (ValueError, TypeError) as e:
+            return e
+        return checked
 
     def run(self, run_id: int, work: list[WorkItem], mode: str):
         """Queue `work` (validated again by the engine) and yield its results as they come (module
@@ -88,6 +113,8 @@ class EngineReplica:
         collector = _StreamPieces(len(work)) if mode == "stream" else _FinishedCollector(len(work))
         # The engine's own batch entry point (as generate/stream): validates every request, then queues.
         requests = engine._submit(parsed, [params for _, _, params in work], collector)
+        with self._lock:
+            self.requests_run += len(requests)
         yield [request.request_id for request in requests]
         last = monotonic()
 
@@ -103,11 +130,7 @@ class EngineReplica:
                 if run_id in self._cancelled:
                     engine._abort_mine(requests)
                     return
-                if isinstance(collector, _StreamPieces):
-                    items = collector.take()
-                else:
-                    items = list(collector.items)
-                    collector.items.clear()
+                items = collector.take() if isinstance(collector, _StreamPieces) else _drain(collector.items)
                 last = monotonic()
                 yield items
                 if collector.remaining == 0:
