@@ -113,6 +113,8 @@ def build_engine(args: argparse.Namespace, path: str, max_tokens: int) -> Any:
         tensor_parallel_size=args.tensor_parallel_size,
     )
     kwargs["overlap_scheduling"] = not args.no_overlap
+    if bench.builtin_model.builtin_load_format(path):  # a built-in checkpoint without weight files
+        kwargs["load_format"] = bench.builtin_model.builtin_load_format(path)
     return LLM(path, **kwargs)
 
 
