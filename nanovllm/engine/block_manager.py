@@ -144,31 +144,41 @@ class BlockManager:
 
     # ---- public API --------------------------------------------------------------------------
 
-    def num_blocks_to_allocate(self, seq: Sequence, hits: list[int] | None = None) -> int:
-        """Free blocks that `allocate(seq)` would consume (revived cached blocks count as free)."""
+    def _blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def num_blocks_to_allocate(
+        self, seq: Sequence, hits: list[int] | None = None, num_tokens: int | None = None
+    ) -> int:
+        """Free blocks that `allocate(seq, hits, num_tokens)` would consume (revived cached blocks
+        count as free)."""
         hits = self.prefix_hits(seq) if hits is None else hits
-        return seq.num_blocks - sum(1 for b in hits if self.blocks[b].ref_count > 0)
+        end = seq.num_blocks if num_tokens is None else max(self._blocks_for(num_tokens), len(hits))
+        return end - sum(1 for b in hits if self.blocks[b].ref_count > 0)
 
     def num_cached_tokens(self, seq: Sequence, hits: list[int] | None = None) -> int:
         """Leading tokens of `seq` that `allocate` would take from the prefix cache."""
         return len(self.prefix_hits(seq) if hits is None else hits) * self.block_size
 
-    def can_allocate(self, seq: Sequence, hits: list[int] | None = None) -> bool:
-        """Whether every block of `seq` can be allocated now."""
-        return self.num_blocks_to_allocate(seq, hits) <= self.num_free_blocks
+    def can_allocate(
+        self, seq: Sequence, hits: list[int] | None = None, num_tokens: int | None = None
+    ) -> bool:
+        """Whether every block of `seq` (of its first `num_tokens` tokens) can be allocated now."""
+        return self.num_blocks_to_allocate(seq, hits, num_tokens) <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, hits: list[int] | None = None) -> None:
-        """Give `seq` a block table for all its tokens, reusing cached prefix blocks.
+    def allocate(self, seq: Sequence, hits: list[int] | None = None, num_tokens: int | None = None) -> None:
+        """Give `seq` a block table for all its tokens (or its first `num_tokens`: `extend` adds the
+        others later), reusing cached prefix blocks.
 
         Sets `seq.num_cached_tokens` and `seq.num_computed_tokens` to the tokens covered by hits.
         """
         if seq.block_table:
             raise ValueError(f"sequence {seq.seq_id} already holds blocks {seq.block_table}")
         hits = self.prefix_hits(seq) if hits is None else hits
-        if not self.can_allocate(seq, hits):
+        if not self.can_allocate(seq, hits, num_tokens):
             raise ValueError(
-                f"sequence {seq.seq_id} needs {self.num_blocks_to_allocate(seq, hits)} free KV blocks, "
-                f"only {self.num_free_blocks} are free"
+                f"sequence {seq.seq_id} needs {self.num_blocks_to_allocate(seq, hits, num_tokens)} free KV "
+                f"blocks, only {self.num_free_blocks} are free"
             )
         for block_id in hits:
             block = self.blocks[block_id]
@@ -177,16 +187,34 @@ class BlockManager:
             else:
                 self._take_free_block(block_id)
             seq.block_table.append(block_id)
-        h = self.blocks[hits[-1]].hash if hits else None
-        for i in range(len(hits), seq.num_blocks):
-            block = self._take_free_block()
-            token_ids = seq.block(i)
-            if len(token_ids) == self.block_size:
-                h = self.compute_hash(token_ids, h)
-                self._register(block, h, token_ids)
-            seq.block_table.append(block.block_id)
+        end = seq.num_blocks if num_tokens is None else max(self._blocks_for(num_tokens), len(hits))
+        self._append_blocks(seq, end)
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_computed_tokens = seq.num_cached_tokens
+
+    def _append_blocks(self, seq: Sequence, end: int) -> None:
+        """Fresh blocks for table entries len(table)..end-1, full ones hashed (chained to the entry
+        before, which is never a released one: the two newest entries are kept)."""
+        table = seq.block_table
+        h = self.blocks[table[-1]].hash if table and table[-1] != FREED_BLOCK else None
+        for i in range(len(table), end):
+            block = self._take_free_block()
+            token_ids = seq.block(i)
+            if len(token_ids) == self.block_size and (i == 0 or h is not None):
+                h = self.compute_hash(token_ids, h)
+                self._register(block, h, token_ids)
+            else:
+                h = None  # the chain stops at a partial or unhashed block
+            table.append(block.block_id)
+
+    def extend(self, seq: Sequence, num_tokens: int) -> bool:
+        """Add blocks so that the table of `seq` covers its first `num_tokens` tokens (a prefill chunk
+        of a sequence allocated in part); False, taking nothing, if too few blocks are free."""
+        end = min(self._blocks_for(num_tokens), seq.num_blocks)
+        if end - len(seq.block_table) > self.num_free_blocks:
+            return False
+        self._append_blocks(seq, end)
+        return True
 
     def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
         """Give `child`, a new sequence with `parent`'s prompt, `parent`'s blocks: the full ones shared
@@ -256,6 +284,15 @@ class BlockManager:
         if block.hash is None and (i == 0 or prev_hash is not None):
             token_ids = seq.block(i)
             self._register(block, self.compute_hash(token_ids, prev_hash), token_ids)
+
+    def most_blocks_held(self, num_tokens: int, chunk: int) -> int:
+        """The most blocks one sequence of `num_tokens` tokens holds at once: all of them, or with a
+        sliding window (prefill allocated chunk by chunk, at most `chunk` new tokens a step) the
+        window's blocks, a chunk's, the two newest kept and one more at a block boundary."""
+        blocks = self._blocks_for(num_tokens)
+        if self.sliding_window is None:
+            return blocks
+        return min(blocks, (self.sliding_window + chunk) // self.block_size + 4)
 
     def free_outside_window(self, seq: Sequence) -> int:
         """Release the blocks of `seq` that lie wholly before the window of its next query (at position

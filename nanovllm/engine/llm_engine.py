@@ -36,7 +36,8 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.tp import create_model_runner
 from nanovllm.inputs import ParsedPrompt, PromptType, parse_prompt, parse_prompts
 from nanovllm.layers.logits_processor import check_vocab
-from nanovllm.models.registry import check_model_config
+from nanovllm.layers.rotary_embedding import rope_is_length_dependent
+from nanovllm.models.registry import check_model_config, kv_release_window
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured_output import StructuredOutputManager
@@ -82,7 +83,12 @@ class LLMEngine:
         self._vllm_step = False
         self.model_runner = create_model_runner(config)  # workers too when tensor-parallel
         self.block_manager = BlockManager(
-            config.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
+            config.num_kvcache_blocks,
+            config.kvcache_block_size,
+            # A length-dependent rope (dynamic, longrope) rotates a prompt's keys by its length: another
+            # prompt sharing the blocks would need other keys, so nothing is shared between requests.
+            config.enable_prefix_caching and not rope_is_length_dependent(config.hf_config),
+            sliding_window=kv_release_window(config.hf_config),
         )
         self._seq_ids = itertools.count()
         self.scheduler = Scheduler(
@@ -234,9 +240,11 @@ class LLMEngine:
         check_vocab(params, self.vocab_size)  # logit_bias and allowed_token_ids
         bs = self.config.kvcache_block_size
         longest = min(num_prompt_tokens + params.max_tokens, self.config.max_model_len)
-        needed = (longest + bs - 1) // bs
+        needed = self.block_manager.most_blocks_held(longest, self.config.max_num_batched_tokens)
         # The n completions share the prompt's full blocks; each needs its own partly filled last one.
-        at_fork = (num_prompt_tokens + bs - 1) // bs + (params.n - 1) * (num_prompt_tokens % bs != 0)
+        at_fork = self.block_manager.most_blocks_held(
+            num_prompt_tokens, self.config.max_num_batched_tokens
+        ) + (params.n - 1) * (num_prompt_tokens % bs != 0)
         if max(needed, at_fork) > self.block_manager.num_blocks:
             completions = f" and n={params.n} completions" if params.n > 1 else ""
             raise ValueError(

@@ -115,6 +115,12 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, num_top: int) -> dic
     return out
 
 
+def _readable(table: list[int]) -> list[int]:
+    """A block table whose released leading entries (sliding window, -1) name block 0 instead: no
+    kernel reads them, but every entry before a table's end is then a valid block id for any reader."""
+    return [max(b, 0) for b in table] if table and table[0] < 0 else table
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()
@@ -319,7 +325,7 @@ class ModelRunner:
     def block_tables_tensor(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
         """Block tables padded with -1 to `width` columns (default: the longest table)."""
         width = width or max(len(seq.block_table) for seq in seqs)
-        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
+        tables = [_readable(seq.block_table) + [-1] * (width - len(seq.block_table)) for seq in seqs]
         return self._to_device(tables, torch.int32)
 
     def prepare_prefill(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

@@ -108,22 +108,30 @@ class Scheduler:
         forks: list[tuple[int, Sequence]] = []
         copies: list[tuple[int, int]] = []
         budget = self.max_num_batched_tokens
-        for seq in self.waiting:
+        # Sliding window in every layer: blocks are taken chunk by chunk and released behind the window,
+        # so a prompt longer than the cache still runs. A prompt already started goes first (it holds
+        # blocks that a waiting one may need).
+        lazy = self.block_manager.sliding_window is not None
+        waiting = sorted(self.waiting, key=lambda s: not s.block_table) if lazy else self.waiting
+        for seq in waiting:
             if len(seqs) == self.max_num_seqs or budget == 0 or seq.has_pending_token:
                 break
             if not seq.block_table:  # not started: needs blocks for the whole sequence
                 hits = self.block_manager.prefix_hits(seq)  # hash the prompt once for all three calls
-                if not self.block_manager.can_allocate(seq, hits):
-                    break
                 # Cache hits shrink the tokens to compute: count them before taking blocks.
-                remaining = seq.num_tokens - self.block_manager.num_cached_tokens(seq, hits)
-                if remaining > budget and seqs:
+                cached = self.block_manager.num_cached_tokens(seq, hits)
+                upto = cached + min(seq.num_tokens - cached, budget) if lazy else None
+                if not self.block_manager.can_allocate(seq, hits, upto):
                     break
-                self.block_manager.allocate(seq, hits)
+                if seq.num_tokens - cached > budget and seqs:
+                    break
+                self.block_manager.allocate(seq, hits, upto)
             remaining = seq.num_tokens - seq.num_computed_tokens
             if remaining > budget and seqs:  # only the first sequence may be chunked
                 break
             take = min(remaining, budget)
+            if lazy and not self.block_manager.extend(seq, seq.num_computed_tokens + take):
+                break
             if take == remaining and seq.num_pending_forks:
                 if not self._can_fork(seq):
                     break
@@ -221,6 +229,9 @@ class Scheduler:
         sampling: list[int | None] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            # Sliding windows: blocks before the next query's window are never read again. The step
+            # that read them is launched, and later writes to a reused block run after it on the device.
+            self.block_manager.free_outside_window(seq)
             if seq.num_computed_tokens < seq.num_tokens:
                 sampling.append(None)  # prefill chunk: more of the prompt to go
             else:

@@ -208,6 +208,11 @@ def _longrope_inv_freq(head_dim: int, params: dict, long: bool) -> torch.Tensor:
     return 1.0 / (ext * float(params["rope_theta"]) ** _exponents(head_dim))
 
 
+def rope_is_length_dependent(hf_config) -> bool:
+    """Whether the checkpoint's rope frequencies depend on the sequence length (dynamic, longrope)."""
+    return rope_parameters(hf_config).get("rope_type", "default") in LENGTH_DEPENDENT_ROPE_TYPES
+
+
 def rope_max_position(hf_config) -> int:
     """The longest context the checkpoint's positions are meant for, as vLLM derives it: linear and
     dynamic scalings stretch max_position_embeddings by `factor`, yarn stretches

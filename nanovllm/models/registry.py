@@ -40,9 +40,21 @@ def get_model_class(architecture: str) -> type[nn.Module]:
 def check_model_config(hf_config, max_model_len: int) -> None:
     """Refuse, before any weight is loaded, a checkpoint we cannot serve exactly with this engine
     max_model_len: an unsupported architecture (the error lists ours), or settings the model class
-    does not implement (e.g. a sliding attention window smaller than max_model_len, an unknown rope
-    type, an MLP bias). Each model class may define `check_config(hf_config, max_model_len)`."""
+    does not implement (e.g. an unknown rope type, an MLP bias, a malformed `layer_types`). Each
+    model class may define `check_config(hf_config, max_model_len)`."""
     cls = get_model_class(resolve_architecture(hf_config))
     check = getattr(cls, "check_config", None)
     if check is not None:
         check(hf_config, max_model_len)
+
+
+def kv_release_window(hf_config) -> int | None:
+    """When every layer attends to a sliding window: the largest window (KV blocks wholly before it
+    are never read again, and the block manager releases them). None when some layer sees the whole
+    context (or the family has no windows)."""
+    cls = get_model_class(resolve_architecture(hf_config))
+    layer_windows = getattr(cls, "layer_windows", None)
+    windows = layer_windows(hf_config) if layer_windows is not None else []
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(windows)
