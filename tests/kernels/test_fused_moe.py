@@ -143,14 +143,19 @@ def test_fused_experts_match_the_reference(dtype, t, e, k, h, i):
 @pytest.mark.parametrize(
     "config",
     [
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     ],
-    ids=["m16", "m32", "m64"],
+    ids=["m16n32", "m16n64", "m32", "m64n64", "m64n128"],
 )
 def test_each_engine_tile_configuration(config):
     """The 16-bit configurations of GEMM_CONFIGS, on an fp16 batch that fills several tiles."""
+    from nanovllm.kernels.fused_moe import GEMM_CONFIGS
+
+    assert config in [c for _, c in GEMM_CONFIGS]
     check_against_reference(*make_inputs(70, 4, 2, 64, 96, torch.float16, seed=3), config=config)
 
 
