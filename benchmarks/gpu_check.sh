@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything to check and time on the lent GPU in one call; prints a short table last.
 #   bash benchmarks/gpu_check.sh [tests | tests-engine tests-models] [kernels] [bench] [bench-extra] [baseline] [peers]
-#                                [tp-tests] [tp-small] [tp-8b] [structured] [moe | moe-tests moe-kernel moe-bench]
+#                                [tp-tests] [tp-small] [tp-8b] [structured] [serve] [moe | moe-tests moe-kernel moe-bench]
 #                                [int4] [int4-8b]   (default: tests kernels bench)
 # `int4` runs the AWQ/GPTQ GPU tests and bench_w4a16.py --sweep (a few minutes); `int4-8b` times batch-1 decode
 # steps of Qwen3-8B shapes in bf16 and AWQ (builds the 16 GB bf16 checkpoint first) and bench.py on both.
@@ -84,6 +84,9 @@ for part in $parts; do
       python3 benchmarks/bench_structured.py --json "$OUT/structured.json" 2>&1 | grep -v Warn \
         | tee "$OUT/structured.log" | tail -8
       summary+=("structured: $(grep -E '^ +mixed:' "$OUT/structured.log")") ;;
+    serve)  # OpenAI server: bench_serving.py at concurrency 1/16/64/256, nano-vllm then vllm serve (bundle)
+      bash benchmarks/bench_serving_gpu.sh "$OUT" 2>&1 | tee "$OUT/serve.log" | grep -vE "^(TPOT|ITL|TTFT)"
+      summary+=("serve: $(grep -cE '^(nano-vllm|vllm) ' "$OUT/serve.log") runs; see serving.jsonl, serve.log") ;;
     moe)  # the three parts below in one call (about 10 minutes: split them over calls if need be)
       bash "$0" moe-tests moe-kernel moe-bench ;;
     moe-tests)

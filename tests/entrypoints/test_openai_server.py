@@ -642,3 +642,72 @@ def test_metrics_count_tokens_and_latencies(server, client, http):
     assert diff("vllm:request_success_total{finished_reason=length}") == 3
     assert after["vllm:num_requests_running"] == after["vllm:num_requests_waiting"] == 0
     assert after["vllm:kv_cache_usage_perc"] == 0
+
+
+def test_example_client_script(server, reference):
+    """examples/online_serving/openai_client.py against this server: its completion is the offline one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "examples" / "online_serving" / "openai_client.py"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--base-url",
+            server.base_url,
+            "--api-key",
+            API_KEY,
+            "--max-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=True,
+    ).stdout
+    want = offline(reference, PROMPT, greedy(8)).outputs[0]
+    assert f"model: {MODEL_NAME}" in out
+    assert f"completion: {want.text!r} ({len(want.token_ids)} tokens)" in out
+    assert "usage:" in out and "completion tokens" in out
+    server.assert_idle()
+
+
+def test_bench_serving_against_this_server(server):
+    """benchmarks/bench_serving.py: every request completes with exactly its max_tokens (ignore_eos)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    try:
+        import bench_serving
+    finally:
+        sys.path.pop(0)
+    args = [
+        "--base-url",
+        server.url,
+        "--model",
+        MODEL_NAME,
+        "--api-key",
+        API_KEY,
+        "--num-prompts",
+        "6",
+        "--max-concurrency",
+        "3",
+        "--input-len-range",
+        "5",
+        "20",
+        "--output-len-range",
+        "4",
+        "9",
+        "--max-token-id",
+        "400",
+    ]
+    summary = bench_serving.main(args)
+    workload = bench_serving.make_workload(6, 0, (5, 20), (4, 9), 400)
+    assert summary["completed"] == 6 and summary["failed"] == 0
+    assert summary["output_tokens"] == sum(m for _, m in workload)
+    assert 0 < summary["chunks_per_output_token"] <= 1
+    assert summary["ttft_ms"]["median"] > 0 and summary["tpot_ms"]["median"] > 0
+    server.assert_idle()

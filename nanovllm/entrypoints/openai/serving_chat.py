@@ -251,8 +251,8 @@ class OpenAIServingChat(OpenAIServing):
                 choices = []
                 for delta in update.completions:
                     num_completion += len(delta.token_ids)
-                    if not delta.text and delta.finish_reason is None and not request.logprobs:
-                        continue  # nothing to show yet (e.g. half of a multi-byte character)
+                    if not delta.text and not delta.token_ids and delta.finish_reason is None:
+                        continue
                     logprobs = None
                     if request.logprobs:
                         logprobs = {"content": [lp.model_dump() for lp in self._logprobs(delta, top)]}

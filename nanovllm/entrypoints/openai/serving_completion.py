@@ -213,8 +213,8 @@ class OpenAIServingCompletion(OpenAIServing):
                         echoed[index] = True
                     offsets[index] += len(delta.text)
                     num_completion += len(delta.token_ids)
-                    if not text and delta.finish_reason is None and logprobs is None:
-                        continue  # nothing to show yet (e.g. half of a multi-byte character)
+                    if not text and not delta.token_ids and delta.finish_reason is None:
+                        continue
                     choices.append(
                         CompletionChoice(
                             index=index,
