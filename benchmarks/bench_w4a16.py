@@ -7,7 +7,7 @@ Weights are AWQ-like (group 128, zero points), bf16 activations. Every shape is 
 dequantize-then-matmul before it is timed. Times are medians of do_bench; decode launches (split-K plus
 the reduction) are replayed from a CUDA graph, as the engine runs them. The bytes a launch must move:
 qweight (K x N / 2) + scales (2 B per group and column) + zeros (0.5 B per group and column) + x and y.
-`--sweep` times a grid of launch configurations at the decode shapes and prints the best per shape (the
+`--sweep` times a grid of launch configurations at three shapes (M 1, 16 and 2048) and prints the best (the
 numbers to put into the tunables at the top of nanovllm/kernels/w4a16.py).
 """
 
@@ -40,6 +40,7 @@ COPY_BYTES = 1 << 30
 WARMUP_MS, REP_MS = 10, 100
 SWEEP_SHAPES = ["4096x12288", "down 12288x4096", "qkv 4096x6144"]
 SWEEP_M = [1, 16]
+SWEEP_PREFILL_M = 2048
 SWEEP_REP_MS = 25
 
 
@@ -52,6 +53,7 @@ class Row:
     speedup: float
     w4_tbps: float  # bytes a 4-bit launch must move / its time
     frac_of_copy: float
+    w4_tflops: float
     config: str
 
 
@@ -104,7 +106,21 @@ def run_shape(name: str, m: int, layer, copy: float, gen: torch.Generator) -> Ro
     t16 = timer(lambda: F.linear(x, weight))
     tbps = w4_bytes(m, k, n) / (t4 * 1e-6) / 1e12
     cfg = default_config(m, n, k, DTYPE, x.device)
-    return Row(name, m, t4, t16, t16 / t4, tbps, tbps / copy, str(asdict(cfg)))
+    tflops = 2 * m * k * n / (t4 * 1e-6) / 1e12
+    return Row(name, m, t4, t16, t16 / t4, tbps, tbps / copy, tflops, str(asdict(cfg)))
+
+
+def sweep_configs(m: int, k: int) -> list[W4A16Config]:
+    """Decode: split-K grids at BLOCK_M 16; prefill: tile shapes without a split."""
+    if m > 64:
+        grid = itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4))
+        return [W4A16Config(bm, bn, 128, 1, warps, stages) for bm, bn, warps, stages in grid]
+    grid = itertools.product((32, 64, 128), (128, 256), (4, 8), (3, 4), (True, False), (2, 4, 8, 16))
+    return [
+        W4A16Config(16, bn, bk, split, warps, stages, magic)
+        for bn, bk, warps, stages, magic, split in grid
+        if k // split >= bk
+    ]
 
 
 def sweep(copy: float, gen: torch.Generator) -> list[dict]:
@@ -113,15 +129,10 @@ def sweep(copy: float, gen: torch.Generator) -> list[dict]:
     for name in SWEEP_SHAPES:
         k, n = SHAPES[name]
         qweight, qzeros, scales, _ = make_layer(k, n, gen)
-        for m in SWEEP_M:
+        for m in SWEEP_M + [SWEEP_PREFILL_M]:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen)
             timings = []
-            for bn, bk, warps, stages, split in itertools.product(
-                (32, 64, 128), (64, 128, 256), (4, 8), (3, 4), (2, 4, 8, 16)
-            ):
-                if k // split < bk:
-                    continue
-                cfg = W4A16Config(16, bn, bk, split, warps, stages)
+            for cfg in sweep_configs(m, k):
 
                 def launch(cfg=cfg, x=x, layer=(qweight, qzeros, scales)):
                     return w4a16_matmul(x, *layer, GROUP_SIZE, 0, config=cfg)
@@ -153,7 +164,8 @@ def main() -> None:
     print(f"device copy: {copy:.2f} TB/s ({torch.cuda.get_device_name()})")
     rows = []
     print(
-        f"{'shape':>20} {'M':>5} {'w4a16 us':>9} {'bf16 us':>9} {'speedup':>8} {'w4 TB/s':>8} {'of copy':>8}"
+        f"{'shape':>20} {'M':>5} {'w4a16 us':>9} {'bf16 us':>9} {'speedup':>8} {'w4 TB/s':>8} {'of copy':>8} "
+        f"{'TFLOP/s':>8}"
     )
     for name, (k, n) in SHAPES.items():
         layer = make_layer(k, n, gen)
@@ -162,7 +174,7 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{name:>20} {m:>5} {row.w4_us:9.1f} {row.bf16_us:9.1f} {row.speedup:7.2f}x "
-                f"{row.w4_tbps:8.2f} {row.frac_of_copy:7.0%}"
+                f"{row.w4_tbps:8.2f} {row.frac_of_copy:7.0%} {row.w4_tflops:8.1f}"
             )
         del layer
     small = [r for r in rows if r.m <= 16 and r.shape in ("4096x12288", "down 12288x4096")]

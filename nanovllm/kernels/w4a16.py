@@ -1,16 +1,18 @@
 """Triton W4A16 GEMM: y = x W^T with W in 4 bits (the internal layout of `quantization/int4_utils.py`),
 x in fp16/bf16 (fp32 too, for tests), accumulation in fp32.
 
-The weights are dequantized in registers, tile by tile: each [BLOCK_K, BLOCK_N] tile of q is read from
-the int32 words of `qweight` [in / 8, out] (row k reads word k // 8 and shifts by 4 * (k % 8); the eight
-rows of a word hit the same cache line). Two ways to apply the scales and zeros:
+The weights are dequantized in registers. A loop iteration loads BLOCK_K / 8 rows of int32 words of
+`qweight` [in / 8, out] (each word once) and runs 8 dots: dot i takes nibble i of every word, i.e. input
+rows 8r + i, against the matching (stride-8) columns of x. Scales and zeros are applied in one of three
+ways (SCALE_MODE):
 
-- group-aligned tiles (every tile lies inside one group; the usual case): the dot runs over the raw
-  integers, which 16-bit floats hold exactly, and the tile's result is corrected per column:
-  sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k). Per weight this leaves one shift,
-  one mask and one conversion.
-- per-row groups (GPTQ act-order `g_idx` whose groups are not contiguous, or groups smaller than the
-  tile): each row's scale and zero are gathered and the tile dequantized before the dot.
+0. the tile lies inside one group (group size a multiple of BLOCK_K, or one group per channel): the dots
+   run over the raw integers, which 16-bit floats hold exactly, and the tile's sum is corrected per
+   column: sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k);
+1. groups smaller than the tile (32, 64): each word row has one group, so one [rows, BLOCK_N] block of
+   scales and zeros serves all 8 dots, w = q s - z s;
+2. GPTQ act-order rows whose groups are not contiguous: each input row's scale and zero gathered through
+   `g_idx`.
 
 Decode batches are bandwidth-bound (4 bits a weight): few rows, so the K dimension is split over
 several programs (split-K) until the grid covers the SMs, each writes fp32 partials, and a second small
@@ -48,13 +50,17 @@ DECODE_DEFAULT_SPLITS_CPU = 2
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_M_LARGE = 128  # from this many rows on
 PREFILL_BLOCK_N = 128
-PREFILL_BLOCK_K = 64
+PREFILL_BLOCK_K = 128
 PREFILL_NUM_WARPS = 4
 PREFILL_NUM_WARPS_LARGE = 8
 PREFILL_NUM_STAGES = 3
-# fp32 activations (tests): smaller tiles keep shared memory in bounds.
+# fp32 activations (tests): narrower tiles keep shared memory in bounds.
 FP32_BLOCK_N = 64
-FP32_BLOCK_K = 32
+FP32_BLOCK_K = 128
+# Nibbles to floats by the 2**23 trick (see `_nibbles`) rather than a conversion instruction.
+MAGIC_CONVERT = True
+# A tile's 8 dots each take BLOCK_K / 8 rows: tl.dot needs 16, so BLOCK_K is a multiple of this.
+MIN_BLOCK_K = 128
 # The split-K reduction kernel: output columns per program.
 REDUCE_BLOCK_N = 256
 
@@ -63,7 +69,8 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True, slots=True)
 class W4A16Config:
-    """One launch configuration (`block_k` is lowered to the group size when groups are smaller)."""
+    """One launch configuration. `block_k`: input rows per loop iteration, a multiple of 128;
+    `magic`: the float conversion of `_nibbles`."""
 
     block_m: int
     block_n: int
@@ -71,6 +78,7 @@ class W4A16Config:
     split_k: int
     num_warps: int
     num_stages: int
+    magic: bool = MAGIC_CONVERT
 
 
 @functools.cache
@@ -111,12 +119,22 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
 
 
 @triton.jit
+def _nibbles(words, i: tl.constexpr, MAGIC: tl.constexpr):
+    """Nibble i of every int32 word as exact fp32 values 0..15. MAGIC: or the nibble into the mantissa
+    of 2**23 and subtract 2**23 (integer and float adds instead of an int-to-float conversion)."""
+    v = (words >> (4 * i)) & 0xF
+    if MAGIC:
+        return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return v.to(tl.float32)
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr,  # [M, K], rows stride_xm apart
     qw_ptr,  # int32 [K / 8, N]
     qz_ptr,  # int32 [G, N / 8]
     s_ptr,  # [G, N]
-    gidx_ptr,  # int32 [K] (read only with HAS_G_IDX)
+    gidx_ptr,  # int32 [K] (read only with SCALE_MODE 2)
     bias_ptr,  # [N] (read only with HAS_BIAS)
     out_ptr,  # [M, N] in x's dtype, or fp32 partials [splits, M, N] with WRITE_PARTIALS
     M,
@@ -126,13 +144,13 @@ def _w4a16_kernel(
     k_per_split,
     stride_xm,
     ZERO_OFFSET: tl.constexpr,
-    PER_ROW_GROUPS: tl.constexpr,
-    HAS_G_IDX: tl.constexpr,
+    SCALE_MODE: tl.constexpr,  # 0: one group per tile; 1: group (k0 + 8r) // group_size; 2: g_idx
     HAS_BIAS: tl.constexpr,
     WRITE_PARTIALS: tl.constexpr,
+    MAGIC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of 128: 8 dots over BLOCK_K / 8 >= 16 rows each
     DOT_PRECISION: tl.constexpr,
 ):
     pid_mn = tl.program_id(0)
@@ -140,9 +158,11 @@ def _w4a16_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid_mn // num_n
     pid_n = pid_mn % num_n
+    WORD_ROWS: tl.constexpr = BLOCK_K // 8
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, WORD_ROWS)
     mask_m = offs_m < M
     mask_n = offs_n < N
     zero_shift = (offs_n % 8) * 4  # [BLOCK_N]: nibble of each column's zero in its qzeros word
@@ -150,36 +170,50 @@ def _w4a16_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
+    k_end = tl.minimum(k_begin + k_per_split, K)  # a multiple of 8, as K is
     for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_K]
-        mask_kn = mask_k[:, None] & mask_n[None, :]
-        words = tl.load(qw_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :], mask=mask_kn, other=0)
-        q = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF  # [BLOCK_K, BLOCK_N] int32
-        if PER_ROW_GROUPS:
-            if HAS_G_IDX:
-                g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
-            else:
-                g = offs_k // group_size
-            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0).to(tl.float32)
-            zw = tl.load(qz_ptr + g[:, None] * packed_n + (offs_n // 8)[None, :], mask=mask_kn, other=0)
-            z = ((zw >> zero_shift[None, :]) & 0xF) + ZERO_OFFSET
-            w = ((q - z).to(tl.float32) * s).to(x.dtype)  # [BLOCK_K, BLOCK_N]
-            acc += tl.dot(x, w, input_precision=DOT_PRECISION)
-        else:
-            g = k0 // group_size  # the whole tile lies in this group
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        # Word row r of the tile holds input rows 8r .. 8r + 7; the i-th dot takes rows 8r + i of
+        # every word row, so each word is loaded once and x is read with a stride of 8.
+        rows = k0 + 8 * offs_r  # [WORD_ROWS]: first input row of each word row
+        mask_r = rows < k_end
+        mask_rn = mask_r[:, None] & mask_n[None, :]
+        x_rows = x_ptr + offs_m[:, None] * stride_xm + rows[None, :]  # [BLOCK_M, WORD_ROWS]
+        mask_x = mask_m[:, None] & mask_r[None, :]
+        words = tl.load(qw_ptr + (rows // 8)[:, None] * N + offs_n[None, :], mask=mask_rn, other=0)
+        if SCALE_MODE == 0:
+            # The tile lies in one group: dots over the raw integers, corrected per column after.
+            g = k0 // group_size
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
             zw = tl.load(qz_ptr + g * packed_n + offs_n // 8, mask=mask_n, other=0)
             z = (((zw >> zero_shift) & 0xF) + ZERO_OFFSET).to(tl.float32)  # [BLOCK_N]
-            part = tl.dot(x, q.to(x.dtype), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-            x_sum = tl.sum(x.to(tl.float32), axis=1)  # [BLOCK_M]
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for i in tl.static_range(8):
+                x = tl.load(x_rows + i, mask=mask_x, other=0.0)  # [BLOCK_M, WORD_ROWS]
+                q = _nibbles(words, i, MAGIC).to(x.dtype)  # [WORD_ROWS, BLOCK_N], exact
+                part = tl.dot(x, q, part, input_precision=DOT_PRECISION)
+                x_sum += tl.sum(x.to(tl.float32), axis=1)
             acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
+        elif SCALE_MODE == 1:
+            # A group is a whole number of word rows: one scale and zero row per word row.
+            g = rows // group_size  # [WORD_ROWS]
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_rn, other=0.0).to(tl.float32)
+            zw = tl.load(qz_ptr + g[:, None] * packed_n + (offs_n // 8)[None, :], mask=mask_rn, other=0)
+            zs = -(((zw >> zero_shift[None, :]) & 0xF) + ZERO_OFFSET).to(tl.float32) * s  # -zero * scale
+            for i in tl.static_range(8):
+                x = tl.load(x_rows + i, mask=mask_x, other=0.0)
+                w = (_nibbles(words, i, MAGIC) * s + zs).to(x.dtype)  # [WORD_ROWS, BLOCK_N]
+                acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        else:
+            # Act-order: every input row's own group from g_idx.
+            for i in tl.static_range(8):
+                x = tl.load(x_rows + i, mask=mask_x, other=0.0)
+                g = tl.load(gidx_ptr + rows + i, mask=mask_r, other=0)  # [WORD_ROWS]
+                s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_rn, other=0.0).to(tl.float32)
+                zw = tl.load(qz_ptr + g[:, None] * packed_n + (offs_n // 8)[None, :], mask=mask_rn, other=0)
+                z = (((zw >> zero_shift[None, :]) & 0xF) + ZERO_OFFSET).to(tl.float32)
+                w = ((_nibbles(words, i, MAGIC) - z) * s).to(x.dtype)
+                acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if not WRITE_PARTIALS:
@@ -253,12 +287,19 @@ def w4a16_matmul(
         return out
     cfg = config or default_config(m, n, k, x.dtype, x.device)
     block_k = cfg.block_k
-    if g_idx is None and group_size != -1 and group < block_k and group >= 16 and group == _next_pow2(group):
-        block_k = group  # groups of 32 or 64: tiles of one group each
+    if block_k % MIN_BLOCK_K or block_k & (block_k - 1):
+        raise ValueError(f"w4a16_matmul: block_k must be a power of two >= {MIN_BLOCK_K}, got {block_k}")
+    if g_idx is None and group_size != -1 and group % 8:
+        raise ValueError(f"w4a16_matmul: group size {group_size} is not a multiple of 8")
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    # Tiles never straddle a group when the group size is a multiple of the tile (or there is one group).
-    per_row = g_idx is not None or (group_size != -1 and group % block_k != 0)
+    # Mode 0 when no tile straddles a group: the group size is a multiple of the tile, or one group.
+    if g_idx is not None:
+        scale_mode = 2
+    elif group_size == -1 or group % block_k == 0:
+        scale_mode = 0
+    else:
+        scale_mode = 1
     dummy = qweight  # never read: a valid pointer for the unused optional arguments
     target = out if split_k == 1 else torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
@@ -277,10 +318,10 @@ def w4a16_matmul(
         k_per_split,
         x.stride(0),
         ZERO_OFFSET=zero_offset,
-        PER_ROW_GROUPS=per_row,
-        HAS_G_IDX=g_idx is not None,
+        SCALE_MODE=scale_mode,
         HAS_BIAS=bias is not None and split_k == 1,
         WRITE_PARTIALS=split_k > 1,
+        MAGIC=cfg.magic,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=block_k,

@@ -127,14 +127,23 @@ def test_zero_offset_and_bias(m, zero_offset):
 
 
 @direct
+@pytest.mark.parametrize("magic", [True, False])
 @pytest.mark.parametrize("split_k", [1, 3, 8])
-def test_explicit_configs(split_k):
-    """Uneven K splits, tiles wider than N, a K tile below the group size."""
+def test_explicit_configs(split_k, magic):
+    """Uneven K splits (more splits asked than tiles), tiles wider than N, a K tile larger than the
+    group (mode 1) and than K, both nibble conversions."""
     from nanovllm.kernels.w4a16 import W4A16Config
 
-    cfg = W4A16Config(block_m=16, block_n=32, block_k=32, split_k=split_k, num_warps=4, num_stages=2)
-    check(3, 192, 40, 64, torch.float16, config=cfg)
-    check(3, 192, 40, -1, torch.float16, config=cfg, bias=True)
+    cfg = W4A16Config(
+        block_m=16, block_n=32, block_k=128, split_k=split_k, num_warps=4, num_stages=2, magic=magic
+    )
+    check(3, 384, 40, 64, torch.float16, config=cfg)
+    check(3, 384, 40, -1, torch.float16, config=cfg, bias=True)
+    check(3, 384, 40, 32, torch.float16, config=cfg, act_order=True)
+    wide = W4A16Config(
+        block_m=16, block_n=64, block_k=256, split_k=split_k, num_warps=4, num_stages=2, magic=magic
+    )
+    check(2, 512, 48, 128, torch.float32, config=wide)
 
 
 @direct
@@ -168,6 +177,10 @@ def test_refuses_mismatched_shapes():
         w4a16_matmul(x, qweight, qzeros, scales, 16, 1)
     with pytest.raises(TypeError, match="fp16"):
         w4a16_matmul(x.to(torch.int32), qweight, qzeros, scales, 32, 1)
+    from nanovllm.kernels.w4a16 import W4A16Config
+
+    with pytest.raises(ValueError, match="block_k"):
+        w4a16_matmul(x, qweight, qzeros, scales, 32, 1, config=W4A16Config(16, 32, 64, 1, 4, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------
