@@ -30,14 +30,12 @@ SUPPORTED_VERSIONS = ("gemm",)
 
 
 def check_group_size(method: str, group_size: Any) -> int:
-    if (
-        isinstance(group_size, bool)
-        or not isinstance(group_size, int)
-        or not (group_size == -1 or group_size > 0)
-    ):
+    """A group size is a positive multiple of 8 (whole packed words) or -1 (one group per channel)."""
+    valid = isinstance(group_size, int) and not isinstance(group_size, bool)
+    if not valid or not (group_size == -1 or (group_size > 0 and group_size % 8 == 0)):
         raise ValueError(
-            f"{method} quantization_config group_size must be a positive int or -1 (per channel), "
-            f"got {group_size!r}"
+            f"{method} quantization_config group_size must be a positive multiple of 8 or -1 (per "
+            f"channel), got {group_size!r}"
         )
     return group_size
 

@@ -86,7 +86,7 @@ def _config(**fields):
         ({"version": "gemv"}, "version 'gemv' is not supported"),
         ({"version": "exllama"}, "version 'exllama' is not supported"),
         ({"zero_point": False}, "without zero points"),
-        ({"group_size": 0}, "group_size must be a positive int or -1"),
+        ({"group_size": 0}, "group_size must be a positive multiple of 8 or -1"),
         ({"modules_to_not_convert": "lm_head"}, "modules_to_not_convert must be a list"),
     ],
 )

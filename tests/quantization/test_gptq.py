@@ -120,7 +120,9 @@ def test_fused_parts_with_different_act_orders_are_refused(tmp_path):
     name = "model.layers.1.self_attn.k_proj.g_idx"
     tensors[name] = tensors[name].flip(0).contiguous()
     save_file(tensors, file, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"layers.1.self_attn.[qkv]_proj.g_idx.*qkv_proj have different g_idx"):
+    with pytest.raises(
+        ValueError, match=r"layers.1.self_attn.[qkv]_proj.g_idx.*qkv_proj have different g_idx"
+    ):
         LLM(path, **ENGINE)
 
 
@@ -147,7 +149,8 @@ def _config(**fields):
         ({"bits": 8}, "8-bit weights are not supported"),
         ({"bits": 3}, "3-bit weights are not supported"),
         ({"desc_act": "yes"}, "desc_act must be true or false"),
-        ({"group_size": -2}, "group_size must be a positive int or -1"),
+        ({"group_size": -2}, "group_size must be a positive multiple of 8 or -1"),
+        ({"group_size": 100}, "group_size must be a positive multiple of 8 or -1"),
         ({"checkpoint_format": "marlin"}, "checkpoint_format 'marlin' is not supported"),
         ({"is_marlin_format": True}, "Marlin layout"),
         ({"lm_head": True}, "quantized lm_head"),
