@@ -2,8 +2,8 @@
 # Everything to check and time on the lent GPU in one call; prints a short table last.
 #   bash benchmarks/gpu_check.sh [tests | tests-engine tests-models] [kernels] [bench] [bench-extra] [baseline] [peers]
 #                                [tp-tests] [tp-small] [tp-8b] [structured] [serve] [moe | moe-tests moe-kernel moe-bench]
-#                                [int4] [int4-8b]   (default: tests kernels bench)
-# `int4` runs the AWQ/GPTQ GPU tests and bench_w4a16.py --sweep (a few minutes); `int4-8b` times batch-1 decode
+#                                [int4 | int4-tests int4-bench] [int4-8b]   (default: tests kernels bench)
+# `int4` runs the AWQ/GPTQ GPU tests and bench_w4a16.py --sweep (a few minutes each); `int4-8b` times batch-1 decode
 # steps of Qwen3-8B shapes in bf16 and AWQ (builds the 16 GB bf16 checkpoint first) and bench.py on both.
 # `moe` runs the MoE GPU tests, the fused MoE layer alone (bench_moe.py --sweep) and bench.py on the
 # Qwen3-30B-A3B shape (random weights drawn on the GPU, nothing written to disk; about 61 GB of GPU memory).
@@ -100,10 +100,13 @@ for part in $parts; do
       python3 bench.py --model qwen3-30b-a3b-random --attention-backend triton --json "$OUT/bench_moe.json" 2>&1 \
         | tee "$OUT/bench_moe.log" | grep -E "^(Decode|Mixture|Floor|GPU|Total|Breakdown|  )"
       summary+=("bench qwen3-30b-a3b-random: $(grep -E '^(Total|Floor)' "$OUT/bench_moe.log" | paste -sd';')") ;;
-    int4)  # AWQ/GPTQ: the W4A16 kernel and engine GPU tests, then the GEMMs alone at Qwen3-8B shapes (--sweep)
+    int4)  # AWQ/GPTQ: the two parts below in one call (split them over calls if need be)
+      bash "$0" int4-tests int4-bench ;;
+    int4-tests)  # the W4A16 kernel at 8B shapes and in a CUDA graph; the engine on AWQ/GPTQ checkpoints
       python3 -m pytest -q -m cuda tests/kernels/test_w4a16.py tests/quantization/test_int4_gpu.py 2>&1 \
         | tee "$OUT/pytest_int4.log" | tail -15
-      summary+=("int4 tests: $(tail -1 "$OUT/pytest_int4.log")")
+      summary+=("int4 tests: $(tail -1 "$OUT/pytest_int4.log")") ;;
+    int4-bench)  # the GEMMs alone at Qwen3-8B shapes against bf16, then a sweep of launch configurations
       python3 benchmarks/bench_w4a16.py --sweep --json "$OUT/w4a16.json" 2>&1 | tee "$OUT/w4a16.log" | tail -90
       summary+=("w4a16: $(grep '^goal' "$OUT/w4a16.log")") ;;
     int4-8b)  # single-stream decode steps, bf16 vs AWQ, then the reference workload in AWQ and bf16 (Qwen3-8B shapes)

@@ -10,7 +10,7 @@ from tests.quantization.int4_checkpoints import build
 
 pytestmark = pytest.mark.cuda
 
-ENGINE = dict(device="cuda", max_model_len=512, num_kvcache_blocks=64, kvcache_block_size=16)
+ENGINE = dict(device="cuda", max_model_len=512, max_num_seqs=8, num_kvcache_blocks=64, kvcache_block_size=16)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 # A 150-token prompt takes the tiled prefill path (more than 64 rows); decode batches take split-K.
 PROMPTS = random_prompts(4, [5, 17, 40, 150], vocab=400, seed=13)
