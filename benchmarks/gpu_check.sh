@@ -2,7 +2,9 @@
 # Everything to check and time on the lent GPU in one call; prints a short table last.
 #   bash benchmarks/gpu_check.sh [tests | tests-engine tests-models] [kernels] [bench] [bench-extra] [baseline] [peers]
 #                                [tp-tests] [tp-small] [tp-8b] [structured] [serve] [moe | moe-tests moe-kernel moe-bench]
-#                                [int4 | int4-tests int4-bench] [int4-8b]   (default: tests kernels bench)
+#                                [int4 | int4-tests int4-bench] [int4-8b] [long] [long-vllm]   (default: tests kernels bench)
+# `long`: the long-context GPU tests and bench_long_context.py (128K prompt, 16 x 32K, decode kernel at 32K/128K,
+# a sliding-window model's blocks vs length); `long-vllm` the same requests through vLLM (bundle installed).
 # `int4` runs the AWQ/GPTQ GPU tests and bench_w4a16.py --sweep (a few minutes each); `int4-8b` times batch-1 decode
 # steps of Qwen3-8B shapes in bf16 and AWQ (builds the 16 GB bf16 checkpoint first) and bench.py on both.
 # `moe` runs the MoE GPU tests, the fused MoE layer alone (bench_moe.py --sweep) and bench.py on the
@@ -120,6 +122,17 @@ for part in $parts; do
           | tee "$OUT/bench_int4_$model.log" | grep -E "^(Decode|Floor|GPU|Total|Breakdown|  )"
         summary+=("bench $model: $(grep -E '^(Total|Floor)' "$OUT/bench_int4_$model.log" | paste -sd';')")
       done ;;
+    long)  # long context: windowed kernels, rope scalings and windows end to end, bench_long_context.py (~6 min)
+      python3 -m pytest -q -m cuda tests/kernels/test_window_kernels.py tests/models/test_long_context.py 2>&1 \
+        | tee "$OUT/pytest_long.log" | tail -15
+      summary+=("long tests: $(tail -1 "$OUT/pytest_long.log")")
+      python3 benchmarks/bench_long_context.py --attention-backend triton --json "$OUT/long_context.json" 2>&1 \
+        | grep -v "Loading weights" | tee "$OUT/long_context.log" | tail -12
+      summary+=("long: $(grep -E '^(long|batch|decode kernel 1 x 131072)' "$OUT/long_context.log" | paste -sd';')") ;;
+    long-vllm)  # the same long/batch parts through vLLM (install the bundle first, see its README)
+      python3 benchmarks/bench_long_context.py --engine vllm --parts long,batch --json "$OUT/long_context_vllm.json" \
+        2>&1 | grep -vE "Loading weights|INFO|WARNING" | tee "$OUT/long_context_vllm.log" | tail -6
+      summary+=("long vllm: $(grep -E '^(long|batch)' "$OUT/long_context_vllm.log" | paste -sd';')") ;;
     peers)  # about 4 minutes: transformers' continuous batching on the same workload
       python3 bench.py --engine hf --json "$OUT/bench_hf.json" 2>&1 | tee "$OUT/bench_hf.log" | tail -3
       summary+=("bench hf: $(grep '^Total:' "$OUT/bench_hf.log" | tail -1)") ;;

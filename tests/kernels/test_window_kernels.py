@@ -255,3 +255,54 @@ def test_torch_backend_windows_with_freed_entries(window, monkeypatch):
         torch.testing.assert_close(out[start : start + ql], expected, rtol=1e-5, atol=1e-5)
         start += ql
     assert math.isfinite(out.abs().max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="flash-attn runs on CUDA only")
+@pytest.mark.parametrize("window", [1000, 4096])
+def test_flash_attn_backend_windows(window):
+    """flash-attn's window_size=(W - 1, 0) gives transformers' count, decode and prefill with a prefix,
+    over tables whose blocks before the windows name block 0 (as the model runner passes them)."""
+    flash_attn = pytest.importorskip("flash_attn")
+    del flash_attn
+    from nanovllm.attention.flash_attn_backend import FlashAttnBackend
+
+    backend = FlashAttnBackend()
+    gen = make_gen(21)
+    lens = [5000, 1200, 9000]
+    kv = make_paged_kv(lens, 256, 8, 128, torch.bfloat16, 0, gen)
+    kv.k_cache, kv.v_cache = kv.k_cache.nan_to_num(), kv.v_cache.nan_to_num()
+    keys = [gather_all(kv.k_cache, kv.block_tables[i], n) for i, n in enumerate(lens)]
+    values = [gather_all(kv.v_cache, kv.block_tables[i], n) for i, n in enumerate(lens)]
+    scale = 128**-0.5
+    q = torch.randn(len(lens), 16, 128, generator=gen).to(dtype=torch.bfloat16, device=DEVICE)
+    tables = free_blocks_before(kv, [n - window for n in lens], 0)
+    meta = _torch_meta(
+        is_prefill=False,
+        context_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+        block_tables=tables,
+        seqlens_k=lens,
+        num_splits=1,
+    )
+    out = backend.decode(q, kv.k_cache, kv.v_cache, meta, scale, window)
+    for i in range(len(lens)):
+        assert_close(out[i], ref_window(q[i : i + 1], keys[i], values[i], scale, window)[0], torch.bfloat16)
+    q_lens = [700, 1, 3000]
+    q = torch.randn(sum(q_lens), 16, 128, generator=gen).to(dtype=torch.bfloat16, device=DEVICE)
+    tables = free_blocks_before(kv, [kl - ql - window + 1 for ql, kl in zip(q_lens, lens)], 0)
+    meta = _torch_meta(
+        is_prefill=True,
+        cu_seqlens_q=cu_seqlens(q_lens),
+        cu_seqlens_k=cu_seqlens(lens),
+        max_seqlen_q=max(q_lens),
+        max_seqlen_k=max(lens),
+        block_tables=tables,
+        seqlens_q=q_lens,
+        seqlens_k=lens,
+    )
+    out = backend.prefill(q, None, None, kv.k_cache, kv.v_cache, meta, scale, window)
+    start = 0
+    for i, ql in enumerate(q_lens):
+        expected = ref_window(q[start : start + ql], keys[i], values[i], scale, window)
+        assert_close(out[start : start + ql], expected, torch.bfloat16)
+        start += ql

@@ -187,3 +187,27 @@ def test_window_prefix_cache_hits_and_preemption(checkpoint):
         small.block_manager.check_integrity()
     finally:
         small.exit()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize(
+    "checkpoint", ["qwen3_yarn", "llama_dynamic", "mistral_window", "qwen2_mixed"], indirect=True
+)
+def test_long_context_on_gpu_matches_transformers(checkpoint, backend):
+    """fp32 on the GPU (CUDA graphs for decode), chunked prefill, a cache small enough to preempt."""
+    prompts = random_prompts(4, [40, 3 * ORIGINAL + 7, 150, 100], seed=12)
+    expected = hf_reference(checkpoint, prompts, 24)
+    llm = LLM(
+        checkpoint,
+        device="cuda",
+        dtype="float32",
+        attention_backend=backend,
+        num_kvcache_blocks=40,
+        kvcache_block_size=16,
+        max_num_batched_tokens=64,
+    )
+    try:
+        assert greedy(llm, prompts, 24) == expected
+    finally:
+        llm.exit()
