@@ -13,6 +13,8 @@ class AttentionBackend(ABC):
 
     Caches are `[num_blocks, block_size, num_kv_heads, head_dim]` per layer. Implementations must
     not synchronise with the host in `store_kv` and `decode` when `supports_cuda_graphs` is True.
+    An FP8 (float8_e4m3fn) cache holds K / k_scale and V / v_scale (per layer; 1.0 unless the checkpoint
+    gives scales): `store_kv` quantizes, `prefill` and `decode` read it back dequantized.
     """
 
     name: ClassVar[str]
@@ -24,6 +26,9 @@ class AttentionBackend(ABC):
     def check_dtype(self, dtype: torch.dtype) -> None:
         """Raise ValueError if this backend cannot compute in `dtype`."""
 
+    def check_kv_cache_dtype(self, kv_cache_dtype: torch.dtype, dtype: torch.dtype) -> None:
+        """Raise ValueError if this backend cannot use a `kv_cache_dtype` cache beside `dtype` compute."""
+
     @abstractmethod
     def store_kv(
         self,
@@ -32,6 +37,8 @@ class AttentionBackend(ABC):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
         """Write k, v `[num_tokens, num_kv_heads, head_dim]` into the cache; slot -1 is skipped."""
 
@@ -46,6 +53,8 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         """Causal attention of the new tokens over their sequence's prefix and themselves.
 
@@ -64,6 +73,8 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         """One query per sequence over its `meta.context_lens` cached tokens (the last
         `sliding_window` of them if set; entries of blocks wholly before that may be -1);

@@ -25,6 +25,14 @@ class FlashAttnBackend(AttentionBackend):
                 f"pass dtype='bfloat16' or use attention_backend='triton'"
             )
 
+    def check_kv_cache_dtype(self, kv_cache_dtype, dtype) -> None:
+        if kv_cache_dtype != dtype:
+            raise ValueError(
+                f"attention_backend='flash-attn' cannot read a {kv_cache_dtype} KV cache (the flash-attn 2 "
+                "kernels take the compute dtype only); use attention_backend='triton' (or 'auto', which "
+                "picks it for kv_cache_dtype='fp8')"
+            )
+
     def check_block_size(self, block_size: int) -> None:
         if block_size % FLASH_ATTN_BLOCK_SIZE_MULTIPLE:
             raise ValueError(
@@ -32,10 +40,22 @@ class FlashAttnBackend(AttentionBackend):
                 f"{FLASH_ATTN_BLOCK_SIZE_MULTIPLE}, got {block_size}"
             )
 
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping)  # a compute-dtype cache: no scales
 
-    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window=None):
+    def prefill(
+        self,
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        meta: AttentionMetadata,
+        scale,
+        sliding_window=None,
+        k_scale=1.0,
+        v_scale=1.0,
+    ):
         if meta.block_tables is not None:
             k, v = k_cache, v_cache
         return flash_attn_varlen_func(
@@ -52,7 +72,17 @@ class FlashAttnBackend(AttentionBackend):
             block_table=meta.block_tables,
         )
 
-    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window=None):
+    def decode(
+        self,
+        q,
+        k_cache,
+        v_cache,
+        meta: AttentionMetadata,
+        scale,
+        sliding_window=None,
+        k_scale=1.0,
+        v_scale=1.0,
+    ):
         o = flash_attn_with_kvcache(
             q.unsqueeze(1),  # [batch, 1, num_heads, head_dim]
             k_cache,

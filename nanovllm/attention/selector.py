@@ -14,12 +14,14 @@ def flash_attn_available() -> bool:
     return True
 
 
-def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """Pick the backend once: 'auto' is flash-attn when it imports on CUDA (and the dtype is 16-bit),
-    else Triton on CUDA, else PyTorch."""
+def select_backend(
+    name: str, device: torch.device, dtype: torch.dtype, kv_cache_dtype: torch.dtype | None = None
+) -> AttentionBackend:
+    """Pick the backend once: 'auto' is flash-attn when it imports on CUDA (and the dtype is 16-bit and
+    the KV cache in it), else Triton on CUDA, else PyTorch."""
     if name == "auto":
         if device.type == "cuda":
-            half = dtype in (torch.float16, torch.bfloat16)
+            half = dtype in (torch.float16, torch.bfloat16) and kv_cache_dtype in (None, dtype)
             name = "flash-attn" if half and flash_attn_available() else "triton"
         else:
             name = "torch"

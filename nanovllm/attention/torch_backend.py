@@ -9,6 +9,14 @@ from nanovllm.utils.context import AttentionMetadata
 # Query rows per attention call in prefill: the mask and scores are [rows, keys], so a long prompt never
 # builds a [num_tokens, num_tokens] mask (at 16K new tokens over a 128K context that would be 2 GiB).
 PREFILL_QUERY_TILE = 1024
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value: stores saturate there, as the Triton kernel
+
+
+def dequantized(cache: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cached K or V in the compute dtype: an FP8 cache's values times its scale, others as stored."""
+    if cache.dtype == dtype:
+        return cache
+    return (cache.float() * scale).to(dtype)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -41,13 +49,29 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
     supports_cuda_graphs = False  # store_kv selects valid slots with a host-synchronising mask
 
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         valid = slot_mapping >= 0
         slots = slot_mapping[valid].long()
-        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[valid]  # cache as [num_slots, kv_heads, head_dim]
-        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[valid]
+        k, v = k[valid], v[valid]
+        if k_cache.dtype != k.dtype:  # FP8: value / scale, saturated
+            k = (k.float() / k_scale).clamp(-FP8_MAX, FP8_MAX).to(k_cache.dtype)
+            v = (v.float() / v_scale).clamp(-FP8_MAX, FP8_MAX).to(v_cache.dtype)
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = k  # cache as [num_slots, kv_heads, head_dim]
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = v
 
-    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window=None):
+    def prefill(
+        self,
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        meta: AttentionMetadata,
+        scale,
+        sliding_window=None,
+        k_scale=1.0,
+        v_scale=1.0,
+    ):
         out = torch.empty_like(q)
         q_start = k_start = 0
         for i, (len_q, len_k) in enumerate(zip(meta.seqlens_q, meta.seqlens_k)):
@@ -59,8 +83,12 @@ class TorchAttentionBackend(AttentionBackend):
                 if meta.block_tables is None:
                     keys, values = k[k_start + lo : k_start + end_pos], v[k_start + lo : k_start + end_pos]
                 else:
-                    keys = gather_kv(k_cache, meta.block_tables[i], lo, end_pos)
-                    values = gather_kv(v_cache, meta.block_tables[i], lo, end_pos)
+                    keys = dequantized(
+                        gather_kv(k_cache, meta.block_tables[i], lo, end_pos), k_scale, q.dtype
+                    )
+                    values = dequantized(
+                        gather_kv(v_cache, meta.block_tables[i], lo, end_pos), v_scale, q.dtype
+                    )
                 q_pos = torch.arange(first_pos, end_pos, device=q.device)
                 k_pos = torch.arange(lo, end_pos, device=q.device)
                 rows = slice(q_start + t0, q_start + t1)
@@ -69,7 +97,17 @@ class TorchAttentionBackend(AttentionBackend):
             k_start += len_k
         return out
 
-    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window=None):
+    def decode(
+        self,
+        q,
+        k_cache,
+        v_cache,
+        meta: AttentionMetadata,
+        scale,
+        sliding_window=None,
+        k_scale=1.0,
+        v_scale=1.0,
+    ):
         batch, max_blocks = meta.block_tables.shape
         block_size = k_cache.shape[1]
         first = 0
@@ -79,6 +117,7 @@ class TorchAttentionBackend(AttentionBackend):
         tables = meta.block_tables[:, first:].clamp(min=0).long()  # -1 entries read block 0, masked below
         keys = k_cache[tables].flatten(1, 2)  # [batch, gathered blocks * block_size, kv_heads, head_dim]
         values = v_cache[tables].flatten(1, 2)
+        keys, values = dequantized(keys, k_scale, q.dtype), dequantized(values, v_scale, q.dtype)
         positions = torch.arange(first * block_size, max_blocks * block_size, device=q.device)
         mask = positions[None, :] < meta.context_lens[:, None]  # [batch, gathered tokens]
         if sliding_window is not None:

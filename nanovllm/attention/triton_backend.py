@@ -10,10 +10,22 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
 
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
-    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window=None):
+    def prefill(
+        self,
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        meta: AttentionMetadata,
+        scale,
+        sliding_window=None,
+        k_scale=1.0,
+        v_scale=1.0,
+    ):
         if meta.block_tables is not None:  # some sequence has a cached prefix: keys come from the cache
             k, v = k_cache, v_cache
         return prefill_attention(
@@ -27,9 +39,21 @@ class TritonAttentionBackend(AttentionBackend):
             scale,
             block_tables=meta.block_tables,
             sliding_window=sliding_window,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
-    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window=None):
+    def decode(
+        self,
+        q,
+        k_cache,
+        v_cache,
+        meta: AttentionMetadata,
+        scale,
+        sliding_window=None,
+        k_scale=1.0,
+        v_scale=1.0,
+    ):
         return decode_attention(
             q,
             k_cache,
@@ -39,4 +63,6 @@ class TritonAttentionBackend(AttentionBackend):
             scale,
             num_splits=meta.num_splits,
             sliding_window=sliding_window,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )

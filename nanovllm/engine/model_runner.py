@@ -140,9 +140,12 @@ class ModelRunner:
         self.tp_size = get_tp_size()
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
-        self.backend = select_backend(config.attention_backend, self.device, self.dtype)
+        # The KV cache's element type: the compute dtype, or e4m3 for kv_cache_dtype 'fp8' / 'fp8_e4m3'.
+        self.kv_cache_dtype = torch.float8_e4m3fn if config.kv_cache_dtype.startswith("fp8") else self.dtype
+        self.backend = select_backend(config.attention_backend, self.device, self.dtype, self.kv_cache_dtype)
         self.backend.check_block_size(self.block_size)
         self.backend.check_dtype(self.dtype)
+        self.backend.check_kv_cache_dtype(self.kv_cache_dtype, self.dtype)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         hf_config = config.hf_config
@@ -232,7 +235,7 @@ class ModelRunner:
 
     def _bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = self.kv_cache_dtype.itemsize  # FP8: one byte, so twice the blocks of bf16 in one budget
         return 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim * elem
 
     def _allocate_kv_cache(self) -> None:
@@ -273,7 +276,7 @@ class ModelRunner:
             self.block_size,
             layer.num_kv_heads,
             layer.head_dim,
-            dtype=self.dtype,
+            dtype=self.kv_cache_dtype,
             device=self.device,
         )
         for i, attn in enumerate(self.attention_layers):
@@ -348,6 +351,7 @@ class ModelRunner:
             seqlens_q.append(n)
             seqlens_k.append(end)
             has_prefix |= start > 0
+        reads_cache = has_prefix or self._prefill_reads_cache()  # K/V from the paged cache
         meta = AttentionMetadata(
             is_prefill=True,
             slot_mapping=self._to_device(slot_mapping, torch.int64),
@@ -355,12 +359,17 @@ class ModelRunner:
             cu_seqlens_k=self._to_device(cu_k, torch.int32),
             max_seqlen_q=max(seqlens_q),
             max_seqlen_k=max(seqlens_k),
-            block_tables=self.block_tables_tensor(batch.seqs) if has_prefix else None,
+            block_tables=self.block_tables_tensor(batch.seqs) if reads_cache else None,
             seqlens_q=seqlens_q,
             seqlens_k=seqlens_k,
             rope_lengths=self._to_device(lengths, torch.int64) if self.rope_needs_lengths else None,
         )
         return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), meta
+
+    def _prefill_reads_cache(self) -> bool:
+        """An FP8 cache is read back in every prefill (not only with a cached prefix), so a prompt's
+        attention sees the same quantized K/V whether or not its prefix was cached, as decode does."""
+        return self.kv_cache_dtype != self.dtype and self.kv_cache.numel() > 0
 
     def prepare_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         seqs = batch.seqs

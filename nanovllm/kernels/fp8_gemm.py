@@ -9,40 +9,18 @@
   `torch._scaled_mm` (cuBLASLt row-wise scaling on sm_89+/sm_90) where it applies (bf16 output,
   K and N multiples of 16), else our Triton kernel.
 
-Under TRITON_INTERPRET=1 the fp32 -> e4m3 cast of the interpreter truncates (and loses the carry into
-the exponent); the kernels then round to the e4m3 grid themselves first (`EMULATE_CAST`), so the
-interpreter checks tiling, masks and scales against the same round-to-nearest quantizer as the GPU.
+The fp32 -> e4m3 cast is `fp8_cast.to_fp8` (round to nearest, also under TRITON_INTERPRET=1).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from nanovllm.kernels.fp8_cast import emulate_cast, to_fp8
+
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-# Smallest activation-group maximum used for a scale (an all-zero group gets a harmless tiny scale).
-MIN_AMAX = 1e-10
-
-
-def _emulate_cast() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _to_fp8(x, EMULATE_CAST: tl.constexpr):
-    """fp32 (already within +-448) -> e4m3, round to nearest."""
-    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
-    if EMULATE_CAST:
-        a = tl.abs(x)
-        e = tl.floor(tl.log2(tl.maximum(a, 1e-30)))
-        e = tl.minimum(tl.maximum(e, -6.0), 8.0)  # below 2^-6: e4m3's subnormal spacing 2^-9
-        step = tl.exp2(e - 3.0)  # 3 mantissa bits
-        r = tl.minimum(tl.floor(a / step + 0.5) * step, 448.0)
-        x = tl.where(x < 0, -r, r)
-    return x.to(tl.float8e4nv)
+# In the kernels: scale = max(amax, 1e-10) / 448 (an all-zero group gets a tiny scale and zeros).
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,7 +72,7 @@ def _block_gemm_kernel(
             other=0.0,
         ).to(tl.float32)  # [BLOCK_M, BLOCK_K]: one activation group per row
         a_scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0  # [BLOCK_M]
-        a_q = _to_fp8(a / a_scale[:, None], EMULATE_CAST)
+        a_q = to_fp8(a / a_scale[:, None], EMULATE_CAST)
         b = tl.load(
             b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + k[:, None],
             mask=mask_n[None, :] & mask_k[:, None],
@@ -183,7 +161,7 @@ def w8a8_block_matmul(
         per_split,
         GROUP_N=block_n,
         BLOCK_K=block_k,
-        EMULATE_CAST=_emulate_cast(),
+        EMULATE_CAST=emulate_cast(),
         **cfg,
     )
     if split == 1:
@@ -210,7 +188,7 @@ def _per_token_quant_kernel(
     for k0 in range(0, K, BLOCK):
         mask = k0 + offs < K
         x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(q_ptr + row * stride_qm + k0 + offs, _to_fp8(x / scale, EMULATE_CAST), mask=mask)
+        tl.store(q_ptr + row * stride_qm + k0 + offs, to_fp8(x / scale, EMULATE_CAST), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
@@ -224,7 +202,7 @@ def per_token_quant(x: Tensor) -> tuple[Tensor, Tensor]:
     if m:
         block = min(triton.next_power_of_2(k), 1024)
         _per_token_quant_kernel[(m,)](
-            x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, EMULATE_CAST=_emulate_cast(), num_warps=4
+            x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, EMULATE_CAST=emulate_cast(), num_warps=4
         )
     return q, scale
 

@@ -1,9 +1,13 @@
-"""Triton kernel that writes new K/V rows into the paged KV cache."""
+"""Triton kernel that writes new K/V rows into the paged KV cache (FP8 caches: quantized on store)."""
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from nanovllm.kernels.fp8_cast import emulate_cast, to_fp8
+
+FP8_CACHE_DTYPE = torch.float8_e4m3fn
 
 # One program copies one token (all of its KV heads). The rows are small (num_kv_heads * head_dim
 # elements, 2 KiB for Qwen3-0.6B in bf16), so a single warp-group is plenty.
@@ -21,9 +25,13 @@ def _store_kvcache_kernel(
     stride_key_head,
     stride_value_token,
     stride_value_head,
+    k_scale_inv,
+    v_scale_inv,
     NUM_KV_HEADS: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    FP8: tl.constexpr,
+    EMULATE_CAST: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -40,11 +48,22 @@ def _store_kvcache_kernel(
     cache_offsets = slot * (NUM_KV_HEADS * HEAD_DIM) + heads[:, None] * HEAD_DIM + dims[None, :]
     k = tl.load(key_ptr + key_offsets, mask=mask)
     v = tl.load(value_ptr + value_offsets, mask=mask)
+    if FP8:  # e4m3 cache: value / scale, saturated at +-448 (vLLM's per-tensor KV scale)
+        k = to_fp8(k.to(tl.float32) * k_scale_inv, EMULATE_CAST)
+        v = to_fp8(v.to(tl.float32) * v_scale_inv, EMULATE_CAST)
     tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kvcache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+def store_kvcache(
+    key: Tensor,
+    value: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
     """Write `key`/`value` rows into the paged caches at the slots given by `slot_mapping`.
 
     key/value: [num_tokens, num_kv_heads, head_dim]; they may be non-contiguous views as long as the
@@ -52,6 +71,7 @@ def store_kvcache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, 
     k_cache/v_cache: contiguous [num_blocks, block_size, num_kv_heads, head_dim].
     slot_mapping: int32 or int64 [num_tokens]; slot = block_id * block_size + offset, -1 skips the token.
     Writes in place; never reads `slot_mapping` on the host (safe inside a CUDA graph).
+    A float8_e4m3fn cache stores key / k_scale and value / v_scale (saturated at +-448).
     """
     if key.dim() != 3 or value.shape != key.shape:
         raise ValueError(
@@ -93,8 +113,12 @@ def store_kvcache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, 
         key.stride(1),
         value.stride(0),
         value.stride(1),
+        1.0 / k_scale,
+        1.0 / v_scale,
         NUM_KV_HEADS=num_kv_heads,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim,
+        FP8=k_cache.dtype == FP8_CACHE_DTYPE,
+        EMULATE_CAST=emulate_cast(),
         num_warps=STORE_NUM_WARPS,
     )

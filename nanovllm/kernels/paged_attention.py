@@ -67,6 +67,10 @@ PREFILL_NUM_STAGES_FP32 = 2
 # Helpers
 # ---------------------------------------------------------------------------------------------------------
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# An FP8 cache holds K / k_scale and V / v_scale (kv_store.py). The kernels convert its values to the
+# query's dtype (exact: e4m3 fits in 16 bits), fold k_scale into the softmax scale and multiply the
+# output by v_scale.
+KV_FP8_DTYPE = torch.float8_e4m3fn
 
 
 @functools.cache
@@ -91,6 +95,15 @@ def _check_dtypes(*tensors: Tensor) -> None:
     for t in tensors[1:]:
         if t.dtype != dtype:
             raise ValueError(f"dtype mismatch: {t.dtype} != {dtype}")
+
+
+def _check_kv_dtypes(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Check q/k/v dtypes; True when k and v are an FP8 (e4m3) cache read with scales."""
+    if k.dtype == KV_FP8_DTYPE and v.dtype == KV_FP8_DTYPE:
+        _check_dtypes(q)
+        return True
+    _check_dtypes(q, k, v)
+    return False
 
 
 def _check_cache(k_cache: Tensor, v_cache: Tensor) -> None:
@@ -168,6 +181,7 @@ def _decode_split_kernel(
     qk_scale,
     num_splits,
     window,
+    v_scale,
     stride_q_seq,
     stride_q_head,
     stride_cache_block,
@@ -230,6 +244,9 @@ def _decode_split_kernel(
         valid = ((pos0 + offs_n) < context_len) & ((pos0 + offs_n) >= kv_start)
         k = tl.load(k_cache_ptr + kv_offsets, mask=valid[:, None], other=0.0)  # [TILE_N, HEAD_DIM]
         v = tl.load(v_cache_ptr + kv_offsets, mask=valid[:, None], other=0.0)  # [TILE_N, HEAD_DIM]
+        if k_cache_ptr.dtype.element_ty == tl.float8e4nv:  # FP8 cache: scales applied outside the loop
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -240,6 +257,8 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        acc = acc * v_scale
     if SINGLE_SPLIT:
         # A context_len of 0 (e.g. padding rows of a CUDA graph batch) leaves l_i = 0: write zeros, not NaN.
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -301,6 +320,8 @@ def decode_attention(
     out: Tensor | None = None,
     num_splits: int | None = None,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> Tensor:
     """Attention of one new query per sequence over its paged KV cache (split-K "flash decoding").
 
@@ -313,12 +334,13 @@ def decode_attention(
     sliding_window: W attends only the last W cached tokens (positions context_len - W .. context_len - 1,
     transformers' count); the splits divide that range, and table entries of blocks wholly before it
     are never read (may be -1).
+    k_scale/v_scale: the per-tensor scales of an FP8 (float8_e4m3fn) cache (its values are K / k_scale).
     Returns [batch, num_heads, head_dim] in q's dtype (written into `out` if given).
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, num_heads, head_dim], got {tuple(q.shape)}")
     _check_cache(k_cache, v_cache)
-    _check_dtypes(q, k_cache, v_cache)
+    kv_fp8 = _check_kv_dtypes(q, k_cache, v_cache)
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim:
@@ -364,9 +386,10 @@ def decode_attention(
         part_acc,
         part_max,
         part_sum,
-        scale * LOG2E,
+        scale * LOG2E * (k_scale if kv_fp8 else 1.0),
         num_splits,
         window,
+        v_scale if kv_fp8 else 1.0,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -468,6 +491,9 @@ def _prefill_attend(
         else:
             k = tl.load(k_ptr + k_offsets)
             v = tl.load(v_ptr + v_offsets)
+        if k_ptr.dtype.element_ty == tl.float8e4nv:  # FP8 cache: scales applied by the caller
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if CAUSAL_MASK:
@@ -497,6 +523,7 @@ def _prefill_kernel(
     block_tables_ptr,
     qk_scale,
     window,
+    v_scale,
     stride_q_token,
     stride_q_head,
     stride_k_block,
@@ -579,6 +606,8 @@ def _prefill_kernel(
     # fmt: on
 
     out = acc / l_i[:, None]
+    if k_ptr.dtype.element_ty == tl.float8e4nv:
+        out = out * v_scale
     out_offsets = q_rows[:, None] * stride_out_token + head[:, None] * stride_out_head + dims[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
@@ -595,6 +624,8 @@ def prefill_attention(
     block_tables: Tensor | None = None,
     out: Tensor | None = None,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> Tensor:
     """Causal varlen attention for a prefill batch.
 
@@ -608,13 +639,14 @@ def prefill_attention(
     sequence i lives at slot block_tables[i, p // block_size] * block_size + p % block_size.
     sliding_window: W limits each query at position i to keys i - W < j <= i (transformers' count); block
     table entries of blocks wholly before every query's window are never read (may be -1).
+    k_scale/v_scale: the per-tensor scales of an FP8 (float8_e4m3fn) paged cache.
     num_heads must be a multiple of num_kv_heads (GQA). Returns [total_q, num_heads, head_dim] in q's dtype
     (written into `out` if given). The grid uses max_seqlen_q only; nothing is read back to the host.
     """
     del max_seqlen_k  # the key range of each tile is derived on the device from cu_seqlens_k
     if q.dim() != 3:
         raise ValueError(f"q must be [total_q, num_heads, head_dim], got {tuple(q.shape)}")
-    _check_dtypes(q, k, v)
+    kv_fp8 = _check_kv_dtypes(q, k, v)
     total_q, num_heads, head_dim = q.shape
     _check_head_dim(head_dim)
     num_seqs = cu_seqlens_q.shape[0] - 1
@@ -674,8 +706,9 @@ def prefill_attention(
         cu_seqlens_q,
         cu_seqlens_k,
         block_tables_arg,
-        scale * LOG2E,
+        scale * LOG2E * (k_scale if kv_fp8 else 1.0),
         window,
+        v_scale if kv_fp8 else 1.0,
         q.stride(0),
         q.stride(1),
         *k_strides,

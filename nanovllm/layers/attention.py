@@ -20,6 +20,10 @@ class Attention(nn.Module):
         # Keys this layer sees: the last `sliding_window` positions up to the query's own (None: all).
         # Set by the model from the checkpoint's per-layer windows.
         self.sliding_window: int | None = None
+        # Per-tensor scales of an FP8 KV cache (the cache holds K / k_scale): 1.0 unless the checkpoint
+        # gives `k_scale` / `v_scale` (set by the loader), as in vLLM.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         self.forward_context: ForwardContext | None = None  # the owning runner's, bound at start-up
 
     def step_metadata(self) -> AttentionMetadata:
@@ -36,9 +40,14 @@ class Attention(nn.Module):
         window = self.sliding_window
         has_cache = self.k_cache.numel() > 0
         if has_cache:
-            self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            self.backend.store_kv(
+                k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale
+            )
+        kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         if meta.is_prefill:
-            o = self.backend.prefill(q, k, v, self.k_cache, self.v_cache, meta, self.scale, window)
+            o = self.backend.prefill(
+                q, k, v, self.k_cache, self.v_cache, meta, self.scale, window, **kv_scales
+            )
         else:
-            o = self.backend.decode(q, self.k_cache, self.v_cache, meta, self.scale, window)
+            o = self.backend.decode(q, self.k_cache, self.v_cache, meta, self.scale, window, **kv_scales)
         return o.reshape(q.shape[0], self.num_heads * self.head_dim)  # [num_tokens, num_heads * head_dim]

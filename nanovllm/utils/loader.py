@@ -97,6 +97,33 @@ def _check_float8(ckpt_name: str, file: str, param: nn.Parameter, tensor: torch.
         )
 
 
+# Per-tensor FP8 KV-cache scales (vLLM's names): `<layer>.self_attn[.k_proj|.v_proj|.attn].k_scale`
+# and `.v_scale`.
+_KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")
+
+
+def _load_kv_scale(model: nn.Module, ckpt_name: str, tensor: torch.Tensor) -> None:
+    """Set the attention layer's `k_scale` / `v_scale` (the FP8 KV cache holds K / k_scale)."""
+    base, _, kind = ckpt_name.rpartition(".")
+    for suffix in (".k_proj", ".v_proj", ".attn"):
+        base = base.removesuffix(suffix)
+    attn = dict(model.named_modules()).get(base + ".attn")
+    if attn is None or not hasattr(attn, kind):
+        raise ValueError(
+            f"checkpoint tensor {ckpt_name!r} is a KV-cache scale but {base!r} has no attention layer"
+        )
+    if tensor.numel() != 1:
+        raise ValueError(
+            f"checkpoint tensor {ckpt_name!r}: a KV-cache scale is one number, got {tuple(tensor.shape)}"
+        )
+    value = float(tensor.float().item())
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(
+            f"checkpoint tensor {ckpt_name!r}: a KV-cache scale must be positive and finite, got {value}"
+        )
+    setattr(attn, kind, value)
+
+
 def process_weights_after_loading(model: nn.Module) -> None:
     """Let each layer's quantization method repack, quantize or precompute once weights are in."""
     for module in model.modules():
@@ -140,6 +167,9 @@ def load_model(model: nn.Module, path: str, hf_config: PretrainedConfig | None =
         with handle as f:
             for ckpt_name in f.keys():
                 if ckpt_name.endswith(_IGNORED_SUFFIXES) or (tied and ckpt_name == "lm_head.weight"):
+                    continue
+                if ckpt_name.endswith(_KV_SCALE_SUFFIXES):
+                    _load_kv_scale(model, ckpt_name, f.get_tensor(ckpt_name))
                     continue
                 name, shard_id = _target(model, ckpt_name)
                 param = params.get(name)

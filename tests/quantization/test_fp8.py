@@ -301,6 +301,12 @@ def prompt_logprobs(llm, prompt: list[int]) -> torch.Tensor:
     return torch.tensor([next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]])
 
 
+def prompt_top1(llm, prompt: list[int]) -> list[int]:
+    """The most likely next token at each prompt position (teacher-forced greedy)."""
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    return [next(t for t, lp in d.items() if lp.rank == 1) for d in out.prompt_logprobs[1:]]
+
+
 def test_online_fp8_equals_per_channel_dequantized_transformers(bf16_dir):
     ref = load_hf_model(bf16_dir)
     with torch.no_grad():
@@ -336,3 +342,108 @@ def test_online_fp8_close_to_unquantized(bf16_dir):
     assert rel < 0.08, rel
     first = [a[0] == b[0] for a, b in zip(base_tokens, fp8_tokens)]
     assert sum(first) >= 3, (base_tokens, fp8_tokens)
+
+
+# ---- FP8 KV cache ---------------------------------------------------------------------------------
+
+
+def test_fp8_kv_cache_close_to_full_precision_and_four_times_the_blocks(bf16_dir):
+    """The torch backend on CPU stores e4m3 K/V (scale 1.0) and attends over them dequantized. Against
+    the fp32 cache: 4x the blocks for one byte budget, prompt log-probabilities within 5% on average
+    (they sit near -20 on this peaky model), most top-1 tokens equal."""
+    prompts = random_prompts(4, [12, 30], vocab=400, seed=13)
+    budget = dict(max_model_len=256, max_num_batched_tokens=512, max_num_seqs=8, cpu_kvcache_bytes=1 << 20)
+    results = {}
+    for kv in ("auto", "fp8"):
+        llm = LLM(bf16_dir, **budget, kv_cache_dtype=kv, kvcache_block_size=16)
+        try:
+            runner = llm.model_runner
+            assert runner.kv_cache.dtype == (torch.float8_e4m3fn if kv == "fp8" else torch.float32)
+            blocks = runner.config.num_kvcache_blocks
+            tokens = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+            top1 = [t for p in prompts for t in prompt_top1(llm, p)]
+            results[kv] = blocks, tokens, prompt_logprobs(llm, prompts[1]), top1
+        finally:
+            llm.exit()
+    (b_full, t_full, lp_full, top_full), (b_fp8, t_fp8, lp_fp8, top_fp8) = results["auto"], results["fp8"]
+    assert b_fp8 == 4 * b_full, (b_fp8, b_full)
+    rel = ((lp_fp8 - lp_full).abs().mean() / lp_full.abs().mean()).item()
+    assert rel < 0.05, rel
+    # Teacher-forced top-1 over 84 positions (measured 0.86: e4m3 keeps 3 mantissa bits); free-running greedy drifts once a token
+    # flips on this chaotic random model, so only half of it must agree.
+    top1_agree = sum(a == b for a, b in zip(top_full, top_fp8)) / len(top_full)
+    assert top1_agree >= 0.75, top1_agree
+    agree = sum(a == b for x, y in zip(t_full, t_fp8) for a, b in zip(x, y))
+    assert agree >= 0.5 * sum(len(x) for x in t_full), (t_full, t_fp8)
+
+
+def test_fp8_kv_cache_same_with_and_without_a_cached_prefix(bf16_dir):
+    """Prefill reads the quantized cache back even without a cached prefix, so a prompt whose prefix
+    blocks are hits gives the same tokens as one computed from scratch."""
+    base = random_prompts(1, [40], vocab=400, seed=17)[0]
+    prompts = [base + [5, 6, 7], base + [9, 10]]
+    cold = []
+    for p in prompts:  # each in a fresh engine: no prefix hit
+        llm = LLM(bf16_dir, **ENGINE, kv_cache_dtype="fp8", kvcache_block_size=16)
+        try:
+            cold.append(llm.generate([p], GREEDY, use_tqdm=False)[0]["token_ids"])
+        finally:
+            llm.exit()
+    llm = LLM(bf16_dir, **ENGINE, kv_cache_dtype="fp8", kvcache_block_size=16)
+    try:
+        warm = [llm.generate([p], GREEDY, use_tqdm=False)[0]["token_ids"] for p in prompts]  # 2nd: hits
+    finally:
+        llm.exit()
+    assert warm == cold
+
+
+def test_fp8_kv_cache_with_fp8_weights_and_tensor_parallel(fp8_dir, fp8_reference):
+    outs = {}
+    for tp in (1, 2):
+        llm = LLM(
+            fp8_dir,
+            **ENGINE,
+            kv_cache_dtype="fp8_e4m3",
+            tensor_parallel_size=tp,
+            tp_timeout_s=30.0,
+            tp_shm_bytes=1 << 16,
+        )
+        try:
+            outs[tp] = [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        finally:
+            llm.exit()
+    assert outs[1] == outs[2]
+    ref = [hf_greedy(fp8_reference, p, GREEDY.max_tokens) for p in PROMPTS]
+    agree = sum(a == b for x, y in zip(ref, outs[1]) for a, b in zip(x, y))
+    assert agree >= 0.6 * sum(len(x) for x in ref), (ref, outs[1])
+
+
+def test_kv_scales_from_the_checkpoint(bf16_dir, tmp_path):
+    """`self_attn.k_scale` / `self_attn.v_proj.v_scale` tensors set the layers' FP8 cache scales (vLLM's
+    names); the cache then holds K / k_scale, and the output stays close to the scale-1.0 run."""
+    ckpt = pack_fp8_checkpoint(bf16_dir, str(tmp_path / "ckpt"))
+    tensors = load_file(os.path.join(ckpt, WEIGHTS))
+    tensors["model.layers.0.self_attn.k_scale"] = torch.tensor(0.5)
+    tensors["model.layers.0.self_attn.v_proj.v_scale"] = torch.tensor([0.25])
+    save_file(tensors, os.path.join(ckpt, WEIGHTS))
+    llm = LLM(ckpt, **ENGINE, kv_cache_dtype="fp8", kvcache_block_size=16)
+    try:
+        layers = llm.model_runner.model.model.layers
+        assert (layers[0].self_attn.attn.k_scale, layers[0].self_attn.attn.v_scale) == (0.5, 0.25)
+        assert (layers[1].self_attn.attn.k_scale, layers[1].self_attn.attn.v_scale) == (1.0, 1.0)
+        prompt = PROMPTS[2]
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+        top1 = prompt_top1(llm, prompt)
+    finally:
+        llm.exit()
+    ref = LLM(ckpt, **ENGINE, kvcache_block_size=16)  # a full-precision cache: the scales are unused
+    try:
+        ref_top1 = prompt_top1(ref, prompt)
+    finally:
+        ref.exit()
+    assert out[0]["token_ids"]
+    assert sum(a == b for a, b in zip(top1, ref_top1)) >= 0.75 * len(top1)
+    tensors["model.layers.0.self_attn.k_scale"] = torch.tensor(-1.0)
+    save_file(tensors, os.path.join(ckpt, WEIGHTS))
+    with pytest.raises(ValueError, match=r"self_attn\.k_scale.*positive and finite"):
+        LLM(ckpt, **ENGINE, kv_cache_dtype="fp8")

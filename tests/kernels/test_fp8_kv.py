@@ -1,0 +1,163 @@
+"""FP8 (e4m3) KV cache in the Triton kernels: the store quantizes (value / scale, saturated), decode and
+paged prefill dequantize; against a plain PyTorch fp32 reference over the dequantized cache.
+
+Without CUDA, `test_fp8_kv_kernels_under_triton_interpreter` re-runs this file with TRITON_INTERPRET=1 in
+a subprocess (fp32 queries: the interpreter's bf16 dots are wrong); on the GPU in bf16 as well.
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+RUN_DIRECT = ON_GPU or INTERPRET
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+FP8 = torch.float8_e4m3fn
+DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
+
+_marks = [
+    pytest.mark.skipif(not RUN_DIRECT, reason="no CUDA: run by test_fp8_kv_kernels_under_triton_interpreter")
+]
+if ON_GPU:
+    _marks.append(pytest.mark.cuda)
+
+
+def direct(fn):
+    for mark in _marks:
+        fn = mark(fn)
+    return fn
+
+
+@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+def test_fp8_kv_kernels_under_triton_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 4, report
+
+
+def _quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return (x.float() / scale).clamp(-448, 448).to(FP8)
+
+
+@direct
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_quantizes_with_scale(dtype):
+    from nanovllm.kernels.kv_store import store_kvcache
+
+    gen = torch.Generator().manual_seed(0)
+    num_blocks, block_size, heads, dim = 4, 16, 2, 32
+    k = (torch.randn(6, heads, dim, generator=gen) * 3).to(DEVICE, dtype)
+    v = (torch.randn(6, heads, dim, generator=gen) * 3).to(DEVICE, dtype)
+    k[0, 0, 0] = 5000.0  # saturates at 448 * k_scale
+    k_cache = torch.zeros(num_blocks, block_size, heads, dim, dtype=FP8, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([3, 17, -1, 40, 63, 0], device=DEVICE)
+    store_kvcache(k, v, k_cache, v_cache, slots, k_scale=0.5, v_scale=2.0)
+    flat_k, flat_v = k_cache.view(-1, heads, dim), v_cache.view(-1, heads, dim)
+    for i, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        for got, want in ((flat_k[slot], _quantize(k[i], 0.5)), (flat_v[slot], _quantize(v[i], 2.0))):
+            diff = (got.float() - want.float()).abs()
+            # round to nearest in both; a tie of the fp32 division may land one e4m3 step apart
+            assert (diff > 0).float().mean().item() < 0.02 and torch.all(
+                diff <= want.float().abs() / 8 + 2**-9
+            )
+    assert flat_k[3, 0, 0].float().item() == 448.0
+    assert flat_k[2].float().abs().sum().item() == 0  # slot of the skipped token untouched
+
+
+def _random_fp8_cache(num_blocks, block_size, heads, dim, gen):
+    return (
+        (torch.randn(num_blocks, block_size, heads, dim, generator=gen) * 4)
+        .clamp(-448, 448)
+        .to(FP8)
+        .to(DEVICE)
+    )
+
+
+def _reference(q, k_cache, v_cache, table, q_pos, num_keys, k_scale, v_scale, scale):
+    """fp32 attention of queries at positions q_pos over the first num_keys cached tokens (causal)."""
+    block_size = k_cache.shape[1]
+    blocks = table[: math.ceil(num_keys / block_size)].long()
+    keys = (k_cache[blocks].flatten(0, 1)[:num_keys].float() * k_scale).transpose(0, 1)  # [kv_heads, n, dim]
+    values = (v_cache[blocks].flatten(0, 1)[:num_keys].float() * v_scale).transpose(0, 1)
+    mask = torch.arange(num_keys, device=q.device)[None, :] <= q_pos[:, None]  # [len_q, n]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return out.transpose(0, 1)  # [len_q, heads, dim]
+
+
+def _tol(dtype):
+    return 1e-4 if dtype == torch.float32 else 2e-2
+
+
+@direct
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_reads_fp8_cache(dtype, num_splits):
+    from nanovllm.kernels.paged_attention import decode_attention
+
+    gen = torch.Generator().manual_seed(1)
+    block_size, kv_heads, heads, dim = 16, 2, 4, 32
+    k_cache = _random_fp8_cache(8, block_size, kv_heads, dim, gen)
+    v_cache = _random_fp8_cache(8, block_size, kv_heads, dim, gen)
+    tables = torch.tensor([[5, 2, 7, -1], [1, -1, -1, -1], [0, 3, 4, 6]], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([40, 9, 64], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(3, heads, dim, generator=gen).to(DEVICE, dtype)
+    k_scale, v_scale, scale = 0.05, 0.5, dim**-0.5
+    out = decode_attention(
+        q, k_cache, v_cache, tables, lens, scale, num_splits=num_splits, k_scale=k_scale, v_scale=v_scale
+    )
+    for i in range(3):
+        n = int(lens[i])
+        ref = _reference(
+            q[i : i + 1],
+            k_cache,
+            v_cache,
+            tables[i],
+            torch.tensor([n - 1], device=DEVICE),
+            n,
+            k_scale,
+            v_scale,
+            scale,
+        )
+        torch.testing.assert_close(out[i].float(), ref[0], atol=_tol(dtype), rtol=_tol(dtype))
+
+
+@direct
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_prefill_reads_fp8_cache(dtype):
+    from nanovllm.kernels.paged_attention import prefill_attention
+
+    gen = torch.Generator().manual_seed(2)
+    block_size, kv_heads, heads, dim = 16, 2, 4, 32
+    k_cache = _random_fp8_cache(8, block_size, kv_heads, dim, gen)
+    v_cache = _random_fp8_cache(8, block_size, kv_heads, dim, gen)
+    tables = torch.tensor([[6, 1, 3], [2, 0, -1]], dtype=torch.int32, device=DEVICE)
+    q_lens, k_lens = [7, 20], [37, 20]  # sequence 0 has a cached prefix of 30 tokens
+    cu_q = torch.tensor([0, 7, 27], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 37, 57], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(27, heads, dim, generator=gen).to(DEVICE, dtype)
+    k_scale, v_scale, scale = 0.05, 0.5, dim**-0.5
+    out = prefill_attention(
+        q, k_cache, v_cache, cu_q, cu_k, 20, 37, scale, block_tables=tables, k_scale=k_scale, v_scale=v_scale
+    )
+    for i in range(2):
+        rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
+        q_pos = torch.arange(k_lens[i] - q_lens[i], k_lens[i], device=DEVICE)
+        ref = _reference(q[rows], k_cache, v_cache, tables[i], q_pos, k_lens[i], k_scale, v_scale, scale)
+        torch.testing.assert_close(out[rows].float(), ref, atol=_tol(dtype), rtol=_tol(dtype))
