@@ -80,7 +80,7 @@ def check_against_reference(x, w13, w2, weights, ids, config=None):
 
 @direct
 @pytest.mark.parametrize("block_m", [16, 32, 64])
-@pytest.mark.parametrize("t,e,k", [(1, 8, 2), (7, 16, 3), (40, 4, 2), (3, 64, 8)])
+@pytest.mark.parametrize("t,e,k", [(1, 8, 2), (7, 16, 3), (40, 4, 2), (3, 64, 8), (11, 60, 4)])
 def test_align_groups_every_assignment_in_its_experts_tiles(block_m, t, e, k):
     from nanovllm.kernels.fused_moe import max_padded_assignments, moe_align_block_size
 
@@ -133,6 +133,7 @@ def test_align_of_an_empty_batch():
         (5, 16, 3, 64, 32),  # most experts empty, odd top-k
         (33, 4, 2, 48, 80),  # every expert busy, widths not multiples of the tiles
         (2, 4, 4, 32, 32),  # top_k = E: every token to every expert
+        (9, 60, 4, 32, 48),  # Qwen1.5-MoE's 60 experts: not a power of two
     ],
 )
 def test_fused_experts_match_the_reference(dtype, t, e, k, h, i):
