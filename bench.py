@@ -387,6 +387,8 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
         "gpu_memory_utilization",
         "kvcache_block_size",
         "tensor_parallel_size",
+        "quantization",
+        "kv_cache_dtype",
     )
     kwargs: dict[str, Any] = {name: getattr(args, name) for name in names}
     kwargs["overlap_scheduling"] = not args.no_overlap
@@ -422,6 +424,7 @@ def run_nanovllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
         "attention_backend": runner.backend.name,
         "dtype": str(runner.dtype).removeprefix("torch."),
         "elem_size": torch.empty(0, dtype=runner.dtype).element_size(),
+        "kv_elem_size": runner.kv_cache_dtype.itemsize,  # 1 with kv_cache_dtype fp8
         "weight_bytes": param_bytes(runner.model),  # rank 0's shard: what one GPU reads per step
         "weight_count": weight_count(runner.model),
         "memory": memory_stats(),
@@ -526,6 +529,8 @@ def run_vllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
         dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         **({"load_format": "dummy"} if builtin_model.builtin_load_format(path) == "dummy" else {}),
     )
     params = [VSP(temperature=0.6, ignore_eos=True, max_tokens=m) for m in wl.max_tokens]
@@ -546,6 +551,9 @@ def run_vllm(args: argparse.Namespace, path: str, wl: Workload) -> Result:
             "attention_backend": "vllm",
             "dtype": args.dtype,
             "elem_size": 4 if args.dtype == "float32" else 2,
+            "kv_elem_size": 1
+            if args.kv_cache_dtype.startswith("fp8")
+            else (4 if args.dtype == "float32" else 2),
             "weight_bytes": weights // args.tensor_parallel_size,
             "memory": memory_stats(),
         },
@@ -637,6 +645,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=4096, help="longest sequence the engine accepts")
     p.add_argument("--kvcache-block-size", type=int, default=256, help="tokens per KV-cache block")
     p.add_argument(
+        "--quantization",
+        default=None,
+        help="weight quantization (vLLM's name): unset serves the checkpoint as it is; 'fp8' quantizes a "
+        "bf16 checkpoint at load (nanovllm and vllm only)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "fp8", "fp8_e4m3"),
+        default="auto",
+        help="KV-cache element type; fp8 halves the KV bytes the limit counts (nanovllm and vllm only)",
+    )
+    p.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs to shard the model over (not hf)"
     )
     p.add_argument(
@@ -715,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
     throughput = wl.output_tokens / seconds
 
     tp = args.tensor_parallel_size
-    kv_token = kv_bytes_per_token(cfg, details["elem_size"], tp)
+    kv_token = kv_bytes_per_token(cfg, details.get("kv_elem_size", details["elem_size"]), tp)
     moe = moe_shape(cfg, details["elem_size"], tp)
     parts = decode_bytes(wl, details["weight_bytes"], kv_token, moe)
     embedding = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
@@ -736,7 +756,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{human(details['weight_bytes'])} x {parts['steps']}{' (active experts)' if moe else ''} = "
         f"{human(parts['weights'])} + KV read "
         f"{human(parts['kv_read'])} + KV write {human(parts['kv_write'])} ({kv_token:,} B/token, "
-        f"{details['dtype']}); prefill is ~{tflop:.3g} TFLOP of matmuls"
+        f"{details['dtype']}{', fp8 KV cache' if args.kv_cache_dtype != 'auto' else ''}); prefill is "
+        f"~{tflop:.3g} TFLOP of matmuls"
     )
     if moe:
         print(
