@@ -41,6 +41,7 @@ from nanovllm.models.registry import check_model_config, kv_release_window
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured_output import StructuredOutputManager
+from nanovllm.structured_output.manager import TokenBitmask
 from nanovllm.utils.generation_config import default_sampling_params, eos_token_ids
 from nanovllm.utils.tokenizer import load_tokenizer
 
@@ -101,7 +102,12 @@ class LLMEngine:
             fork_params=_fork_params,
         )
         self.model_runner.logits_processors.tokenizer = self.tokenizer  # for bad_words
-        self._structured = StructuredOutputManager(self.tokenizer, self.vocab_size, config.eos_token_ids)
+        self._structured = StructuredOutputManager(
+            self.tokenizer,
+            self.vocab_size,
+            config.eos_token_ids,
+            pin_memory=self.model_runner.device.type == "cuda",  # the bitmasks' copies do not block
+        )
         # Unseeded requests get seeds from here when the engine has one, so runs repeat exactly.
         self._seed_rng = random.Random(config.seed) if config.seed is not None else None
         if config.seed is not None:
@@ -471,8 +477,10 @@ class LLMEngine:
             raise RuntimeError("scheduler has no sequence to run although requests are pending")
         return list(dict.fromkeys(updated)), num_tokens  # a request can get tokens from two reads
 
-    def _token_bitmask(self, batch) -> tuple[list[int], object] | None:
-        """(rows, bitmask) of the rows of `batch` whose completion follows a grammar, or None."""
+    def _token_bitmask(self, batch) -> TokenBitmask | None:
+        """The bitmasks of the rows of `batch` whose completion follows a grammar, or None. Filled on the
+        host while the GPU runs the step launched before (overlap scheduling): a constrained row is in
+        `batch` only once its previous token has been read back, which is what its mask depends on."""
         rows, matchers = [], []
         for i, seq in enumerate(batch.rows):
             entry = self._completion_of.get(seq.seq_id)
@@ -480,7 +488,7 @@ class LLMEngine:
             if matcher is not None:
                 rows.append(i)
                 matchers.append(matcher)
-        return (rows, self._structured.bitmask(matchers)) if rows else None
+        return self._structured.bitmask(matchers, rows) if rows else None
 
     def _wants_prompt_logprobs(self, seq: Sequence) -> bool:
         """Whether this prefill chunk of `seq` scores prompt tokens its request has no log-probabilities

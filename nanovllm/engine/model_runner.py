@@ -467,12 +467,14 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch, token_bitmask=None) -> StepResult | None:
         """Start one scheduled step; its sampled tokens (one per row of `batch.rows`) come from the
         result. Tensor-parallel workers run the same step (their logits gather on rank 0), receive rank
-        0's tokens for their next decode inputs, and return None. `token_bitmask` (rank 0): (rows, mask)
-        of the rows whose completion follows a grammar (structured outputs)."""
+        0's tokens for their next decode inputs, and return None. `token_bitmask` (rank 0): the
+        `TokenBitmask` of the rows whose completion follows a grammar (structured outputs)."""
         prepare = self.prepare_prefill if batch.is_prefill else self.prepare_decode
         input_ids, positions, meta = prepare(batch)
         rows = batch.rows
         if self.tp_rank == 0:
+            if token_bitmask is not None:  # its copy to the device overlaps the forward below
+                token_bitmask = token_bitmask.to(self.device)
             sampling = self.sampling_tensors(rows)
             adjust = self.logits_processors.prepare(rows, self.stop_ids)
             logits, prompt_logits = self.run_model(input_ids, positions, meta, batch.prompt_logprob_rows)
@@ -482,9 +484,9 @@ class ModelRunner:
             if adjust is not None:
                 logits = self.logits_processors.apply(logits, adjust)
             if token_bitmask is not None:
-                if logits is raw_logits:  # the mask works in place; logprobs read the raw logits
-                    logits = logits.to(torch.float32, copy=True)
-                apply_token_bitmask(logits, *token_bitmask)
+                if logits is raw_logits and any(seq.params.logprobs is not None for seq in rows):
+                    logits = logits.clone()  # the mask works in place; logprobs read the raw logits
+                apply_token_bitmask(logits, token_bitmask)
             tokens = self.sampler(logits, sampling)
             if adjust is not None:
                 self.logits_processors.record(adjust, tokens)
