@@ -133,6 +133,42 @@ for part in $parts; do
       python3 benchmarks/bench_long_context.py --engine vllm --parts long,batch --json "$OUT/long_context_vllm.json" \
         2>&1 | grep -vE "Loading weights|INFO|WARNING" | tee "$OUT/long_context_vllm.log" | tail -6
       summary+=("long vllm: $(grep -E '^(long|batch)' "$OUT/long_context_vllm.log" | paste -sd';')") ;;
+    fp8)  # FP8 (issue 19): GPU tests, the GEMMs and accuracy (bench_fp8.py), bench.py with FP8 KV / weights
+      python3 -m pytest -q -m cuda tests/quantization/test_fp8.py tests/kernels/test_fp8_gemm.py \
+        tests/kernels/test_fp8_kv.py 2>&1 | tee "$OUT/pytest_fp8.log" | tail -15
+      summary+=("fp8 tests: $(tail -1 "$OUT/pytest_fp8.log")")
+      python3 benchmarks/bench_fp8.py gemm accuracy --json "$OUT/fp8.json" 2>&1 | tee "$OUT/bench_fp8.log" \
+        | grep -vi warn | tail -75
+      summary+=("fp8 accuracy: $(grep '^accuracy' "$OUT/bench_fp8.log" | tr -s ' ' | paste -sd';')")
+      for opts in "--kv-cache-dtype fp8" "--quantization fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
+        name=fp8$(echo "$opts" | tr -d ' -')
+        python3 bench.py --attention-backend triton $opts --json "$OUT/bench_$name.json" 2>&1 \
+          | tee "$OUT/bench_$name.log" | grep -E "^(Decode must|Floor|Total)"
+        summary+=("bench $opts: $(grep -E '^(Total|Floor)' "$OUT/bench_$name.log" | paste -sd';')")
+      done ;;
+    fp8-sweep)  # launch configurations of the block-scaled FP8 GEMM (the tunables of kernels/fp8_gemm.py)
+      python3 benchmarks/bench_fp8.py sweep --json "$OUT/fp8_sweep.json" 2>&1 | tee "$OUT/fp8_sweep.log" | tail -32
+      summary+=("fp8 sweep: see fp8_sweep.log") ;;
+    fp8-8b)  # Qwen3-8B shapes: bf16, online FP8 + FP8 KV, the block format (dummy weights) + FP8 KV; then batch 1
+      python3 benchmarks/bench_fp8.py --make-block-checkpoint /tmp/qwen3-8b-fp8-block --from qwen3-8b-random
+      for run in "bf16|--model qwen3-8b-random" \
+          "fp8online|--model qwen3-8b-random --quantization fp8 --kv-cache-dtype fp8" \
+          "fp8block|--model /tmp/qwen3-8b-fp8-block --kv-cache-dtype fp8"; do
+        tag=${run%%|*}; opts=${run#*|}
+        python3 bench.py --attention-backend triton $opts --json "$OUT/bench_fp8_8b_$tag.json" 2>&1 \
+          | tee "$OUT/bench_fp8_8b_$tag.log" | grep -E "^(Decode must|Floor|Total)"
+        summary+=("bench 8b $tag: $(grep -E '^(Total|Floor)' "$OUT/bench_fp8_8b_$tag.log" | paste -sd';')")
+        python3 bench.py --attention-backend triton $opts --num-seqs 1 --max-input-len 256 --max-output-len 512 \
+          --no-breakdown 2>&1 | tee "$OUT/bench_fp8_8b_${tag}_single.log" | grep -E "^Total"
+        summary+=("single stream 8b $tag: $(grep '^Total' "$OUT/bench_fp8_8b_${tag}_single.log")")
+      done ;;
+    fp8-vllm)  # vLLM with its FP8 KV cache (and FP8 weights) on the reference workload (install the bundle first)
+      for opts in "--kv-cache-dtype fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
+        name=vllm_fp8$(echo "$opts" | tr -d ' -')
+        python3 bench.py --engine vllm $opts --json "$OUT/bench_$name.json" 2>&1 | tee "$OUT/bench_$name.log" \
+          | grep -E "^(Floor|Total)"
+        summary+=("bench vllm $opts: $(grep -E '^(Total|Floor)' "$OUT/bench_$name.log" | paste -sd';')")
+      done ;;
     peers)  # about 4 minutes: transformers' continuous batching on the same workload
       python3 bench.py --engine hf --json "$OUT/bench_hf.json" 2>&1 | tee "$OUT/bench_hf.log" | tail -3
       summary+=("bench hf: $(grep '^Total:' "$OUT/bench_hf.log" | tail -1)") ;;
