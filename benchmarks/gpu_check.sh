@@ -133,6 +133,19 @@ for part in $parts; do
       python3 benchmarks/bench_long_context.py --engine vllm --parts long,batch --json "$OUT/long_context_vllm.json" \
         2>&1 | grep -vE "Loading weights|INFO|WARNING" | tee "$OUT/long_context_vllm.log" | tail -6
       summary+=("long vllm: $(grep -E '^(long|batch)' "$OUT/long_context_vllm.log" | paste -sd';')") ;;
+    ray)  # Ray replicas: their tests (CPU replicas) and bench_ray.py, plain engine vs one Ray replica on one GPU
+      # Ray is not on the GPU machine: carry .raywheel/ray312_site.tar.xz (Ray 2.60 for cp312, 39 MB, unpacked
+      # onto PYTHONPATH after the machine's own packages).
+      if ! python3 -c "import ray" 2>/dev/null && [ -f .raywheel/ray312_site.tar.xz ]; then
+        mkdir -p /tmp/ray_site && tar -xJf .raywheel/ray312_site.tar.xz -C /tmp/ray_site
+        export PYTHONPATH="$PYTHONPATH:/tmp/ray_site"
+      fi
+      python3 -m pytest -q tests/distributed/test_ray.py 2>&1 | tee "$OUT/pytest_ray.log" | tail -5
+      summary+=("ray tests: $(tail -1 "$OUT/pytest_ray.log")")
+      python3 benchmarks/bench_ray.py --model qwen3-0.6b-random --device cuda --replicas 1 --num-prompts 256 \
+        --min-input-len 100 --max-input-len 1024 --min-output-len 100 --max-output-len 1024 --repeats 1 \
+        --json "$OUT/bench_ray.json" 2>&1 | grep -E "^(plain|ray)" | tee "$OUT/bench_ray.log"
+      summary+=("bench_ray: $(paste -sd';' "$OUT/bench_ray.log")") ;;
     fp8)  # FP8 (issue 19): GPU tests, the GEMMs and accuracy (bench_fp8.py), bench.py with FP8 KV / weights
       python3 -m pytest -q -m cuda tests/quantization/test_fp8.py tests/kernels/test_fp8_gemm.py \
         tests/kernels/test_fp8_kv.py 2>&1 | tee "$OUT/pytest_fp8.log" | tail -15

@@ -25,8 +25,12 @@ PROMPTS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory or hub id (default: the tiny built-in)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="model directory or hub id (default: the tiny built-in)"
+    )
     parser.add_argument("--input", default=None, help="a Parquet file or folder with a 'prompt' column")
     parser.add_argument("--output", default=None, help="write the results as Parquet into this folder")
     parser.add_argument("--num-rows", type=int, default=16, help="rows of the in-memory dataset")

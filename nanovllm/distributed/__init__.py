@@ -1,5 +1,7 @@
-"""Process groups and their teardown. Tensor parallelism and Ray replicas will live here; for now it
-holds vLLM's `cleanup_dist_env_and_memory`, which scripts call between two engines in one process."""
+"""Process groups and their teardown, and engine replicas on Ray. This package holds vLLM's
+`cleanup_dist_env_and_memory`, which scripts call between two engines in one process; the Ray modules
+(data_parallel, dispatcher, replica, balance, placement, ray_utils, ray_data) are imported on demand, so Ray
+stays optional."""
 
 import gc
 

@@ -47,7 +47,7 @@ class _FinishedCollector:
     def on_update(self, request, finished: bool) -> None:
         if finished:
             self.items.append((request.index, request.output()))
-            self.remaining -= 1
+            self.remaining -= 1  # after the item (see EngineReplica.run)
 
 
 class _StreamPieces(StreamCollector):
@@ -55,9 +55,10 @@ class _StreamPieces(StreamCollector):
     request's last piece is followed by `(position, None)`."""
 
     def on_update(self, request, finished: bool) -> None:
-        super().on_update(request, finished)
+        super().on_update(request, False)  # the pieces; the count goes down below, after the marker
         if finished:
             self.items.append({"index": request.index, "request_finished": True})
+            self.remaining -= 1
 
     def take(self) -> list[Item]:
         return [(p["index"], None if "request_finished" in p else p) for p in _drain(self.items)]
@@ -130,10 +131,13 @@ class EngineReplica:
                 if run_id in self._cancelled:
                     engine._abort_mine(requests)
                     return
+                # Read the count first: a request's items are queued before it counts as finished (an abort
+                # from another thread may finish one while this thread drains).
+                all_done = collector.remaining == 0
                 items = collector.take() if isinstance(collector, _StreamPieces) else _drain(collector.items)
                 last = monotonic()
                 yield items
-                if collector.remaining == 0:
+                if all_done:
                     return
         except BaseException:
             engine._abort_mine(requests)

@@ -24,7 +24,8 @@ from ..conftest import random_prompts  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent.parent
 # Ray's logical CPUs: two replicas of one CPU each, and room for a third engine (the Ray Data example).
 NUM_CPUS = 4
-ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=96, max_model_len=512)
+# CPU replicas (and a CPU plain engine) also where the machine has a GPU.
+ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=96, max_model_len=512, device="cpu")
 SEED = 1234
 
 
@@ -378,7 +379,7 @@ def run_script(path: Path, args: list[str], capsys) -> str:
 def test_data_parallel_example(ray_instance, qwen3_tied, capsys):
     out = run_script(
         ROOT / "examples" / "offline_inference" / "data_parallel.py",
-        ["--model", qwen3_tied, "--max-model-len", "512", "--num-kvcache-blocks", "64"],
+        ["--model", qwen3_tied, "--max-model-len", "512", "--num-kvcache-blocks", "64", "--device", "cpu"],
         capsys,
     )
     lines = [line for line in out.splitlines() if line.startswith("Prompt: ")]
