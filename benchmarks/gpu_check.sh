@@ -82,10 +82,16 @@ for part in $parts; do
           2>&1 | tail -6 | tee "$OUT/profile_${part}_tp$tp.log"
         summary+=("decode step $model tp=$tp: $(grep -E '^(step wall|forward)' "$OUT/profile_${part}_tp$tp.log" | tr -s ' ' | paste -sd';')")
       done ;;
-    structured)  # the grammar mask's cost and 10% JSON-constrained requests beside the plain workload
+    structured)  # the mask kernel's GPU tests, its cost, and 10% JSON-constrained requests beside the plain workload
+      if [ -d .whl ] && ! python3 -c "import xgrammar" 2>/dev/null; then  # wheels carried in .whl/
+        pip install -q --no-index --find-links .whl xgrammar 2>&1 | tail -2
+      fi
+      python3 -m pytest -q -m cuda tests/kernels/test_token_bitmask.py tests/structured_output 2>&1 \
+        | tee "$OUT/pytest_structured.log" | tail -5
+      summary+=("structured tests: $(tail -1 "$OUT/pytest_structured.log")")
       python3 benchmarks/bench_structured.py --json "$OUT/structured.json" 2>&1 | grep -v Warn \
-        | tee "$OUT/structured.log" | tail -8
-      summary+=("structured: $(grep -E '^ +mixed:' "$OUT/structured.log")") ;;
+        | tee "$OUT/structured.log" | tail -16
+      summary+=("structured: $(grep -E '^mask 256|^ +mixed:|^mixed - alone' "$OUT/structured.log" | paste -sd';')") ;;
     serve)  # OpenAI server: bench_serving.py at concurrency 1/16/64/256, nano-vllm then vllm serve (bundle)
       bash benchmarks/bench_serving_gpu.sh "$OUT" 2>&1 | tee "$OUT/serve.log" | grep -vE "^(TPOT|ITL|TTFT)"
       summary+=("serve: $(grep -cE '^(nano-vllm|vllm) ' "$OUT/serve.log") runs; see serving.jsonl, serve.log") ;;
