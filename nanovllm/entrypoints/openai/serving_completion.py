@@ -216,13 +216,13 @@ class OpenAIServingCompletion(OpenAIServing):
                     if not text and not delta.token_ids and delta.finish_reason is None:
                         continue
                     choices.append(
-                        CompletionChoice(
-                            index=index,
-                            text=text,
-                            logprobs=logprobs,
-                            finish_reason=delta.finish_reason,
-                            stop_reason=delta.stop_reason,
-                        ).model_dump()
+                        {  # a plain dict: this runs for every request at every step
+                            "index": index,
+                            "text": text,
+                            "logprobs": logprobs.model_dump() if logprobs is not None else None,
+                            "finish_reason": delta.finish_reason,
+                            "stop_reason": delta.stop_reason,
+                        }
                     )
                 if not choices:
                     continue
