@@ -5,6 +5,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.sampling_params import StructuredOutputsParams
@@ -218,3 +219,37 @@ def test_overlap_continues_for_unconstrained_rows(qwen3_tied):
     with_grammar = [i for i, b in enumerate(decode_batches[: last_plain + 1]) if grammar_id in b]
     assert len(with_grammar) >= 5 and all(b - a == 2 for a, b in zip(with_grammar, with_grammar[1:]))
     llm.exit()
+
+
+def test_bitmask_rows_and_padding_ids(llm):
+    """The step's bitmask (xgrammar's batch fill) equals each matcher's own fill; the model's vocabulary
+    ids past the tokenizer's are never allowed; applied to the logits (the CPU path), it leaves -inf
+    exactly where xgrammar's own apply does and the other rows untouched."""
+    import xgrammar as xgr
+
+    from nanovllm.structured_output.manager import apply_token_bitmask
+
+    manager = llm._structured
+    vocab = llm.config.hf_config.vocab_size
+    assert len(llm.tokenizer) < vocab  # the tiny model pads its vocabulary, as real ones often do
+    grammars = [manager.compile(StructuredOutputsParams(**PARAMS[k])) for k in ("json", "choice", "regex")]
+    matchers = [manager.new_matcher(g) for g in grammars]
+    assert matchers[0].accept_token(llm.tokenizer.encode("{")[0])  # a state past the first
+    rows = [4, 0, 2]
+    mask = manager.bitmask(matchers, rows)
+    assert mask.rows.tolist() == rows and mask.bitmask.shape == (3, (vocab + 31) // 32)
+    own = xgr.allocate_token_bitmask(3, vocab)
+    for i, m in enumerate(matchers):
+        m.fill_next_token_bitmask(own, i)
+    assert torch.equal(mask.bitmask, own)
+    bits = (mask.bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    assert not bits.reshape(3, -1)[:, len(llm.tokenizer) : vocab].any()
+    logits = torch.randn(5, vocab)
+    theirs = logits.clone()
+    apply_token_bitmask(logits, mask)
+    for i, row in enumerate(rows):
+        masked = theirs[row : row + 1].clone()
+        xgr.apply_token_bitmask_inplace(masked, own[i : i + 1], vocab_size=vocab)
+        theirs[row] = masked[0]
+    assert torch.equal(logits, theirs)
+    assert torch.isinf(logits[rows]).any() and not torch.isinf(logits[[1, 3]]).any()
