@@ -276,9 +276,10 @@ class ModelRunner:
             self.block_size,
             layer.num_kv_heads,
             layer.head_dim,
-            dtype=self.kv_cache_dtype,
+            # FP8: allocated and copied as bytes (zero bytes are 0.0 in e4m3; not every op has FP8 kernels)
+            dtype=torch.uint8 if self.kv_cache_dtype.itemsize == 1 else self.kv_cache_dtype,
             device=self.device,
-        )
+        ).view(self.kv_cache_dtype)
         for i, attn in enumerate(self.attention_layers):
             attn.k_cache = self.kv_cache[0, i]
             attn.v_cache = self.kv_cache[1, i]
@@ -513,7 +514,8 @@ class ModelRunner:
         if copies:
             src = self._to_device([s for s, _ in copies], torch.int64)
             dst = self._to_device([d for _, d in copies], torch.int64)
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]  # [2, layers, copies, block, heads, dim]
+            cache = self.kv_cache.view(torch.uint8) if self.kv_cache.element_size() == 1 else self.kv_cache
+            cache[:, :, dst] = cache[:, :, src]  # [2, layers, copies, block, heads, dim]
 
     def _prompt_logprobs(self, batch: ScheduledBatch, logits: torch.Tensor) -> dict[int, list[TokenLogprobs]]:
         """Log-probabilities of each prompt token given the ones before it, for the new tokens of the rows

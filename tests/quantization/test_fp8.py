@@ -546,3 +546,18 @@ def test_gpu_qwen3_0_6b_shapes_fp8_logits_close_to_bf16():
     q = torch.log_softmax(logits["fp8"], -1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     assert kl < 0.05, kl
+
+
+def test_fp8_kv_cache_forks_copy_their_blocks(bf16_dir):
+    """n=2 forks copy the parent's partly filled last block (a byte copy of the FP8 cache): both greedy
+    completions equal the single completion."""
+    llm = LLM(bf16_dir, **ENGINE, kv_cache_dtype="fp8", kvcache_block_size=16)
+    try:
+        prompt = PROMPTS[1]  # 17 tokens: the last block is partly filled
+        single = llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"]
+        forked = llm.generate(
+            [prompt], SamplingParams(n=2, temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False
+        )
+        assert [c.token_ids for c in forked[0].outputs] == [single, single]
+    finally:
+        llm.exit()
