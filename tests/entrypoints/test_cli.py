@@ -152,3 +152,14 @@ def test_subprocess_server_drains_on_sigterm(qwen3_tied, tmp_path):
             .text
         )
     assert text == want
+
+
+def test_a_missing_serve_extra_is_named():
+    code = (
+        "import importlib.util as u; real = u.find_spec; "
+        "u.find_spec = lambda name, *a: None if name == 'uvicorn' else real(name, *a); "
+        "import nanovllm.entrypoints.openai.api_server"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "uvicorn missing" in r.stderr and "pip install 'nano-vllm[serve]'" in r.stderr

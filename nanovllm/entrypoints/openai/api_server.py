@@ -17,6 +17,12 @@ import logging
 import secrets
 from importlib.metadata import PackageNotFoundError, version
 
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from nanovllm.engine.arg_utils import EngineArgs
 from nanovllm.engine.async_llm import AsyncLLM
 from nanovllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
@@ -32,17 +38,6 @@ from nanovllm.entrypoints.openai.serving_chat import OpenAIServingChat, render_c
 from nanovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from nanovllm.entrypoints.openai.serving_engine import OpenAIError, ServerSettings
 from nanovllm.utils.argparse_utils import FlexibleArgumentParser
-
-try:
-    import uvicorn
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-except ImportError as e:  # the optional extra is missing
-    raise ImportError(
-        f"the OpenAI server needs the 'serve' extra ({e.name} is missing): pip install 'nano-vllm[serve]'"
-    ) from e
 
 logger = logging.getLogger(__name__)
 
