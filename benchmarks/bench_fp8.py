@@ -95,12 +95,15 @@ def gemm_row(name: str, m: int, w_bf16, w8, ws, wc, w_deq, gen) -> dict:
     n = w8.shape[0]
     graph = m in DECODE_M
     x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-    y = w8a8_block_matmul(x, w8, ws, BLOCK)
+    y = w8a8_block_matmul(x, w8, ws, BLOCK, prequantize=False)
     exact = x.float() @ w_deq.t()
     ref = exact.abs().max().item()
     row = dict(shape=name, m=m, block_rel_err=(y.float() - exact).abs().max().item() / ref)
     row["bf16_us"] = bench(lambda: F.linear(x, w_bf16), graph)
-    row["block_triton_us"] = bench(lambda: w8a8_block_matmul(x, w8, ws, BLOCK), graph)
+    row["block_triton_us"] = bench(lambda: w8a8_block_matmul(x, w8, ws, BLOCK, prequantize=False), graph)
+    row["block_triton_prequant_us"] = bench(
+        lambda: w8a8_block_matmul(x, w8, ws, BLOCK, prequantize=True), graph
+    )
     try:
         q, qs = group_quant(x)
         y2 = scaled_mm_block(q, qs, w8, ws, torch.bfloat16)
@@ -134,6 +137,7 @@ def gemm_row(name: str, m: int, w_bf16, w8, ws, wc, w_deq, gen) -> dict:
     print(
         f"{name:>24} M={m:>5}  bf16 {row['bf16_us']:8.1f} us  block-triton {row['block_triton_us']:8.1f} us "
         f"({row['bf16_us'] / row['block_triton_us']:.2f}x, {row['block_triton_tbps']:.2f} TB/s, "
+        f"prequant {row['block_triton_prequant_us']:.1f} us, "
         f"{row['block_triton_tflops']:.0f} TFLOP/s)  block-scaled_mm {block_mm_us:8.1f} us  "
         f"channel-scaled_mm {row['channel_scaled_mm_us']:8.1f} us  "
         f"channel-triton {row['channel_triton_us']:8.1f} us  err {row['block_rel_err']:.1e}",

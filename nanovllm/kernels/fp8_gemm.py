@@ -20,6 +20,10 @@ from torch import Tensor
 from nanovllm.kernels.fp8_cast import emulate_cast, to_fp8
 
 FP8_DTYPE = torch.float8_e4m3fn
+# From this many rows on, the block GEMM takes x quantized by `per_token_group_quant` first instead of
+# quantizing each tile itself (every N tile would repeat that work): a first guess for prefill, to be
+# tuned with benchmarks/bench_fp8.py (its block_triton and block_triton_prequant columns).
+PREQUANTIZE_MIN_M = 1024
 # In the kernels: scale = max(amax, 1e-10) / 448 (an all-zero group gets a tiny scale and zeros).
 
 
@@ -31,6 +35,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 @triton.jit
 def _block_gemm_kernel(
     a_ptr,
+    as_ptr,
     b_ptr,
     bs_ptr,
     c_ptr,
@@ -38,6 +43,7 @@ def _block_gemm_kernel(
     N,
     K,
     stride_am,
+    stride_asm,
     stride_bn,
     stride_bsn,
     stride_cs,
@@ -47,8 +53,10 @@ def _block_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    A_FP8: tl.constexpr,
     EMULATE_CAST: tl.constexpr,
 ):
+    """A_FP8: x arrives quantized (e4m3 with scales [m, k_tiles]); else x is quantized here, per tile."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -70,9 +78,14 @@ def _block_gemm_kernel(
             a_ptr + offs_m[:, None].to(tl.int64) * stride_am + k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        ).to(tl.float32)  # [BLOCK_M, BLOCK_K]: one activation group per row
-        a_scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0  # [BLOCK_M]
-        a_q = to_fp8(a / a_scale[:, None], EMULATE_CAST)
+        )  # [BLOCK_M, BLOCK_K]: one activation group per row
+        if A_FP8:
+            a_q = a
+            a_scale = tl.load(as_ptr + offs_m.to(tl.int64) * stride_asm + kt, mask=mask_m, other=0.0)
+        else:
+            a = a.to(tl.float32)
+            a_scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0  # [BLOCK_M]
+            a_q = to_fp8(a / a_scale[:, None], EMULATE_CAST)
         b = tl.load(
             b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + k[:, None],
             mask=mask_n[None, :] & mask_k[:, None],
@@ -105,11 +118,18 @@ def _num_sms(device: torch.device) -> int:
 
 
 def w8a8_block_matmul(
-    x: Tensor, weight: Tensor, weight_scale: Tensor, block: list[int], config: dict | None = None
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    block: list[int],
+    config: dict | None = None,
+    prequantize: bool | None = None,
 ) -> Tensor:
     """y [m, n] = x [m, k] W^T in x's dtype, W = weight [n, k] (e4m3) times weight_scale
-    [ceil(n / block_n), ceil(k / block_k)] (fp32) per block; x quantized per token and block_k group.
-    `config`: tile sizes / split-K (default: `block_gemm_config`)."""
+    [ceil(n / block_n), ceil(k / block_k)] (fp32) per block; x quantized per token and block_k group,
+    inside the GEMM (or, with `prequantize`, by `per_token_group_quant` first: one more launch, but
+    the GEMM then reads one byte per activation; None: from PREQUANTIZE_MIN_M rows on). `config`: tile
+    sizes / split-K (default: `block_gemm_config`)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"x [m, k] and weight [n, k] expected, got {tuple(x.shape)} and {tuple(weight.shape)}"
@@ -145,8 +165,16 @@ def w8a8_block_matmul(
     if m == 0:
         return out if split == 1 else out.sum(0).to(x.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
+    out_dtype = x.dtype
+    if prequantize is None:
+        prequantize = m >= PREQUANTIZE_MIN_M
+    if prequantize:
+        x, x_scale = per_token_group_quant(x, block_k)
+    else:
+        x_scale = weight_scale  # unused placeholder
     _block_gemm_kernel[grid](
         x,
+        x_scale,
         weight,
         weight_scale,
         out,
@@ -154,6 +182,7 @@ def w8a8_block_matmul(
         n,
         k,
         x.stride(0),
+        x_scale.stride(0),
         weight.stride(0),
         weight_scale.stride(0),
         stride_cs,
@@ -161,12 +190,50 @@ def w8a8_block_matmul(
         per_split,
         GROUP_N=block_n,
         BLOCK_K=block_k,
+        A_FP8=prequantize,
         EMULATE_CAST=emulate_cast(),
         **cfg,
     )
     if split == 1:
         return out
-    return out.sum(0).to(x.dtype)  # [m, n]
+    return out.sum(0).to(out_dtype)  # [m, n]
+
+
+@triton.jit
+def _group_quant_kernel(
+    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr, EMULATE_CAST: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    k = group * GROUP + tl.arange(0, GROUP)
+    mask = k < K
+    x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10) / 448.0
+    tl.store(q_ptr + row * stride_qm + k, to_fp8(x / scale, EMULATE_CAST), mask=mask)
+    tl.store(s_ptr + row * stride_sm + group, scale)
+
+
+def per_token_group_quant(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """x [m, k] -> (q [m, k] e4m3, scale [m, ceil(k / group)] fp32): one scale per token and group of
+    `group` input features (a partial last group included), x ~ q * scale."""
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()  # [m, k]
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(m, triton.cdiv(k, group), dtype=torch.float32, device=x.device)
+    if m:
+        _group_quant_kernel[(m, triton.cdiv(k, group))](
+            x,
+            q,
+            scale,
+            k,
+            x.stride(0),
+            q.stride(0),
+            scale.stride(0),
+            GROUP=group,
+            EMULATE_CAST=emulate_cast(),
+        )
+    return q, scale
 
 
 # ---------------------------------------------------------------------------------------------------

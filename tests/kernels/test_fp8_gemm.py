@@ -91,7 +91,8 @@ GPU_BLOCK_CASES = [
 
 @direct
 @pytest.mark.parametrize("m, n, k, block, split", SMALL_BLOCK_CASES + (GPU_BLOCK_CASES if ON_GPU else []))
-def test_block_matmul_against_reference(m, n, k, block, split):
+@pytest.mark.parametrize("prequantize", [False, True])
+def test_block_matmul_against_reference(m, n, k, block, split, prequantize):
     from nanovllm.kernels.fp8_gemm import block_gemm_config, w8a8_block_matmul
 
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
@@ -105,12 +106,24 @@ def test_block_matmul_against_reference(m, n, k, block, split):
         config = block_gemm_config(m, n, -(-k // block[1]), 4) | {"split_k": split}
         if not ON_GPU:
             config |= dict(BLOCK_M=16, BLOCK_N=32, num_stages=1)
-    out = w8a8_block_matmul(x, w, scale, list(block), config)
+    out = w8a8_block_matmul(x, w, scale, list(block), config, prequantize=prequantize)
     assert out.dtype == dtype and out.shape == (m, n)
     ref = quantize_groups(x, block[1]) @ dequant_block(w, scale, block).t()
     _close(out, ref, dtype)
     if m > 2:
         assert out[1].abs().max().item() == 0
+
+
+@direct
+@pytest.mark.parametrize("m, k, group", [(1, 64, 64), (6, 200, 64), (3, 384, 128)])
+def test_per_token_group_quant(m, k, group):
+    from nanovllm.kernels.fp8_gemm import per_token_group_quant
+
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(DEVICE) * 3
+    q, scale = per_token_group_quant(x, group)
+    assert scale.shape == (m, -(-k // group))
+    deq = q.float() * scale.repeat_interleave(group, 1)[:, :k]
+    torch.testing.assert_close(deq, quantize_groups(x, group), atol=1e-6, rtol=0.07)
 
 
 @direct
