@@ -76,7 +76,9 @@ def eventually(check, timeout_s: float = 20.0) -> bool:
 
 
 def replica_names() -> list[str]:
-    return sorted(name for name in ray.util.list_named_actors() if name.startswith("nanovllm-replica-"))
+    """The live replica actors on the cluster, every job's (each has a namespace of its own)."""
+    names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)]
+    return sorted(name for name in names if name.startswith("nanovllm-replica-"))
 
 
 def requests_run(llm) -> list[int]:
@@ -241,6 +243,36 @@ def test_replicas_that_do_not_fit_are_refused_at_once(dp, qwen3_tied):
         LLM(qwen3_tied, data_parallel_size=NUM_CPUS + 1, **ENGINE)
     assert time.monotonic() - t < 10
     assert len(replica_names()) == 2
+
+
+def test_ray_address_names_the_cluster(ray_instance, qwen3_tied):
+    """A program with RAY_ADDRESS set runs its replicas on that cluster (this module's instance), not on a
+    local instance of its own."""
+    import subprocess
+
+    address = ray.get_runtime_context().gcs_address
+    script = (
+        "import ray\n"
+        "from nanovllm import LLM, SamplingParams\n"
+        f"llm = LLM({qwen3_tied!r}, data_parallel_size=2, **{ENGINE!r})\n"
+        "print('address', ray.get_runtime_context().gcs_address)\n"
+        "names = [n['name'] for n in ray.util.list_named_actors(all_namespaces=True)]\n"
+        "print('replicas', sum(n.startswith('nanovllm-replica-') for n in names))\n"
+        "out = llm.generate(['Hello'], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)\n"
+        "print('tokens', len(out[0].outputs[0].token_ids))\n"
+        "llm.exit()\n"
+    )
+    env = dict(os.environ, RAY_ADDRESS=address, TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert lines["address"] == address
+    assert lines["replicas"] == "4"  # this module's two and the program's two, on one cluster
+    assert lines["tokens"] == "4"
+    assert eventually(lambda: len(replica_names()) == 2)  # its exit() removed its two
 
 
 # ---- stream --------------------------------------------------------------------------------------
