@@ -205,7 +205,8 @@ class AsyncLLM:
             await accepted
         except BaseException:
             self._streams.pop(request_id, None)
-            if not accepted.done():  # cancelled while queued: the engine thread may still add it
+            refused = accepted.done() and not accepted.cancelled() and accepted.exception() is not None
+            if not refused:  # cancelled while queued or just accepted: abort it (an unknown id is ignored)
                 self._post_abort([request_id])
             raise
         if self.log_requests:

@@ -450,7 +450,7 @@ def test_concurrent_requests_share_steps(server, reference, http):
     results = asyncio.run(asyncio.wait_for(main(), TIMEOUT_S))
     assert [r.choices[0].text for r in results] == [e.outputs[0].text for e in exp]
     steps = server.engine.num_steps - steps_before
-    assert steps < 64, steps
+    assert steps < 128, steps  # one after another: 256
     after = metrics(http)
     count = "vllm:iteration_tokens_total_count"
     one_token = "vllm:iteration_tokens_total_bucket{le=1.0}"
