@@ -119,13 +119,14 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
 
 
 @triton.jit
-def _nibbles(words, i: tl.constexpr, MAGIC: tl.constexpr):
-    """Nibble i of every int32 word as exact fp32 values 0..15. MAGIC: or the nibble into the mantissa
-    of 2**23 and subtract 2**23 (integer and float adds instead of an int-to-float conversion)."""
+def _nibbles(words, i: tl.constexpr, dtype: tl.constexpr, MAGIC: tl.constexpr):
+    """Nibble i of every int32 word as exact values 0..15 in `dtype`. MAGIC: or the nibble into the
+    mantissa of 2**23 and subtract 2**23 in fp32 (integer and float adds; to a 16-bit dtype one packed
+    conversion per two values), else one int-to-float conversion per value."""
     v = (words >> (4 * i)) & 0xF
     if MAGIC:
-        return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    return v.to(tl.float32)
+        return ((v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(dtype)
+    return v.to(dtype)
 
 
 @triton.jit
@@ -190,7 +191,7 @@ def _w4a16_kernel(
             x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for i in tl.static_range(8):
                 x = tl.load(x_rows + i, mask=mask_x, other=0.0)  # [BLOCK_M, WORD_ROWS]
-                q = _nibbles(words, i, MAGIC).to(x.dtype)  # [WORD_ROWS, BLOCK_N], exact
+                q = _nibbles(words, i, x.dtype, MAGIC)  # [WORD_ROWS, BLOCK_N], exact
                 part = tl.dot(x, q, part, input_precision=DOT_PRECISION)
                 x_sum += tl.sum(x.to(tl.float32), axis=1)
             acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
@@ -202,7 +203,7 @@ def _w4a16_kernel(
             zs = -(((zw >> zero_shift[None, :]) & 0xF) + ZERO_OFFSET).to(tl.float32) * s  # -zero * scale
             for i in tl.static_range(8):
                 x = tl.load(x_rows + i, mask=mask_x, other=0.0)
-                w = (_nibbles(words, i, MAGIC) * s + zs).to(x.dtype)  # [WORD_ROWS, BLOCK_N]
+                w = (_nibbles(words, i, tl.float32, MAGIC) * s + zs).to(x.dtype)  # [WORD_ROWS, BLOCK_N]
                 acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         else:
             # Act-order: every input row's own group from g_idx.
@@ -212,7 +213,7 @@ def _w4a16_kernel(
                 s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_rn, other=0.0).to(tl.float32)
                 zw = tl.load(qz_ptr + g[:, None] * packed_n + (offs_n // 8)[None, :], mask=mask_rn, other=0)
                 z = (((zw >> zero_shift[None, :]) & 0xF) + ZERO_OFFSET).to(tl.float32)
-                w = ((_nibbles(words, i, MAGIC) - z) * s).to(x.dtype)
+                w = ((_nibbles(words, i, tl.float32, MAGIC) - z) * s).to(x.dtype)
                 acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
     mask_mn = mask_m[:, None] & mask_n[None, :]
