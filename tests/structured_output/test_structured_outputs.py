@@ -253,3 +253,20 @@ def test_bitmask_rows_and_padding_ids(llm):
         theirs[row] = masked[0]
     assert torch.equal(logits, theirs)
     assert torch.isinf(logits[rows]).any() and not torch.isinf(logits[[1, 3]]).any()
+
+
+def test_logprobs_of_a_constrained_row_are_the_model_s(llm):
+    """The mask works on a copy when the row asks for logprobs: the first sampled token's logprob is the
+    model's own (the prompt logprob of that token after the same prompt), not renormalised over the
+    tokens the grammar allows."""
+    prompt = random_prompts(1, [17], seed=31)[0]
+    params = constrained(max_tokens=8, **PARAMS["choice"])
+    params.logprobs = 0
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    first = out.token_ids[0]
+    sampled = out.logprobs[0][first].logprob
+    check_params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    model = (
+        llm.generate([prompt + [first]], check_params, use_tqdm=False)[0].prompt_logprobs[-1][first].logprob
+    )
+    assert sampled == pytest.approx(model, abs=1e-4)
