@@ -187,9 +187,9 @@ class AsyncLLM:
 
     async def add_request(
         self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None
-    ) -> AsyncIterator[RequestUpdate]:
+    ) -> "RequestStream":
         """Queue a request; returns once the engine has accepted it (ValueError/TypeError for bad input,
-        raised here), as an iterator of its updates. Closing the iterator early aborts the request."""
+        raised here), as an async iterator of its updates. Closing it early aborts the request."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._streams:
@@ -211,24 +211,7 @@ class AsyncLLM:
             raise
         if self.log_requests:
             logger.info("added request %s", request_id)
-        return self._iterate(request_id, stream)
-
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestUpdate]:
-        finished = False
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._post_abort([request_id])
+        return RequestStream(self, request_id, stream)
 
     async def generate(
         self, prompt: PromptType, sampling_params: SamplingParams | None, request_id: str
@@ -362,6 +345,54 @@ class AsyncLLM:
                 update.time = now
                 update.step = self._num_steps
             self._call_loop(self._deliver, updates)
+
+
+class RequestStream:
+    """One request's updates as an async iterator. `aclose()` before the last update (also when it was
+    never iterated, or when the consumer is cancelled while waiting) aborts the request; so does
+    dropping it unfinished."""
+
+    def __init__(self, owner: AsyncLLM, request_id: str, stream: _Stream):
+        self._owner = owner
+        self.request_id = request_id
+        self._stream = stream
+        self.finished = False
+        self._closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestUpdate:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        try:
+            item = await self._stream.queue.get()
+        except BaseException:  # cancelled while waiting: nobody will read the rest
+            self._close()
+            raise
+        if isinstance(item, BaseException):
+            self.finished = True
+            self._close()
+            raise item
+        if item.finished:
+            self.finished = True
+            self._close()
+        return item
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._owner._streams.pop(self.request_id, None)
+        if not self.finished:
+            self._owner._post_abort([self.request_id])
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._close()  # posting an abort only takes the inbox's lock: safe from a finalizer
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

@@ -207,3 +207,25 @@ def test_cancelled_before_acceptance_aborts(engines):
     run(main())
     assert engine.num_steps - steps_before < 50
     assert_idle(engine)
+
+
+@pytest.mark.parametrize("how", ["aclose", "drop"])
+def test_a_stream_closed_or_dropped_unread_aborts(engines, how):
+    engine, _ = engines
+    params = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)
+    steps_before = engine.num_steps
+
+    async def main():
+        updates = await engine.add_request(f"unread-{how}", "Hello", params)
+        if how == "aclose":
+            await updates.aclose()
+        else:
+            del updates  # the last reference: the finalizer aborts it
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if engine.engine.get_num_unfinished_requests() == 0 and not engine._inbox:
+                break
+
+    run(main())
+    assert engine.num_steps - steps_before < 50  # run to the end it needs ~500 steps
+    assert_idle(engine)

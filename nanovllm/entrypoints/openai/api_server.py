@@ -36,7 +36,7 @@ from nanovllm.entrypoints.openai.protocol import (
 )
 from nanovllm.entrypoints.openai.serving_chat import OpenAIServingChat, render_chat
 from nanovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from nanovllm.entrypoints.openai.serving_engine import OpenAIError, ServerSettings
+from nanovllm.entrypoints.openai.serving_engine import OpenAIError, ServerSettings, StreamingBody
 from nanovllm.utils.argparse_utils import FlexibleArgumentParser
 
 logger = logging.getLogger(__name__)
@@ -52,14 +52,18 @@ def _package_version() -> str:
 
 
 class _ClosingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so a client that went away mid-stream
-    aborts its requests at once (not whenever the generator is collected)."""
+    """A StreamingResponse that always ends its body (`StreamingBody.close`) when the response ends,
+    however it ends: a client that went away mid-stream aborts its requests at once."""
+
+    def __init__(self, body: StreamingBody):
+        super().__init__(body.chunks, media_type="text/event-stream")
+        self._body = body
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            await self._body.close()
 
 
 async def _unless_disconnected(raw: Request, work):
@@ -162,7 +166,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
             return Response(status_code=499)  # nobody is listening any more
         if isinstance(result, dict):
             return JSONResponse(result)
-        return _ClosingStreamingResponse(result, media_type="text/event-stream")
+        return _ClosingStreamingResponse(result)
 
     @app.post("/v1/completions", dependencies=v1)
     async def create_completion(request: CompletionRequest, raw: Request):

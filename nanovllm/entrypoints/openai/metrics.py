@@ -6,7 +6,6 @@ request's updates (`ServerMetrics.track`) and each engine step (`ServerMetrics.o
 """
 
 import time
-from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -157,41 +156,65 @@ class ServerMetrics:
         self.kv_blocks.set(stats.num_kv_blocks)
         return generate_latest(self.registry)
 
-    async def track(
-        self, updates: AsyncIterator[RequestUpdate], num_prompt_tokens: int
-    ) -> AsyncIterator[RequestUpdate]:
-        """Pass a request's updates through, counting tokens and timing them."""
-        arrival = time.monotonic()
+    def track(self, updates, num_prompt_tokens: int) -> "TrackedStream":
+        """A request's updates passed through, counting its tokens and timing them."""
         self.prompt_tokens.inc(num_prompt_tokens)
-        first = True
-        last: dict[int, float] = {}  # per completion, when its latest tokens came
-        reason = "abort"  # what a request left early (a closed stream, a cancelled task) counts as
+        return TrackedStream(self, updates)
+
+
+class TrackedStream:
+    """A `RequestStream` whose updates feed the metrics; `aclose()` closes (aborts) the request too,
+    iterated or not, and counts it once in `vllm:request_success_total`."""
+
+    def __init__(self, metrics: ServerMetrics, updates):
+        self._metrics = metrics
+        self._updates = updates
+        self._arrival = time.monotonic()
+        self._first = True
+        self._last: dict[int, float] = {}  # per completion, when its latest tokens came
+        self._reason = "abort"  # what a request left early (a closed stream, a cancelled task) counts as
+        self._counted = False
+
+    def __aiter__(self) -> "TrackedStream":
+        return self
+
+    async def __anext__(self) -> RequestUpdate:
         try:
-            async for update in updates:
-                for c in update.completions:
-                    k = len(c.token_ids)
-                    if not k:
-                        continue
-                    self.generation_tokens.inc(k)
-                    if first:
-                        self.ttft.observe(max(0.0, update.time - arrival))
-                        first = False
-                    # One inter-token latency per token after a completion's first: tokens that came
-                    # together (two steps read back at once) share the gap since its previous ones.
-                    if c.index in last:
-                        gaps, gap = k, max(0.0, update.time - last[c.index]) / k
-                    else:
-                        gaps, gap = k - 1, 0.0
-                    for _ in range(gaps):
-                        self.itl.observe(gap)
-                    last[c.index] = update.time
-                for c in update.completions:
-                    if c.index == 0 and c.finish_reason is not None:
-                        reason = c.finish_reason
-                if update.finished:
-                    self.e2e.observe(max(0.0, update.time - arrival))
-                yield update
-        finally:
-            await updates.aclose()
+            update = await self._updates.__anext__()
+        except BaseException:
+            self._count()
+            raise
+        m = self._metrics
+        for c in update.completions:
+            k = len(c.token_ids)
+            if c.index == 0 and c.finish_reason is not None:
+                self._reason = c.finish_reason
+            if not k:
+                continue
+            m.generation_tokens.inc(k)
+            if self._first:
+                m.ttft.observe(max(0.0, update.time - self._arrival))
+                self._first = False
+            # One inter-token latency per token after a completion's first: tokens that came together
+            # (two steps read back at once) share the gap since its previous ones.
+            if c.index in self._last:
+                gaps, gap = k, max(0.0, update.time - self._last[c.index]) / k
+            else:
+                gaps, gap = k - 1, 0.0
+            for _ in range(gaps):
+                m.itl.observe(gap)
+            self._last[c.index] = update.time
+        if update.finished:
+            m.e2e.observe(max(0.0, update.time - self._arrival))
+            self._count()
+        return update
+
+    def _count(self) -> None:
+        if not self._counted:
+            self._counted = True
             # One count per request (as vLLM), under its first completion's finish reason.
-            self._success.labels(self.model_name, reason).inc()
+            self._metrics._success.labels(self._metrics.model_name, self._reason).inc()
+
+    async def aclose(self) -> None:
+        self._count()
+        await self._updates.aclose()

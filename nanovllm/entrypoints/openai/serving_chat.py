@@ -22,6 +22,7 @@ from nanovllm.entrypoints.openai.protocol import (
 from nanovllm.entrypoints.openai.serving_engine import (
     OpenAIError,
     OpenAIServing,
+    StreamingBody,
     merge,
     token_text,
     top_by_rank,
@@ -137,7 +138,9 @@ class OpenAIServingChat(OpenAIServing):
             ticket.release()
             raise
         if request.stream:
-            return self._stream(request, request_id, model, prompt, stream, ticket)
+            return StreamingBody(
+                self._stream(request, request_id, model, prompt, stream, ticket), [stream], ticket
+            )
         try:
             return await self._collect(request, request_id, model, prompt, stream)
         finally:

@@ -15,7 +15,13 @@ from nanovllm.entrypoints.openai.protocol import (
     UsageInfo,
     now,
 )
-from nanovllm.entrypoints.openai.serving_engine import OpenAIError, OpenAIServing, merge, token_text
+from nanovllm.entrypoints.openai.serving_engine import (
+    OpenAIError,
+    OpenAIServing,
+    StreamingBody,
+    merge,
+    token_text,
+)
 from nanovllm.outputs import Logprob
 
 # OpenAI's limit on `logprobs` for completions is 5; vLLM allows more (up to its max_logprobs, 20).
@@ -87,7 +93,9 @@ class OpenAIServingCompletion(OpenAIServing):
             ticket.release()
             raise
         if request.stream:
-            return self._stream(request, request_id, model, prompts, streams, ticket)
+            return StreamingBody(
+                self._stream(request, request_id, model, prompts, streams, ticket), streams, ticket
+            )
         try:
             return await self._collect(request, request_id, model, prompts, streams)
         finally:

@@ -193,6 +193,22 @@ class OpenAIServing:
         return request.request_id or random_id(prefix)
 
 
+@dataclasses.dataclass(slots=True)
+class StreamingBody:
+    """A streamed response: its SSE lines and what `close()` ends whatever happened (the requests
+    aborted if unfinished, the concurrency ticket released), even if the lines were never read."""
+
+    chunks: AsyncIterator[str]
+    streams: list
+    ticket: "Ticket"
+
+    async def close(self) -> None:
+        await self.chunks.aclose()
+        for stream in self.streams:
+            await stream.aclose()
+        self.ticket.release()
+
+
 class Ticket:
     """Requests counted against the concurrency limit; `release()` (idempotent) gives them back."""
 
