@@ -287,12 +287,14 @@ class BlockManager:
 
     def most_blocks_held(self, num_tokens: int, chunk: int) -> int:
         """The most blocks one sequence of `num_tokens` tokens holds at once: all of them, or with a
-        sliding window (prefill allocated chunk by chunk, at most `chunk` new tokens a step) the
-        window's blocks, a chunk's, the two newest kept and one more at a block boundary."""
+        sliding window (prefill allocated chunk by chunk, at most `chunk` new tokens a step) those
+        spanning the W - 1 keys before a step's first query and its C new tokens: at most
+        (W + C - 1) / block_size + 2, one more kept for the hash chain."""
         blocks = self._blocks_for(num_tokens)
         if self.sliding_window is None:
             return blocks
-        return min(blocks, (self.sliding_window + chunk) // self.block_size + 4)
+        chunk = min(chunk, num_tokens)
+        return min(blocks, (self.sliding_window + chunk - 1) // self.block_size + 3)
 
     def free_outside_window(self, seq: Sequence) -> int:
         """Release the blocks of `seq` that lie wholly before the window of its next query (at position

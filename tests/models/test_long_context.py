@@ -181,9 +181,16 @@ def test_window_prefix_cache_hits_and_preemption(checkpoint):
         assert second.num_cached_tokens == 96  # six full blocks of the shared 100 tokens
     finally:
         llm.exit()
-    small = LLM(checkpoint, num_kvcache_blocks=12, kvcache_block_size=16, max_num_seqs=3)
+    small = LLM(
+        checkpoint, num_kvcache_blocks=7, kvcache_block_size=16, max_num_seqs=3, max_num_batched_tokens=32
+    )
+    preempted = []
+    preempt = small.scheduler.preempt
+    small.scheduler.preempt = lambda s: (preempted.append(s.seq_id), preempt(s))[1]  # count, then preempt
+    short = random_prompts(3, [20, 25, 30], seed=13)  # admitted together, each growing to 5 blocks
     try:
-        assert greedy(small, prompts, 30) == expected
+        assert greedy(small, short, 100) == hf_reference(checkpoint, short, 100)
+        assert preempted  # three windows of 3-4 blocks do not fit in 7
         small.block_manager.check_integrity()
     finally:
         small.exit()
