@@ -4,6 +4,7 @@ that choosing one imports only the chosen implementation."""
 import torch
 
 from nanovllm.attention.backend import AttentionBackend
+from nanovllm.config import FLASH_ATTN_BLOCK_SIZE_MULTIPLE
 
 
 def flash_attn_available() -> bool:
@@ -15,14 +16,20 @@ def flash_attn_available() -> bool:
 
 
 def select_backend(
-    name: str, device: torch.device, dtype: torch.dtype, kv_cache_dtype: torch.dtype | None = None
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    kv_cache_dtype: torch.dtype | None = None,
+    block_size: int | None = None,
 ) -> AttentionBackend:
-    """Pick the backend once: 'auto' is flash-attn when it imports on CUDA (and the dtype is 16-bit and
-    the KV cache in it), else Triton on CUDA, else PyTorch."""
+    """Pick the backend once: 'auto' is flash-attn when it imports on CUDA and can serve the settings
+    (a 16-bit dtype, the KV cache in it, blocks a multiple of its page size), else Triton on CUDA, else
+    PyTorch. An explicit name is taken as asked (its backend refuses settings it cannot serve)."""
     if name == "auto":
         if device.type == "cuda":
             half = dtype in (torch.float16, torch.bfloat16) and kv_cache_dtype in (None, dtype)
-            name = "flash-attn" if half and flash_attn_available() else "triton"
+            paged = block_size is None or block_size % FLASH_ATTN_BLOCK_SIZE_MULTIPLE == 0
+            name = "flash-attn" if half and paged and flash_attn_available() else "triton"
         else:
             name = "torch"
     if name == "torch":

@@ -142,7 +142,9 @@ class ModelRunner:
         self.dtype = config.resolve_dtype(self.device)
         # The KV cache's element type: the compute dtype, or e4m3 for kv_cache_dtype 'fp8' / 'fp8_e4m3'.
         self.kv_cache_dtype = torch.float8_e4m3fn if config.kv_cache_dtype.startswith("fp8") else self.dtype
-        self.backend = select_backend(config.attention_backend, self.device, self.dtype, self.kv_cache_dtype)
+        self.backend = select_backend(
+            config.attention_backend, self.device, self.dtype, self.kv_cache_dtype, self.block_size
+        )
         self.backend.check_block_size(self.block_size)
         self.backend.check_dtype(self.dtype)
         self.backend.check_kv_cache_dtype(self.kv_cache_dtype, self.dtype)
