@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from nanovllm.kernels.tuning import decode_config
+
 LOG2E = 1.4426950408889634
 # The window argument meaning "no sliding window": more positions than any context (int32-safe).
 NO_WINDOW = 1 << 30
@@ -139,6 +141,22 @@ def _decode_tile(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
     while block_size % tile:
         tile //= 2
     return tile
+
+
+def _decode_launch(
+    device: torch.device, dtype: torch.dtype, batch: int, block_size: int, head_dim: int
+) -> tuple[int, int, int]:
+    """(TILE_N, num_warps, num_stages) of a decode launch: the table measured for this GPU model
+    (nanovllm/kernels/tuning.py, 16-bit queries at head_dim 128, where it was measured), else the
+    defaults above. `batch` is the launch's (in a CUDA graph, its bucket's) batch size."""
+    fp32 = dtype == torch.float32
+    tile = _decode_tile(block_size, head_dim, dtype)
+    warps, stages = DECODE_NUM_WARPS, DECODE_NUM_STAGES_FP32 if fp32 else DECODE_NUM_STAGES
+    if not fp32 and head_dim == 128:
+        tuned = decode_config(device, batch)
+        if tuned is not None and block_size % tuned.tile_n == 0:
+            tile, warps, stages = tuned
+    return tile, warps, stages
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -367,7 +385,7 @@ def decode_attention(
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
 
     group = num_heads // num_kv_heads
-    fp32 = q.dtype == torch.float32
+    tile_n, num_warps, num_stages = _decode_launch(q.device, q.dtype, batch, block_size, head_dim)
     single = num_splits == 1
     if single:
         part_acc = part_max = part_sum = out  # unused placeholders
@@ -402,11 +420,11 @@ def decode_attention(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        TILE_N=_decode_tile(block_size, head_dim, q.dtype),
+        TILE_N=tile_n,
         DOT_PRECISION=_dot_precision(q.dtype),
         SINGLE_SPLIT=single,
-        num_warps=DECODE_NUM_WARPS,
-        num_stages=DECODE_NUM_STAGES_FP32 if fp32 else DECODE_NUM_STAGES,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if not single:
         _decode_merge_kernel[(batch, num_heads)](

@@ -1,0 +1,43 @@
+"""Launch configurations measured per GPU model, for kernels whose best tiles differ between cards.
+
+Each table maps a device-name key (a substring of `torch.cuda.get_device_name`, e.g. "H200") to rows of
+(largest batch the row applies to, configuration); the first row whose bound holds is used. A device with
+no entry keeps the kernel's own defaults (first guesses for an H100). Values come from the sweeps in
+`benchmarks/` (each table says which), and RESULTS.md records the runs.
+"""
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+
+class DecodeConfig(NamedTuple):
+    tile_n: int  # KV tokens per loop iteration
+    num_warps: int
+    num_stages: int
+
+
+# benchmarks/tune_attention.py on an H200, 2026-12-02 (results/2026-12-02_h200_tune_attention_995dada.json):
+# bf16, head_dim 128, block 256. At batches of 32 and more, 128-token tiles with 2 stages beat the defaults
+# (64, 4 warps, 3 stages) by 2-7% (256 x [200, 1600] tokens: 251 -> 245 us; 32 x [800, 2000]: 67 -> 63 us);
+# at 1 and 8 sequences 64-token tiles with 2 warps and 2 stages are best by 2-3%.
+DECODE_CONFIGS: dict[str, tuple[tuple[int, DecodeConfig], ...]] = {
+    "H200": ((16, DecodeConfig(64, 2, 2)), (1 << 30, DecodeConfig(128, 4, 2))),
+}
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def decode_config(device: torch.device, batch: int) -> DecodeConfig | None:
+    """The measured decode-attention configuration for this device and batch, or None (defaults)."""
+    if device.type != "cuda":
+        return None
+    name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    for key, rows in DECODE_CONFIGS.items():
+        if key in name:
+            return next((cfg for bound, cfg in rows if batch <= bound), None)
+    return None
