@@ -75,7 +75,7 @@ class DataParallelLLM:
         self._default_params = default_sampling_params(config.model)
         config.eos_token_ids = eos_token_ids(self.tokenizer, config.model, config.hf_config)
         self.vocab_size = config.hf_config.vocab_size
-        self._lock = threading.Lock()  # request ids, seeds, placements and aborts of concurrent calls
+        self._lock = threading.Lock()  # request ids, placements and aborts of concurrent calls
         self._request_ids = itertools.count()
         self._run_ids = itertools.count()
         self._placed: dict[str, tuple[Replica, str]] = {}  # unfinished request id -> (replica, engine id)
