@@ -307,9 +307,16 @@ class StepTimeline:
 
         return timed
 
-    def breakdown(self, weight_bytes: int, kv_token_bytes: int, bandwidth: float | None) -> dict[str, Any]:
+    def breakdown(
+        self, weight_bytes: int, kv_token_bytes: int, bandwidth: float | None, moe: "MoeShape | None" = None
+    ) -> dict[str, Any]:
         """Prefill and decode GPU seconds, the decode floor and efficiency per batch-size bucket, and the
-        GPU's idle time between steps. Call after the GPU has finished."""
+        GPU's idle time between steps (an MoE step reads the experts its batch activates, as the limit
+        counts them). Call after the GPU has finished."""
+
+        def step_weights(rows: int) -> float:
+            return moe.step_weight_bytes(weight_bytes, rows) if moe else weight_bytes
+
         idle = 0.0
         for step in self.steps:
             if self.cuda:
@@ -332,7 +339,7 @@ class StepTimeline:
             inside = [s for s in decode if s["rows"] >= low and (high is None or s["rows"] <= high)]
             if inside:
                 gpu = sum(s["gpu_s"] for s in inside)
-                moved = sum(weight_bytes + (s["context"] + s["rows"]) * kv_token_bytes for s in inside)
+                moved = sum(step_weights(s["rows"]) + (s["context"] + s["rows"]) * kv_token_bytes for s in inside)
                 floor = moved / bandwidth if bandwidth else None
                 buckets.append(
                     {
@@ -746,7 +753,7 @@ def main(argv: list[str] | None = None) -> None:
     active_params = tp * weights - embedding - inactive
     tflop = prefill_tflop(wl, cfg, active_params) / tp
     timeline = details.pop("timeline", None)
-    breakdown = timeline.breakdown(details["weight_bytes"], kv_token, bandwidth) if timeline else None
+    breakdown = timeline.breakdown(details["weight_bytes"], kv_token, bandwidth, moe) if timeline else None
     floor_s = parts["total"] / bandwidth if bandwidth else None
     limit = wl.output_tokens / floor_s if floor_s else None
     limit_prefill = wl.output_tokens / (floor_s + tflop / PREFILL_TFLOPS) if floor_s else None
