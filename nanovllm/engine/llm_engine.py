@@ -73,6 +73,11 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model: str, **kwargs):
         config = make_config(model, kwargs)
+        if config.data_parallel_size != 1:  # one engine is one replica: LLM(...) runs several on Ray
+            raise ValueError(
+                f"LLMEngine runs one replica (got data_parallel_size={config.data_parallel_size}); use "
+                "LLM(model, data_parallel_size=N) for N replicas on Ray"
+            )
         check_model_config(config.hf_config, config.max_model_len)  # refuse unservable models before loading
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer)

@@ -61,6 +61,13 @@ def test_unsupported_architecture(qwen3_tied, tmp_path):
         LLM(path)
 
 
+def test_llm_engine_refuses_data_parallel_replicas(qwen3_tied):
+    from nanovllm.engine.llm_engine import LLMEngine
+
+    with pytest.raises(ValueError, match="one replica.*data_parallel_size=2"):
+        LLMEngine(qwen3_tied, data_parallel_size=2)
+
+
 def test_unknown_keyword(qwen3_tied):
     with pytest.raises(TypeError, match="unknown engine argument.*max_num_seq\\b"):
         LLM(qwen3_tied, max_num_seq=4)
