@@ -4,6 +4,10 @@
   block) and activations quantized per token and block_k-wide group of input features, inside the
   GEMM: each K tile is one group, so the tile's row maxima give its scales in registers and no
   quantized copy of x is written. Partial last blocks (N or K not a multiple of the block) are masked.
+  A tensor-core FP8 dot needs a K tile of at least 32 (and M, N tiles of at least 16) on sm_90, so a
+  group narrower than 32 (or not a power of two, or wider than 256) cannot be one K tile: then x is
+  quantized per group first, and each K tile spans several groups, both operands dequantized in
+  registers (per-element group scales) and multiplied in x's 16-bit dtype (`block_gemm_plan`).
 - `w8a8_channel_matmul`: one weight scale per output channel, one activation scale per token
   (vLLM's online FP8). `per_token_quant` writes x in FP8 with its scales (one Triton pass); the GEMM is
   `torch._scaled_mm` (cuBLASLt row-wise scaling on sm_89+/sm_90) where it applies (bf16 output,
@@ -25,6 +29,15 @@ FP8_DTYPE = torch.float8_e4m3fn
 # tuned with benchmarks/bench_fp8.py (its block_triton and block_triton_prequant columns).
 PREQUANTIZE_MIN_M = 1024
 # In the kernels: scale = max(amax, 1e-10) / 448 (an all-zero group gets a tiny scale and zeros).
+# The smallest K of an FP8 tl.dot on sm_90 (wgmma: 32 bytes of K), and of M and N for any tl.dot.
+FP8_DOT_MIN_K = 32
+DOT_MIN_MN = 16
+# The widest group that is one K tile of the fused kernel (its fp8 tiles stay in shared memory).
+FUSED_MAX_GROUP_K = 256
+# The K tile of the dequantizing kernel (16-bit dot: K >= 16).
+DEQUANT_BLOCK_K = 64
+# The dequantizing kernel's dot dtype for each x dtype (its DOT_KIND).
+DOT_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -50,13 +63,19 @@ def _block_gemm_kernel(
     stride_cm,
     k_tiles_per_split,
     GROUP_N: tl.constexpr,
+    GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     A_FP8: tl.constexpr,
+    DEQUANT: tl.constexpr,
+    DOT_KIND: tl.constexpr,
     EMULATE_CAST: tl.constexpr,
 ):
-    """A_FP8: x arrives quantized (e4m3 with scales [m, k_tiles]); else x is quantized here, per tile."""
+    """A_FP8: x arrives quantized (e4m3 with scales [m, ceil(K / GROUP_K)]); else x is quantized
+    here, per tile (BLOCK_K == GROUP_K). DEQUANT (with A_FP8): a K tile spans several groups (or
+    parts of them); both operands are dequantized with per-element scales and multiplied in
+    DOT_KIND's dtype (0: bf16, 1: fp16, 2: fp32)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -78,37 +97,109 @@ def _block_gemm_kernel(
             a_ptr + offs_m[:, None].to(tl.int64) * stride_am + k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        )  # [BLOCK_M, BLOCK_K]: one activation group per row
-        if A_FP8:
-            a_q = a
-            a_scale = tl.load(as_ptr + offs_m.to(tl.int64) * stride_asm + kt, mask=mask_m, other=0.0)
-        else:
-            a = a.to(tl.float32)
-            a_scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0  # [BLOCK_M]
-            a_q = to_fp8(a / a_scale[:, None], EMULATE_CAST)
+        )  # [BLOCK_M, BLOCK_K]: one activation group per row (DEQUANT: several, or part of one)
         b = tl.load(
             b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + k[:, None],
             mask=mask_n[None, :] & mask_k[:, None],
             other=0.0,
         )  # [BLOCK_K, BLOCK_N] fp8
-        b_scale = tl.load(bs_rows + kt, mask=mask_n, other=0.0)  # [BLOCK_N]
-        acc += tl.dot(a_q, b, out_dtype=tl.float32) * a_scale[:, None] * b_scale[None, :]
+        if DEQUANT:
+            group = k // GROUP_K  # [BLOCK_K]: each column's scale group
+            a_scale = tl.load(
+                as_ptr + offs_m[:, None].to(tl.int64) * stride_asm + group[None, :],
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )  # [BLOCK_M, BLOCK_K]
+            b_scale = tl.load(
+                bs_rows[None, :] + group[:, None], mask=mask_n[None, :] & mask_k[:, None], other=0.0
+            )  # [BLOCK_K, BLOCK_N]
+            a_f = a.to(tl.float32) * a_scale
+            b_f = b.to(tl.float32) * b_scale
+            if DOT_KIND == 0:
+                acc += tl.dot(a_f.to(tl.bfloat16), b_f.to(tl.bfloat16), out_dtype=tl.float32)
+            elif DOT_KIND == 1:
+                acc += tl.dot(a_f.to(tl.float16), b_f.to(tl.float16), out_dtype=tl.float32)
+            else:
+                acc += tl.dot(a_f, b_f, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            if A_FP8:
+                a_q = a
+                a_scale = tl.load(as_ptr + offs_m.to(tl.int64) * stride_asm + kt, mask=mask_m, other=0.0)
+            else:
+                a = a.to(tl.float32)
+                a_scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0  # [BLOCK_M]
+                a_q = to_fp8(a / a_scale[:, None], EMULATE_CAST)
+            b_scale = tl.load(bs_rows + kt, mask=mask_n, other=0.0)  # [BLOCK_N]
+            acc += tl.dot(a_q, b, out_dtype=tl.float32) * a_scale[:, None] * b_scale[None, :]
     c = c_ptr + split * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def block_gemm_config(m: int, n: int, k_tiles: int, num_sms: int) -> dict:
+def block_gemm_config(m: int, n: int, k_tiles: int, num_sms: int, dequant: bool = False) -> dict:
     """Tile sizes and split-K for an [m, n] output: small m (decode) is bound by reading the weight,
-    so the K loop is split until the grid covers the SMs about twice; large m uses bigger tiles."""
+    so the K loop is split until the grid covers the SMs about twice; large m uses bigger tiles.
+    `dequant` (the dequantizing kernel: fp32 operand tiles and per-element scales in flight): at most
+    64 x 64 tiles and 2 stages, so that registers and shared memory suffice (not tuned)."""
     if m <= 16:
         block_m, block_n, warps, stages = 16, 64, 4, 4
-    elif m <= 64:
+    elif m <= 64 or dequant:
         block_m, block_n, warps, stages = 64, 64, 4, 4
     else:
         block_m, block_n, warps, stages = 128, 128, 8, 3
+    if dequant:
+        stages = 2
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = max(1, min(k_tiles, (2 * num_sms) // max(tiles, 1))) if m <= 64 else 1
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, split_k=split)
+
+
+def block_gemm_plan(block_k: int) -> tuple[int, bool]:
+    """(BLOCK_K, dequantize) for a block_k-wide scale group: the fused FP8 kernel takes one group per
+    K tile, which a tensor-core FP8 dot allows from FP8_DOT_MIN_K on (a power of two up to
+    FUSED_MAX_GROUP_K); any other group goes to the dequantizing kernel, whose K tile spans several
+    groups (or a part of one) and whose dot is 16-bit (K >= 16)."""
+    if block_k & (block_k - 1) == 0 and FP8_DOT_MIN_K <= block_k <= FUSED_MAX_GROUP_K:
+        return block_k, False
+    return DEQUANT_BLOCK_K, True
+
+
+def _check_tiles(cfg: dict) -> None:
+    for name in ("BLOCK_M", "BLOCK_N"):
+        size = cfg.get(name)
+        if not isinstance(size, int) or size < DOT_MIN_MN or size & (size - 1):
+            raise ValueError(f"config {name} must be a power of two >= {DOT_MIN_MN} (tl.dot), got {size!r}")
+    if "BLOCK_K" in cfg:
+        raise ValueError("config BLOCK_K is set by the weight block (block_gemm_plan), not by the caller")
+
+
+def block_gemm_launch(
+    m: int,
+    n: int,
+    k: int,
+    block: list[int],
+    config: dict | None = None,
+    prequantize: bool | None = None,
+    num_sms: int = 4,
+) -> dict:
+    """The block GEMM's launch for x [m, k] and W [n, k] in `block` scale blocks: the kernel's tile
+    constexprs (BLOCK_M, BLOCK_N, BLOCK_K, A_FP8, DEQUANT), num_warps / num_stages, and the split-K
+    (split, per_split: K tiles per split, no empty split)."""
+    block_k_tile, dequant = block_gemm_plan(block[1])
+    k_tiles = triton.cdiv(k, block_k_tile)
+    cfg = dict(config or block_gemm_config(m, n, k_tiles, num_sms, dequant))
+    _check_tiles(cfg)
+    split = max(1, min(int(cfg.pop("split_k", 1)), k_tiles))
+    per_split = triton.cdiv(k_tiles, split)
+    if prequantize is None:
+        prequantize = m >= PREQUANTIZE_MIN_M
+    return dict(
+        cfg,
+        BLOCK_K=block_k_tile,
+        A_FP8=bool(prequantize or dequant),
+        DEQUANT=dequant,
+        split=triton.cdiv(k_tiles, per_split),
+        per_split=per_split,
+    )
 
 
 def _num_sms(device: torch.device) -> int:
@@ -129,7 +220,8 @@ def w8a8_block_matmul(
     [ceil(n / block_n), ceil(k / block_k)] (fp32) per block; x quantized per token and block_k group,
     inside the GEMM (or, with `prequantize`, by `per_token_group_quant` first: one more launch, but
     the GEMM then reads one byte per activation; None: from PREQUANTIZE_MIN_M rows on). `config`: tile
-    sizes / split-K (default: `block_gemm_config`)."""
+    sizes / split-K (default: `block_gemm_config`). A group the fused kernel cannot take as one K
+    tile (`block_gemm_plan`) is always quantized first, whatever `prequantize` says."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"x [m, k] and weight [n, k] expected, got {tuple(x.shape)} and {tuple(weight.shape)}"
@@ -145,17 +237,14 @@ def w8a8_block_matmul(
         raise ValueError(
             f"weight_scale shape {tuple(weight_scale.shape)} does not match weight {n}x{k}, block {block}"
         )
-    if block_k < 16 or block_k & (block_k - 1):
-        raise ValueError(f"block_k must be a power of two >= 16 for the Triton kernel, got {block_k}")
+    if x.dtype not in DOT_KINDS:
+        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
     if x.stride(1) != 1:
         x = x.contiguous()  # [m, k]
     if weight.stride(1) != 1 or weight_scale.stride(1) != 1:
         raise ValueError("weight and weight_scale must be row-contiguous")
-    k_tiles = triton.cdiv(k, block_k)
-    cfg = dict(config or block_gemm_config(m, n, k_tiles, _num_sms(x.device)))
-    split = max(1, min(int(cfg.pop("split_k", 1)), k_tiles))
-    per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, per_split)  # no empty split
+    launch = block_gemm_launch(m, n, k, block, config, prequantize, _num_sms(x.device))
+    split, per_split = launch.pop("split"), launch.pop("per_split")
     if split == 1:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         stride_cs = 0
@@ -164,11 +253,9 @@ def w8a8_block_matmul(
         stride_cs = out.stride(0)
     if m == 0:
         return out if split == 1 else out.sum(0).to(x.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
+    grid = (triton.cdiv(m, launch["BLOCK_M"]), triton.cdiv(n, launch["BLOCK_N"]), split)
     out_dtype = x.dtype
-    if prequantize is None:
-        prequantize = m >= PREQUANTIZE_MIN_M
-    if prequantize:
+    if launch["A_FP8"]:
         x, x_scale = per_token_group_quant(x, block_k)
     else:
         x_scale = weight_scale  # unused placeholder
@@ -189,10 +276,10 @@ def w8a8_block_matmul(
         n,
         per_split,
         GROUP_N=block_n,
-        BLOCK_K=block_k,
-        A_FP8=prequantize,
+        GROUP_K=block_k,
+        DOT_KIND=DOT_KINDS[out_dtype],
         EMULATE_CAST=emulate_cast(),
-        **cfg,
+        **launch,
     )
     if split == 1:
         return out
@@ -201,15 +288,34 @@ def w8a8_block_matmul(
 
 @triton.jit
 def _group_quant_kernel(
-    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr, EMULATE_CAST: tl.constexpr
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    EMULATE_CAST: tl.constexpr,
 ):
+    """One (row, group): the group's amax, then its e4m3 values, BLOCK columns at a time (any GROUP)."""
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
-    k = group * GROUP + tl.arange(0, GROUP)
-    mask = k < K
-    x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10) / 448.0
-    tl.store(q_ptr + row * stride_qm + k, to_fp8(x / scale, EMULATE_CAST), mask=mask)
+    offs = tl.arange(0, BLOCK)
+    start = group * GROUP
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(0, GROUP, BLOCK):
+        k = start + c + offs
+        mask = (c + offs < GROUP) & (k < K)
+        x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-10) / 448.0
+    for c in range(0, GROUP, BLOCK):
+        k = start + c + offs
+        mask = (c + offs < GROUP) & (k < K)
+        x = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+        tl.store(q_ptr + row * stride_qm + k, to_fp8(x / scale, EMULATE_CAST), mask=mask)
     tl.store(s_ptr + row * stride_sm + group, scale)
 
 
@@ -231,6 +337,7 @@ def per_token_group_quant(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
             q.stride(0),
             scale.stride(0),
             GROUP=group,
+            BLOCK=min(triton.next_power_of_2(group), 1024),
             EMULATE_CAST=emulate_cast(),
         )
     return q, scale

@@ -10,7 +10,8 @@ Two ways in:
   scale per output channel (amax / 448); activations get one dynamic scale per token.
 
 On CUDA the GEMMs are W8A8 with fp32 accumulation (`nanovllm/kernels/fp8_gemm.py`): the block format
-quantizes activations per token and 128-wide group of input features inside its Triton kernel; the
+quantizes activations per token and block_k-wide group of input features inside its Triton kernel (any
+block shape: one the FP8 dot cannot take as a K tile goes to a dequantizing kernel); the
 per-channel format quantizes per token and uses `torch._scaled_mm` (or a Triton kernel where that
 does not apply). On a CPU the weights are dequantized for the matmul (weight-only emulation), so the
 output equals the dequantized model in the compute dtype: the tests' reference.

@@ -82,11 +82,72 @@ SMALL_BLOCK_CASES = [
     (1, 160, 160, (128, 128), 1),  # partial last block in N and K
     (5, 96, 200, (32, 64), 1),
     (17, 64, 256, (64, 64), 3),  # split-K with a short last split
+    # Groups the fused FP8 dot cannot take as one K tile (K >= 32, a power of two, at most 256): the
+    # dequantizing kernel, a K tile over several groups (or part of one). The GPU suite found the
+    # first: the interpreter does not enforce the dot's minimum K.
     (3, 40, 48, (16, 16), 2),
+    (4, 48, 72, (32, 16), 1),
+    (6, 50, 100, (24, 40), 2),
+    (2, 40, 600, (16, 512), 1),
 ]
 GPU_BLOCK_CASES = [
     (m, n, k, (128, 128), None) for m in (1, 16, 64, 256, 2048) for n, k in ((4096, 4096), (3072, 1024))
+] + [
+    (m, n, k, block, None)
+    for m in (1, 64, 2048)
+    for n, k, block in ((1000, 1000, (16, 16)), (3072, 1024, (32, 16)))
 ]
+
+# Every block shape Fp8Config accepts must launch within tl.dot's limits.
+BLOCK_SHAPES = [
+    (128, 128),
+    (1, 1),
+    (16, 16),
+    (32, 16),
+    (16, 32),
+    (128, 8),
+    (24, 40),
+    (128, 96),
+    (64, 512),
+    (7, 3000),
+]
+
+
+@pytest.mark.parametrize("block", BLOCK_SHAPES)
+def test_block_launch_tiles_meet_the_dot_minimums(block):
+    """On sm_90 an FP8 tl.dot needs K >= 32, a 16-bit one K >= 16, and both M, N >= 16; tile sizes
+    are powers of two. Checked on the launch the wrapper builds, for every accepted block shape."""
+    from nanovllm.kernels.fp8_gemm import block_gemm_launch
+    from nanovllm.quantization.fp8 import Fp8Config
+
+    assert Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=list(block)).weight_block_size
+    pow2 = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
+    for m in (1, 16, 17, 64, 65, 1024, 2048):
+        for n, k in ((48, 40), (4096, 4096), (3072, 1000)):
+            for prequantize in (None, False, True):
+                launch = block_gemm_launch(m, n, k, list(block), None, prequantize, num_sms=132)
+                assert pow2(launch["BLOCK_M"]) and launch["BLOCK_M"] >= 16, launch
+                assert pow2(launch["BLOCK_N"]) and launch["BLOCK_N"] >= 16, launch
+                assert pow2(launch["BLOCK_K"]), launch
+                if launch["DEQUANT"]:  # 16-bit dot over dequantized operands, x quantized first
+                    assert launch["A_FP8"] and launch["BLOCK_K"] >= 16, launch
+                else:  # FP8 dot, one group per K tile
+                    assert launch["BLOCK_K"] == block[1] >= 32, launch
+                assert 1 <= launch["split"] and launch["split"] * launch["per_split"] >= -(
+                    -k // launch["BLOCK_K"]
+                )
+
+
+def test_block_launch_refuses_tiles_below_the_dot_minimums():
+    from nanovllm.kernels.fp8_gemm import block_gemm_launch
+
+    for bad in (
+        dict(BLOCK_M=8, BLOCK_N=64),
+        dict(BLOCK_M=16, BLOCK_N=48),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16),
+    ):
+        with pytest.raises(ValueError, match="BLOCK_"):
+            block_gemm_launch(4, 64, 128, [128, 128], bad | dict(num_warps=4, num_stages=2))
 
 
 @direct
@@ -115,7 +176,9 @@ def test_block_matmul_against_reference(m, n, k, block, split, prequantize):
 
 
 @direct
-@pytest.mark.parametrize("m, k, group", [(1, 64, 64), (6, 200, 64), (3, 384, 128)])
+@pytest.mark.parametrize(
+    "m, k, group", [(1, 64, 64), (6, 200, 64), (3, 384, 128), (5, 100, 24), (2, 2500, 2048)]
+)
 def test_per_token_group_quant(m, k, group):
     from nanovllm.kernels.fp8_gemm import per_token_group_quant
 

@@ -459,12 +459,28 @@ def _top1_agreement(a: list[int], b: list[int]) -> float:
 
 
 @pytest.mark.cuda
-def test_gpu_block_checkpoint_close_to_dequantized_reference(fp8_dir, fp8_reference):
-    """W8A8 on the GPU quantizes activations too (per token and 128-group, 3 mantissa bits) and runs
-    in bf16: not bit-equal to the dequantized fp32 reference; on this chaotic tiny model its
-    teacher-forced top-1 must agree on >= 60% of positions (a wrong scale or block gives ~0%)."""
+@pytest.mark.parametrize("block", [(128, 128), (16, 16), (32, 16)])
+def test_gpu_block_checkpoint_close_to_dequantized_reference(
+    bf16_dir, fp8_dir, fp8_reference, tmp_path, block
+):
+    """W8A8 on the GPU quantizes activations too (per token and block_k group, 3 mantissa bits) and
+    runs in bf16: not bit-equal to the dequantized fp32 reference. Blocks narrower than the FP8 dot's
+    K minimum (16 < 32) take the dequantizing kernel.
+
+    The bound, measured on the CPU with transformers and this model (137 teacher-forced positions of
+    prompt seeds 19, 1-4): the dequantized model with its linear inputs quantized per token and
+    128-group agrees with the reference on 0.84-0.87 of positions in fp32 and 0.82-0.91 in bf16
+    (0.83-0.88 for 16-wide groups), bf16 without activation quantization on 0.97-0.99; the GPU gave
+    0.883 at [128, 128]. This chaotic tiny model turns one flipped e4m3 rounding into a different
+    argmax, so ~0.85 is what FP8 activations cost here, not a kernel error. Scales taken from other
+    blocks (flipped) give 0.29-0.37. The bound 0.7 sits between the two."""
+    if block == (128, 128):
+        ckpt, reference = fp8_dir, fp8_reference
+    else:
+        ckpt = pack_fp8_checkpoint(bf16_dir, str(tmp_path / "ckpt"), block=block)
+        reference = dequantized_reference(ckpt, bf16_dir, block=block)
     prompts = random_prompts(3, [40, 60], vocab=400, seed=19)
-    llm = LLM(fp8_dir, **GPU)
+    llm = LLM(ckpt, **GPU)
     try:
         ours = [t for p in prompts for t in prompt_top1(llm, p)]
     finally:
@@ -472,8 +488,8 @@ def test_gpu_block_checkpoint_close_to_dequantized_reference(fp8_dir, fp8_refere
     ref = []
     with torch.no_grad():
         for p in prompts:
-            ref += fp8_reference(torch.tensor([p])).logits[0, :-1].argmax(-1).tolist()
-    assert _top1_agreement(ref, ours) >= 0.6
+            ref += reference(torch.tensor([p])).logits[0, :-1].argmax(-1).tolist()
+    assert _top1_agreement(ref, ours) >= 0.7
 
 
 @pytest.mark.cuda
