@@ -109,6 +109,9 @@ class Qwen3Attention(nn.Module):
         self.rotary_emb = get_rope(self.head_dim, rope_max_position(config), rope_parameters(config))
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
         self.qk_norm = qk_norm
+        # On CUDA one kernel does q/k-norm and rope (a table lookup, power-of-two heads); else the ops.
+        head_ok = self.head_dim >= 16 and self.head_dim & (self.head_dim - 1) == 0
+        self.fused_qk_norm_rope = head_ok and not self.rotary_emb.length_dependent
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -119,7 +122,7 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if qkv.is_cuda and not self.rotary_emb.length_dependent:
+        if qkv.is_cuda and self.fused_qk_norm_rope:
             # One kernel for q/k-norm and rope, in place in qkv (q and k stay views of it).
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None)
             qk_norm_rope(

@@ -28,7 +28,7 @@ def test_under_triton_interpreter() -> None:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "9 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+    assert "10 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
 
 
 def _reference(qkv, positions, cache, heads, kv_heads, head_dim, qw, kw, eps):
@@ -128,3 +128,23 @@ def test_fused_attention_forward_equals_unfused(qk_norm) -> None:
     torch.testing.assert_close(
         qkv[:, attn.q_size : attn.q_size + attn.kv_size].reshape(-1, 8, 128).float(), ref_k.float(), atol=6e-2, rtol=2e-2
     )
+
+
+def test_fused_path_only_where_the_kernel_applies() -> None:
+    """A head size the kernel cannot tile (80, served by flash-attn) or a length-dependent rope keeps
+    the unfused ops on the GPU too."""
+    from types import SimpleNamespace
+
+    from nanovllm.models.qwen3 import Qwen3Attention
+
+    def attn(head_dim, **rope):
+        cfg = SimpleNamespace(
+            num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, hidden_size=256,
+            attention_bias=False, max_position_embeddings=256, rope_theta=1e4, rms_norm_eps=1e-6, **rope,
+        )
+        return Qwen3Attention(cfg)
+
+    assert attn(128).fused_qk_norm_rope and attn(64).fused_qk_norm_rope
+    assert not attn(80).fused_qk_norm_rope
+    dynamic = {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
+    assert not attn(128, **dynamic).fused_qk_norm_rope
