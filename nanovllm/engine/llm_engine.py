@@ -78,7 +78,8 @@ class LLMEngine:
                 f"LLMEngine runs one replica (got data_parallel_size={config.data_parallel_size}); use "
                 "LLM(model, data_parallel_size=N) for N replicas on Ray"
             )
-        check_model_config(config.hf_config, config.max_model_len)  # refuse unservable models before loading
+        # Refuse unservable models before anything is loaded (or any tensor-parallel worker started).
+        check_model_config(config.hf_config, config.max_model_len, config.quant_config)
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer)
         self._default_params = default_sampling_params(config.model)

@@ -90,6 +90,7 @@ class Qwen3MoeModel(Qwen3Model):
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     model_cls = Qwen3MoeModel
     sliding_window_rule = "all"  # transformers' Qwen3-MoE windows every layer when the window is on
+    supports_quantization = False  # the fused experts take unquantized stacked weights only
     # Checkpoint names of one expert's projections (their order: gate, up, down).
     expert_names = ("gate_proj", "up_proj", "down_proj")
     # The MoE block's name in checkpoints, and ours.

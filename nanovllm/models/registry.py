@@ -37,12 +37,19 @@ def get_model_class(architecture: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module), cls)
 
 
-def check_model_config(hf_config, max_model_len: int) -> None:
+def check_model_config(hf_config, max_model_len: int, quant_config=None) -> None:
     """Refuse, before any weight is loaded, a checkpoint we cannot serve exactly with this engine
-    max_model_len: an unsupported architecture (the error lists ours), or settings the model class
-    does not implement (e.g. an unknown rope type, an MLP bias, a malformed `layer_types`). Each
-    model class may define `check_config(hf_config, max_model_len)`."""
-    cls = get_model_class(resolve_architecture(hf_config))
+    max_model_len: an unsupported architecture (the error lists ours), settings the model class
+    does not implement (e.g. an unknown rope type, an MLP bias, a malformed `layer_types`), or weight
+    quantization for a class that has none (`supports_quantization = False`). Each model class may
+    define `check_config(hf_config, max_model_len)`."""
+    architecture = resolve_architecture(hf_config)
+    cls = get_model_class(architecture)
+    if quant_config is not None and not getattr(cls, "supports_quantization", True):
+        raise ValueError(
+            f"{architecture} cannot be served with quantized weights ({quant_config.get_name()}); "
+            "serve its unquantized checkpoint"
+        )
     check = getattr(cls, "check_config", None)
     if check is not None:
         check(hf_config, max_model_len)

@@ -165,6 +165,20 @@ def test_missing_or_misshapen_expert_tensor_is_named(family, tmp_path):
         LLM(str(broken), num_kvcache_blocks=4, kvcache_block_size=16)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe_norm"], indirect=True)
+def test_quantized_weights_are_refused_before_anything_loads(family, monkeypatch):
+    from nanovllm.engine import model_runner
+
+    _, path, _ = family
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built and its weights loaded")
+
+    monkeypatch.setattr(model_runner, "load_weights", never)
+    with pytest.raises(ValueError, match="cannot be served with quantized weights \\(fp8\\)"):
+        LLM(path, quantization="fp8", num_kvcache_blocks=4, kvcache_block_size=16)
+
+
 @pytest.mark.parametrize("family", ["qwen2_moe"], indirect=True)
 def test_tensor_parallel_greedy_matches_transformers(family):
     """Two ranks on CPU (gloo): every expert's intermediate slice per rank, the shared expert's partial
