@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from nanovllm.kernels.device import sm_count
 from nanovllm.kernels.fp8_cast import emulate_cast, to_fp8
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -202,12 +203,6 @@ def block_gemm_launch(
     )
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def w8a8_block_matmul(
     x: Tensor,
     weight: Tensor,
@@ -243,7 +238,7 @@ def w8a8_block_matmul(
         x = x.contiguous()  # [m, k]
     if weight.stride(1) != 1 or weight_scale.stride(1) != 1:
         raise ValueError("weight and weight_scale must be row-contiguous")
-    launch = block_gemm_launch(m, n, k, block, config, prequantize, _num_sms(x.device))
+    launch = block_gemm_launch(m, n, k, block, config, prequantize, sm_count(x.device, cpu_default=4))
     split, per_split = launch.pop("split"), launch.pop("per_split")
     if split == 1:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)

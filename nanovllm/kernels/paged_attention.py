@@ -11,7 +11,6 @@ tile, so each K/V tile is read once per KV head. Softmax runs in fp32 with exp2 
 tensor shapes only, so decode can be captured in a CUDA graph.
 """
 
-import functools
 import math
 
 import torch
@@ -19,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from nanovllm.kernels.device import sm_count
 from nanovllm.kernels.tuning import decode_config
 
 LOG2E = 1.4426950408889634
@@ -73,11 +73,6 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # query's dtype (exact: e4m3 fits in 16 bits), fold k_scale into the softmax scale and multiply the
 # output by v_scale.
 KV_FP8_DTYPE = torch.float8_e4m3fn
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -177,7 +172,7 @@ def default_num_splits(
     if device.type != "cuda":
         return DECODE_DEFAULT_SPLITS_CPU
     programs = max(1, batch * num_kv_heads)
-    wanted = math.ceil(DECODE_PROGRAMS_PER_SM * _sm_count(device.index or 0) / programs)
+    wanted = math.ceil(DECODE_PROGRAMS_PER_SM * sm_count(device, cpu_default=1) / programs)
     by_capacity = max(1, max_num_blocks * block_size // DECODE_MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, by_capacity, DECODE_MAX_SPLITS))
 

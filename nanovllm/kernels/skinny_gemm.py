@@ -10,12 +10,12 @@ partials and a second kernel sums them in a fixed order (adds the bias, rounds o
 result is the same on every run. The launch grid depends on shapes only (CUDA-graph safe).
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from nanovllm.kernels.device import sm_count
 
 MAX_ROWS = 16  # x rows this path takes (tl.dot pads to 16 anyway)
 BLOCK_N = 32  # output features per program
@@ -27,13 +27,8 @@ MIN_K_PER_SPLIT = 256  # ... but leaves each split at least this many input feat
 REDUCE_BLOCK = 256
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_splits(device: torch.device, n: int, k: int) -> int:
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 8
+    sms = sm_count(device, cpu_default=8)
     n_blocks = triton.cdiv(n, BLOCK_N)
     wanted = max(1, (PROGRAMS_PER_SM * sms) // n_blocks)
     return max(1, min(wanted, k // MIN_K_PER_SPLIT, 32))
@@ -103,7 +98,9 @@ def _reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLIT: tl.const
     tl.store(out_ptr + row.to(tl.int64) * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def skinny_gemm(x: Tensor, weight: Tensor, bias: Tensor | None = None, num_splits: int | None = None) -> Tensor:
+def skinny_gemm(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, num_splits: int | None = None
+) -> Tensor:
     """x [M, K] (M <= MAX_ROWS) times weight [N, K] transposed, plus bias [N]; the result in x's dtype.
 
     num_splits: split-K factor (None: from the SM count and the shapes)."""

@@ -6,10 +6,11 @@ no entry keeps the kernel's own defaults (first guesses for an H100). Values com
 `benchmarks/` (each table says which), and RESULTS.md records the runs.
 """
 
-import functools
 from typing import NamedTuple
 
 import torch
+
+from nanovllm.kernels.device import device_name
 
 
 class DecodeConfig(NamedTuple):
@@ -27,16 +28,11 @@ DECODE_CONFIGS: dict[str, tuple[tuple[int, DecodeConfig], ...]] = {
 }
 
 
-@functools.cache
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
 def decode_config(device: torch.device, batch: int) -> DecodeConfig | None:
     """The measured decode-attention configuration for this device and batch, or None (defaults)."""
     if device.type != "cuda":
         return None
-    name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    name = device_name(device)
     for key, rows in DECODE_CONFIGS.items():
         if key in name:
             return next((cfg for bound, cfg in rows if batch <= bound), None)

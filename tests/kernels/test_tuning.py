@@ -8,19 +8,19 @@ from nanovllm.kernels import tuning
 
 def test_decode_config_by_device_name_and_batch(monkeypatch) -> None:
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA H200")
     assert tuning.decode_config(cuda, 1) == tuning.DecodeConfig(64, 2, 2)
     assert tuning.decode_config(cuda, 16) == tuning.DecodeConfig(64, 2, 2)
     assert tuning.decode_config(cuda, 17) == tuning.DecodeConfig(128, 4, 2)
     assert tuning.decode_config(cuda, 512) == tuning.DecodeConfig(128, 4, 2)
-    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA A100-SXM4-80GB")
     assert tuning.decode_config(cuda, 256) is None  # not measured: the kernel's defaults
     assert tuning.decode_config(torch.device("cpu"), 256) is None
 
 
 def test_decode_launch_falls_back_where_the_table_does_not_apply(monkeypatch) -> None:
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA H200")
     defaults = (pa.DECODE_TILE_N, pa.DECODE_NUM_WARPS, pa.DECODE_NUM_STAGES)
     assert pa._decode_launch(cuda, torch.bfloat16, 256, 256, 128) == (128, 4, 2)
     assert pa._decode_launch(cuda, torch.bfloat16, 256, 64, 128) == (64, 4, 3)  # a 128 tile spans blocks

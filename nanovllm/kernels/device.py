@@ -1,0 +1,26 @@
+"""Facts about a CUDA device that kernels choose their launches by, read once per device."""
+
+import functools
+
+import torch
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def sm_count(device: torch.device, cpu_default: int) -> int:
+    """Streaming multiprocessors of a CUDA device; `cpu_default` for a CPU tensor (the Triton
+    interpreter), so that split counts stay small there."""
+    if device.type != "cuda":
+        return cpu_default
+    return _properties(_index(device)).multi_processor_count
+
+
+def device_name(device: torch.device) -> str:
+    return _properties(_index(device)).name
