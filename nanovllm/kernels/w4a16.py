@@ -7,8 +7,10 @@ rows 8r + i, against the matching (stride-8) columns of x. Scales and zeros are 
 ways (SCALE_MODE):
 
 0. the tile lies inside one group (group size a multiple of BLOCK_K, or one group per channel): the dots
-   run over the raw integers, which 16-bit floats hold exactly, and the tile's sum is corrected per
-   column: sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k);
+   run over the integers q_kn - z_n (-16..15, which 16-bit floats hold exactly) and the tile's sum is
+   scaled per column after: sum_k x_k (q_kn - z_n) s_n = s_n sum_k x_k (q_kn - z_n). (An earlier form
+   dotted the raw q and subtracted z_n sum_k x_k after, the row sums taken by tl.sum over the dot's x
+   operand; on the H200 it failed test_explicit_configs' [16, 32]-tile case, which the interpreter passed);
 1. groups smaller than the tile (32, 64): each word row has one group, so one [rows, BLOCK_N] block of
    scales and zeros serves all 8 dots, w = q s - z s;
 2. GPTQ act-order rows whose groups are not contiguous: each input row's scale and zero gathered through
@@ -130,6 +132,17 @@ def _nibbles(words, i: tl.constexpr, dtype: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _centered_nibbles(words, i: tl.constexpr, zeros, dtype: tl.constexpr, MAGIC: tl.constexpr):
+    """Nibble i of every int32 word [rows, BLOCK_N] minus its column's integer zero `zeros` [BLOCK_N]:
+    exact values -16..15 in `dtype`. MAGIC: the zero folded into the subtracted 2**23 (exact in fp32)."""
+    v = (words >> (4 * i)) & 0xF
+    if MAGIC:
+        bias = 8388608.0 + zeros.to(tl.float32)  # [BLOCK_N], exact
+        return ((v | 0x4B000000).to(tl.float32, bitcast=True) - bias[None, :]).to(dtype)
+    return (v - zeros[None, :]).to(dtype)
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr,  # [M, K], rows stride_xm apart
     qw_ptr,  # int32 [K / 8, N]
@@ -182,19 +195,17 @@ def _w4a16_kernel(
         mask_x = mask_m[:, None] & mask_r[None, :]
         words = tl.load(qw_ptr + (rows // 8)[:, None] * N + offs_n[None, :], mask=mask_rn, other=0)
         if SCALE_MODE == 0:
-            # The tile lies in one group: dots over the raw integers, corrected per column after.
+            # The tile lies in one group: dots over the exact integers q - z, scaled per column after.
             g = k0 // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
             zw = tl.load(qz_ptr + g * packed_n + offs_n // 8, mask=mask_n, other=0)
-            z = (((zw >> zero_shift) & 0xF) + ZERO_OFFSET).to(tl.float32)  # [BLOCK_N]
+            z = ((zw >> zero_shift) & 0xF) + ZERO_OFFSET  # int32 [BLOCK_N]
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for i in tl.static_range(8):
                 x = tl.load(x_rows + i, mask=mask_x, other=0.0)  # [BLOCK_M, WORD_ROWS]
-                q = _nibbles(words, i, x.dtype, MAGIC)  # [WORD_ROWS, BLOCK_N], exact
+                q = _centered_nibbles(words, i, z, x.dtype, MAGIC)  # [WORD_ROWS, BLOCK_N], exact
                 part = tl.dot(x, q, part, input_precision=DOT_PRECISION)
-                x_sum += tl.sum(x.to(tl.float32), axis=1)
-            acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
+            acc += part * s[None, :]
         elif SCALE_MODE == 1:
             # A group is a whole number of word rows: one scale and zero row per word row.
             g = rows // group_size  # [WORD_ROWS]

@@ -131,7 +131,8 @@ def test_zero_offset_and_bias(m, zero_offset):
 @pytest.mark.parametrize("split_k", [1, 3, 8])
 def test_explicit_configs(split_k, magic):
     """Uneven K splits (more splits asked than tiles), tiles wider than N, a K tile larger than the
-    group (mode 1) and than K, both nibble conversions."""
+    group (mode 1) and than K, tiles inside one group (mode 0: per channel, and groups of one tile),
+    both nibble conversions. (Mode 0 at these [16, 32] tiles once failed compiled, not interpreted.)"""
     from nanovllm.kernels.w4a16 import W4A16Config
 
     cfg = W4A16Config(
@@ -139,6 +140,7 @@ def test_explicit_configs(split_k, magic):
     )
     check(3, 384, 40, 64, torch.float16, config=cfg)
     check(3, 384, 40, -1, torch.float16, config=cfg, bias=True)
+    check(3, 384, 40, 128, torch.float16, config=cfg, zero_offset=0)
     check(3, 384, 40, 32, torch.float16, config=cfg, act_order=True)
     wide = W4A16Config(
         block_m=16, block_n=64, block_k=256, split_k=split_k, num_warps=4, num_stages=2, magic=magic
@@ -162,6 +164,38 @@ def test_empty_batch():
     x = torch.empty(0, 64, dtype=torch.float16, device=DEVICE)
     y = w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), 32, 1)
     assert y.shape == (0, 16)
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles for sm_90; run in the parent session")
+@pytest.mark.parametrize("magic", [True, False])
+@pytest.mark.parametrize("scale_mode", [0, 1, 2])
+def test_sm90_lowering_keeps_words_out_of_dot_operand_layout(scale_mode, magic):
+    """Compiled for an H200 (no GPU needed): no int32 tensor goes from shared memory straight into a
+    dot-operand layout. The first mode-0 kernel (raw nibbles dotted, zeros subtracted after) lowered
+    the qweight words that way ([16, 32] tiles gave 35% errors on the H200 while the interpreter
+    passed); the other modes never did, and passed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from nanovllm.kernels.w4a16 import _w4a16_kernel as fn
+
+    pointers = dict(x_ptr="*fp16", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", gidx_ptr="*i32")
+    pointers.update(bias_ptr="*fp16", out_ptr="*fp16")
+    ints = {name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")}
+    constants = dict(ZERO_OFFSET=1, SCALE_MODE=scale_mode, HAS_BIAS=True, WRITE_PARTIALS=False)
+    constants.update(MAGIC=magic, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, DOT_PRECISION="tf32")
+    signature = {**pointers, **ints, **{name: "constexpr" for name in constants}}
+    src = triton.compiler.ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()},
+    )
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+    ttgir = kernel.asm["ttgir"]
+    assert "tt.dot" in ttgir
+    loads = [line for line in ttgir.splitlines() if "ttg.local_load" in line]
+    bad = [line.strip() for line in loads if "xi32" in line and "dot_op" in line.split("->")[-1]]
+    assert not bad, bad
 
 
 def test_refuses_mismatched_shapes():
