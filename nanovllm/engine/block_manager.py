@@ -7,8 +7,12 @@ blocks keep their hash and can be revived by a later hit until they are handed o
 
 With a sliding attention window in every layer (`sliding_window`), a block that lies wholly before the
 window of a sequence's next query is never read again: it is released as the sequence advances
-(`free_outside_window`) and its table entry becomes FREED_BLOCK, so a sequence holds about
-window / block_size + 2 blocks however long it grows. Released blocks keep their hash like any free one.
+(`free_outside_window`) and its table entry becomes FREED_BLOCK; prefix hits before the first query's
+window are never taken. A step of C new tokens reads the W - 1 keys before its first query and writes
+C more: W + C - 1 positions, which straddle at most (W + C - 1) / block_size + 2 blocks (one partial
+block at each end); one older block is kept so that the newest one's hash can chain to it. So a
+sequence holds at most (W + C - 1) / block_size + 3 blocks however long it grows (`most_blocks_held`).
+Released blocks keep their hash like any free one.
 """
 
 from collections import deque
@@ -147,14 +151,24 @@ class BlockManager:
     def _blocks_for(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 
+    def _first_hit_needed(self, hits: list[int]) -> int:
+        """Index of the first of `hits` that the sequence's first query (at the first position after
+        them) can see: with a sliding window the blocks before it are never read, so `allocate` does
+        not take them. Always keeps the last hit, whose hash the blocks after it chain to."""
+        if self.sliding_window is None or not hits:
+            return 0
+        first_needed = len(hits) * self.block_size - self.sliding_window + 1  # oldest key it sees
+        return max(0, min(first_needed // self.block_size, len(hits) - 1))
+
     def num_blocks_to_allocate(
         self, seq: Sequence, hits: list[int] | None = None, num_tokens: int | None = None
     ) -> int:
         """Free blocks that `allocate(seq, hits, num_tokens)` would consume (revived cached blocks
-        count as free)."""
+        count as free; hits before the first query's window are not taken)."""
         hits = self.prefix_hits(seq) if hits is None else hits
         end = seq.num_blocks if num_tokens is None else max(self._blocks_for(num_tokens), len(hits))
-        return end - sum(1 for b in hits if self.blocks[b].ref_count > 0)
+        skip = self._first_hit_needed(hits)
+        return end - skip - sum(1 for b in hits[skip:] if self.blocks[b].ref_count > 0)
 
     def num_cached_tokens(self, seq: Sequence, hits: list[int] | None = None) -> int:
         """Leading tokens of `seq` that `allocate` would take from the prefix cache."""
@@ -170,7 +184,10 @@ class BlockManager:
         """Give `seq` a block table for all its tokens (or its first `num_tokens`: `extend` adds the
         others later), reusing cached prefix blocks.
 
-        Sets `seq.num_cached_tokens` and `seq.num_computed_tokens` to the tokens covered by hits.
+        Sets `seq.num_cached_tokens` and `seq.num_computed_tokens` to the tokens covered by hits. With
+        a sliding window, hits wholly before the window of the first query are left where they are
+        (not referenced, not revived) and their entries are FREED_BLOCK, as if released already: a long
+        cached prefix then costs no more blocks than the window does.
         """
         if seq.block_table:
             raise ValueError(f"sequence {seq.seq_id} already holds blocks {seq.block_table}")
@@ -180,7 +197,9 @@ class BlockManager:
                 f"sequence {seq.seq_id} needs {self.num_blocks_to_allocate(seq, hits, num_tokens)} free KV "
                 f"blocks, only {self.num_free_blocks} are free"
             )
-        for block_id in hits:
+        skip = self._first_hit_needed(hits)
+        seq.block_table.extend([FREED_BLOCK] * skip)
+        for block_id in hits[skip:]:
             block = self.blocks[block_id]
             if block.ref_count > 0:
                 block.ref_count += 1

@@ -103,6 +103,20 @@ class Scheduler:
         """Pick the next step, or None if nothing can run now. Waiting prompts go first (in arrival
         order); decode runs only when no prompt can start. Only the first sequence of a prefill
         batch may be chunked."""
+        batch = self._schedule_prefill()
+        if batch is not None:
+            return batch
+        batch, preempted = self._schedule_decode()
+        if batch is None and preempted:
+            # Nothing decodes: the sequences short of a block were preempted, the last one by itself.
+            # The blocks they freed may let a waiting prompt run now (with a sliding window, a started
+            # one whose next chunk found too few free blocks); without overlap scheduling no step is in
+            # flight whose read-back would give the engine a second try.
+            batch = self._schedule_prefill()
+        return batch
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        """A batch of waiting prompts (or chunks of them), or None if none can start."""
         seqs: list[Sequence] = []
         num_new: list[int] = []
         forks: list[tuple[int, Sequence]] = []
@@ -146,7 +160,13 @@ class Scheduler:
                     seq.status = SequenceStatus.RUNNING
                     self.running.append(seq)
             return ScheduledBatch("prefill", seqs, num_new, forks, copies)
+        return None
 
+    def _schedule_decode(self) -> tuple[ScheduledBatch | None, bool]:
+        """A decode step of running sequences (or None), preempting the most recently admitted ones
+        while blocks run short; and whether any was preempted."""
+        seqs: list[Sequence] = []
+        preempted = False
         finishing: list[Sequence] = []  # their in-flight token is their last: nothing more to run
         # A sequence whose sampler needs its previous token on the host (a grammar's mask, multi-token
         # bad words) sits out a step while that token is in flight: the others keep overlapping.
@@ -160,6 +180,7 @@ class Scheduler:
                 held.append(seq)
                 continue
             while not self.block_manager.can_append(seq):
+                preempted = True
                 if self.running:
                     self.preempt(self.running.pop())  # the most recently admitted one
                 else:
@@ -170,8 +191,8 @@ class Scheduler:
                 seqs.append(seq)
         self.running.extendleft(reversed(seqs + finishing + held))
         if not seqs:
-            return None
-        return ScheduledBatch("decode", seqs, [1] * len(seqs))
+            return None, preempted
+        return ScheduledBatch("decode", seqs, [1] * len(seqs)), preempted
 
     def _can_fork(self, seq: Sequence) -> bool:
         """Whether the forks of `seq` get the blocks they need now (a partly filled last block each)."""

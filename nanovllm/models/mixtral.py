@@ -3,7 +3,8 @@ experts of width `intermediate_size`, top-k routing always renormalised.
 
 Checkpoints name the block `block_sparse_moe` and an expert's projections `w1` (gate), `w3` (up) and
 `w2` (down); transformers 5 holds the block as `mlp` with stacked experts. Ours is `mlp`. A sliding
-window shorter than max_model_len is refused, as for Mistral."""
+window (`sliding_window`) applies to every layer, as for Mistral: the block manager releases a
+sequence's blocks once they fall behind it."""
 
 from torch import nn
 

@@ -54,7 +54,9 @@ class WindowedFakeModel:
                 want = [(p, seq.token_ids[p]) for p in range(max(0, q - self.window + 1), q + 1)]
                 assert got == want, f"{seq}: the window of query {q} does not hold this sequence's tokens"
             out.append(next_token(got) if end == seq.num_tokens else -7)
-        return out
+        for src, dst in batch.block_copies:  # a fork's own copy of its parent's partly filled block
+            self.cache[dst] = list(self.cache[src])
+        return out + [out[parent] for parent, _ in batch.forks]  # a fork samples its parent's logits
 
 
 def make(num_blocks, block_size=4, window=8, budget=16, max_num_seqs=4, caching=True):
@@ -62,7 +64,9 @@ def make(num_blocks, block_size=4, window=8, budget=16, max_num_seqs=4, caching=
     return Scheduler(max_num_seqs, budget, None, bm, 10_000), WindowedFakeModel(block_size, window)
 
 
-def run(sched, model, max_steps=5000) -> list[int]:
+def run(sched, model, max_steps=5000, seqs=()) -> list[int]:
+    for s in seqs:
+        sched.add(s)
     held = []
     for _ in range(max_steps):
         if sched.is_finished():
@@ -156,6 +160,63 @@ def test_prefix_hit_revives_released_blocks():
     assert b.completion_token_ids == reference(b.prompt_token_ids, 4, 8)
 
 
+def test_a_cached_prefix_longer_than_the_cache_takes_only_its_window():
+    """A prompt whose cached prefix alone is more blocks than the cache: the hits before the first
+    query's window are neither referenced nor revived (their entries are FREED_BLOCK), so it runs in a
+    cache sized for one window and chunk, and the blocks after the hits still chain to them."""
+    bs, window = 16, 32
+    sched, model = make(8, bs, window, budget=32)
+    prompt = [(5 * i + 3) % VOCAB for i in range(112)]
+    run(sched, model, seqs=[seq(0, prompt, 4, bs)])
+    longer = prompt + [(7 * i + 1) % VOCAB for i in range(100)]
+    bm = sched.block_manager
+    b = seq(1, longer, 4, bs)
+    hits = bm.prefix_hits(b)
+    assert len(hits) == 7  # all seven full blocks of the first prompt are still cached (free)
+    # the first query (position 112) sees keys 81..112: hits 0-4 are never read, 5 and 6 are taken,
+    # and the first chunk (112..143) needs two fresh blocks; taking every hit would need 9 of 8
+    assert bm.num_blocks_to_allocate(b, hits, 112 + 32) == 4
+    sched.add(b)
+    batch = sched.schedule()
+    assert b.num_cached_tokens == 112 and b.block_table[:7] == [FREED_BLOCK] * 5 + hits[5:]
+    held = [x for x in b.block_table if x != FREED_BLOCK]
+    assert len(held) == 4 and bm.num_free_blocks == 4 and [bm.blocks[h].ref_count for h in hits[5:]] == [1, 1]
+    # the skipped hits stayed free: two were handed out (oldest first) for the chunk's new tokens,
+    # the others keep their hash for a later prompt
+    assert set(held[2:]) == set(hits[:2]) and set(hits[2:5]) <= set(bm.free_block_ids)
+    assert all(bm.blocks[h].hash is not None for h in hits[2:5])
+    bm.check_integrity()
+    sched.postprocess(batch, model.run(batch))
+    run(sched, model)
+    assert b.completion_token_ids == reference(longer, 4, window)
+    # the blocks computed after the hits were hashed on the chain through them: every hash the cache
+    # holds is that of a block of `longer` (whose first seven are the first prompt), some past the hits
+    chain, h = [], None
+    for i in range(len(longer) // bs):
+        h = bm.compute_hash(longer[i * bs : (i + 1) * bs], h)
+        chain.append(h)
+    assert set(bm.hash_to_block_id) <= set(chain) and set(bm.hash_to_block_id) & set(chain[7:])
+
+
+def test_a_prompt_waiting_for_blocks_runs_once_the_last_running_sequence_preempts_itself():
+    """A half-prefilled prompt waits for its next chunk's blocks while the only running sequence cannot
+    get the block its decode step needs and preempts itself: the blocks it frees must go to a prefill
+    in the same call (nothing is in flight to free more later), not end the schedule."""
+    bs, window = 16, 16
+    sched, model = make(4, bs, window, budget=16, max_num_seqs=2, caching=False)
+    lengths, max_tokens = (108, 16, 120), (100, 4, 88)
+    prompts = [[(3 * i + j) % VOCAB for i in range(n)] for j, n in enumerate(lengths)]
+    seqs = [seq(i, p, m, bs) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+    seqs[1].num_pending_forks = 2  # n=3: two forks share its prompt
+    preempted = []
+    preempt = sched.preempt
+    sched.preempt = lambda s: (preempted.append(s.seq_id), preempt(s))[1]
+    run(sched, model, seqs=seqs)
+    assert preempted
+    for s, p, m in zip(seqs, prompts, max_tokens):
+        assert s.completion_token_ids == reference(p, m, window)
+
+
 def test_started_prompt_goes_before_a_preempted_one():
     """A preempted sequence at the front must not block a half-prefilled one that holds blocks."""
     sched, model = make(9, 4, 8, budget=8, max_num_seqs=2)
@@ -178,24 +239,42 @@ def workloads(draw):
     for _ in range(draw(st.integers(1, 5))):
         shared = draw(st.integers(0, len(base)))
         tail = draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=20))
-        reqs.append((base[:shared] + tail, draw(st.integers(1, 30))))
-    # enough blocks for the largest sequence's window and chunk, sometimes not for all at once
-    need = (window + budget) // bs + 4
-    num_blocks = draw(st.integers(need, need + 12))
+        reqs.append((base[:shared] + tail, draw(st.integers(1, 30)), draw(st.integers(1, 3))))  # n
+    # the least cache LLMEngine admits these requests into (its `_check_params` bound), sometimes more
+    bound = BlockManager(1, bs, sliding_window=window)
+    need = max(
+        max(bound.most_blocks_held(len(p) + m, budget), bound.most_blocks_held(len(p), budget) + (n - 1))
+        for p, m, n in reqs
+    )
+    num_blocks = draw(st.integers(need, need + 8))
     return bs, window, budget, reqs, num_blocks, draw(st.booleans()), draw(st.integers(1, 4))
 
 
-@settings(max_examples=80, deadline=None, derandomize=True)
+@settings(max_examples=400, deadline=None, derandomize=True)
 @given(workloads())
 def test_any_windowed_schedule_gives_the_reference_completions(w):
+    """Steps recorded one at a time, as with overlap scheduling off (`schedule` raises if nothing can
+    run: no step in flight could free blocks). Requests with n completions fork at their prompt's end."""
     bs, window, budget, reqs, num_blocks, caching, max_num_seqs = w
     sched, model = make(num_blocks, bs, window, budget, max_num_seqs, caching)
-    seqs = [seq(i, p, n, bs) for i, (p, n) in enumerate(reqs)]
-    for s in seqs:
-        sched.add(s)
-    held = run(sched, model)
-    for s, (p, n) in zip(seqs, reqs):
-        assert s.completion_token_ids == reference(p, n, window)
+    seqs = [seq(i, p, m, bs) for i, (p, m, _) in enumerate(reqs)]
+    for s, (_, _, n) in zip(seqs, reqs):
+        s.num_pending_forks = n - 1
+    forks: list[Sequence] = []
+    fork = sched._fork
+
+    def record_forks(parent, copies):
+        children = fork(parent, copies)
+        forks.extend(children)
+        return children
+
+    sched._fork = record_forks
+    held = run(sched, model, seqs=seqs)
+    for s, (p, m, _) in zip(seqs, reqs):
+        assert s.completion_token_ids == reference(p, m, window)
+    for child in forks:
+        assert child.completion_token_ids == reference(child.prompt_token_ids, child.max_tokens, window)
+    assert len(forks) == sum(n - 1 for _, _, n in reqs)
     assert max(held) <= num_blocks
 
 
