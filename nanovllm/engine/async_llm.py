@@ -85,11 +85,13 @@ class _Stream:
 
 class _Owner:
     """The owner of every request this AsyncLLM queues: turns each update into a `RequestUpdate`
-    (in the engine thread, with the engine held) and keeps them for the thread to hand over."""
+    (in the engine thread, with the engine held) and keeps them, each with the stream it is for, for
+    the thread to hand over. A request id is unique only among unfinished requests (a client may
+    reuse one as soon as its request ends), so updates travel with their stream, never by id alone."""
 
     def __init__(self):
-        self.pending: list[RequestUpdate] = []
-        self.streams: dict[str, _Stream] = {}  # engine thread only: per request, what was sent so far
+        self.pending: list[tuple[_Stream, RequestUpdate]] = []
+        self.streams: dict[str, _Stream] = {}  # engine thread only: the unfinished requests' streams
 
     def on_update(self, request: Request, finished: bool) -> None:
         stream = self.streams.get(request.request_id)
@@ -125,16 +127,15 @@ class _Owner:
                 stream.sent_prompt_logprobs = True
         if not deltas and not finished and prompt_logprobs is None:
             return
-        self.pending.append(
-            RequestUpdate(
-                request_id=request.request_id,
-                prompt_token_ids=request.prompt_token_ids,
-                completions=deltas,
-                finished=finished,
-                num_cached_tokens=request.num_cached_tokens,
-                prompt_logprobs=prompt_logprobs,
-            )
+        update = RequestUpdate(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            completions=deltas,
+            finished=finished,
+            num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
+        self.pending.append((stream, update))
         if finished:
             del self.streams[request.request_id]
 
@@ -190,6 +191,13 @@ class AsyncLLM:
     ) -> "RequestStream":
         """Queue a request; returns once the engine has accepted it (ValueError/TypeError for bad input,
         raised here), as an async iterator of its updates. Closing it early aborts the request."""
+        constraint = getattr(sampling_params, "structured_outputs", None)
+        if constraint is not None:
+            # Compile the grammar in a worker thread, before the engine thread sees the request: a
+            # large schema then stalls neither the event loop nor the running streams' steps. The
+            # grammars are cached by constraint, so the engine's own compile finds it (an invalid
+            # one is the same ValueError, raised here).
+            await asyncio.to_thread(self.engine._structured.compile, constraint)
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._streams:
@@ -204,7 +212,7 @@ class AsyncLLM:
             self._post(("add", request_id, prompt, sampling_params, accepted, stream))
             await accepted
         except BaseException:
-            self._streams.pop(request_id, None)
+            self._forget(request_id, stream)
             refused = accepted.done() and not accepted.cancelled() and accepted.exception() is not None
             if not refused:  # cancelled while queued or just accepted: abort it (an unknown id is ignored)
                 self._post_abort([request_id])
@@ -244,12 +252,17 @@ class AsyncLLM:
         """Engine steps run so far."""
         return self._num_steps
 
-    def _deliver(self, updates: list[RequestUpdate]) -> None:
-        """In the event loop: put each update on its request's queue."""
-        for update in updates:
-            stream = self._streams.get(update.request_id)
-            if stream is not None:
+    def _deliver(self, updates: list[tuple[_Stream, RequestUpdate]]) -> None:
+        """In the event loop: put each update on its stream's queue, if that stream is still open (a
+        stream closed early, whose id may already name a new request, gets nothing more)."""
+        for stream, update in updates:
+            if self._streams.get(update.request_id) is stream:
                 stream.queue.put_nowait(update)
+
+    def _forget(self, request_id: str, stream: _Stream) -> None:
+        """In the event loop: drop `stream` from the open streams (not a newer one under its id)."""
+        if self._streams.get(request_id) is stream:
+            del self._streams[request_id]
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in self._streams.values():
@@ -286,22 +299,27 @@ class AsyncLLM:
                 pass
 
     def _handle(self, items: list[tuple]) -> None:
-        aborts: list[str] = []
+        """Apply the inbox's adds and aborts in the order they were posted: a client that cancels a
+        request and sends it again under the same id posts [abort x, add x], and the add must find x
+        gone (the abort's final update goes to the old stream, the new request's to the new one)."""
         for item in items:
             if item[0] == "abort":
-                aborts.extend(item[1])
+                self.engine.abort_request(item[1])
                 continue
             _, request_id, prompt, params, accepted, stream = item
+            if request_id in self._owner.streams:  # an unfinished request holds the id: keep its stream
+                error = ValueError(f"request id {request_id!r} is already in use by an unfinished request")
+                self._call_loop(_settle, accepted, error)
+                continue
             self._owner.streams[request_id] = stream
             try:
                 self.engine.add_request_with_owner(request_id, prompt, params, self._owner)
             except Exception as e:  # bad input: the caller gets it, the engine goes on
-                self._owner.streams.pop(request_id, None)
+                if self._owner.streams.get(request_id) is stream:
+                    del self._owner.streams[request_id]
                 self._call_loop(_settle, accepted, e)
             else:
                 self._call_loop(_settle, accepted, None)
-        if aborts:
-            self.engine.abort_request(aborts)
 
     def _run(self) -> None:
         try:
@@ -341,7 +359,7 @@ class AsyncLLM:
         updates, self._owner.pending = self._owner.pending, []
         if updates:
             now = time.monotonic()
-            for update in updates:
+            for _, update in updates:
                 update.time = now
                 update.step = self._num_steps
             self._call_loop(self._deliver, updates)
@@ -383,7 +401,7 @@ class RequestStream:
         if self._closed:
             return
         self._closed = True
-        self._owner._streams.pop(self.request_id, None)
+        self._owner._forget(self.request_id, self._stream)
         if not self.finished:
             self._owner._post_abort([self.request_id])
 

@@ -13,6 +13,7 @@ processors and before the draw, in place by one kernel (nanovllm/kernels/token_b
 """
 
 import json
+import threading
 
 import torch
 
@@ -32,7 +33,9 @@ def _import_xgrammar():
 
 
 class StructuredOutputManager:
-    """Compiles constraints (cached by constraint) and fills the bitmasks of a step's constrained rows."""
+    """Compiles constraints (cached by constraint) and fills the bitmasks of a step's constrained rows.
+    `compile` may run in any thread (the async engine compiles in a worker thread, so a large schema
+    stalls no step; xgrammar's compiler takes several threads at once)."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...], pin_memory: bool = False):
         self.tokenizer = tokenizer
@@ -40,17 +43,19 @@ class StructuredOutputManager:
         self.stop_token_ids = list(stop_token_ids)
         self.pin_memory = pin_memory  # host tensors in pinned memory (a CUDA engine's asynchronous copies)
         self._compiler = None
+        self._compiler_lock = threading.Lock()  # one compiler, however many threads ask for it first
         self._batch_matcher = None  # xgrammar's multi-threaded bitmask fill, built on first use
         self._grammars: dict[tuple, object] = {}
 
     def _get_compiler(self):
-        if self._compiler is None:  # built on first use: xgrammar is optional, and this takes a moment
-            xgr = _import_xgrammar()
-            info = xgr.TokenizerInfo.from_huggingface(
-                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None
-            )
-            self._compiler = xgr.GrammarCompiler(info)
-        return self._compiler
+        with self._compiler_lock:
+            if self._compiler is None:  # built on first use: xgrammar is optional, and this takes a moment
+                xgr = _import_xgrammar()
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None
+                )
+                self._compiler = xgr.GrammarCompiler(info)
+            return self._compiler
 
     def compile(self, params: StructuredOutputsParams):
         """The compiled grammar of `params` (compiled once per distinct constraint). An invalid schema,

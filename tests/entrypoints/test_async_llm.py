@@ -3,12 +3,14 @@ batched into shared steps, early exits and aborts freeing every block, bad input
 engine keeps serving. Every wait is bounded (asyncio.wait_for)."""
 
 import asyncio
+import json
 
 import pytest
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.async_llm import AsyncLLM
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.sampling_params import StructuredOutputsParams
 from tests.conftest import random_prompts
 
 CONFIG = dict(
@@ -228,4 +230,97 @@ def test_a_stream_closed_or_dropped_unread_aborts(engines, how):
 
     run(main())
     assert engine.num_steps - steps_before < 50  # run to the end it needs ~500 steps
+    assert_idle(engine)
+
+
+async def inbox_holds(engine: AsyncLLM, n: int) -> list[str]:
+    """With the inbox's lock held (the engine thread cannot take it), wait for `n` posted items; their
+    kinds ("add"/"abort") in order."""
+    for _ in range(1000):
+        if len(engine._inbox) >= n:
+            break
+        await asyncio.sleep(0.005)
+    return [item[0] for item in engine._inbox]
+
+
+def test_an_id_cancelled_and_sent_again_in_one_inbox_batch(engines):
+    """A client cancels a request and resends it under the same id before the engine thread looks:
+    the thread takes [abort x, add x] at once. The abort goes first, so the new request is accepted,
+    and the old request's final (abort) update goes to the old stream, not to the new one."""
+    engine, reference = engines
+    long = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = reference.generate(["Hello"], params, use_tqdm=False)[0].outputs[0]
+
+    async def main():
+        first = await engine.add_request("reused", "The quick brown fox", long)
+        await first.__anext__()  # it is running
+        with engine._cond:  # reentrant: posting from this thread still works
+            await first.aclose()  # posts the abort
+            again = asyncio.create_task(collect(engine, "reused", "Hello", params))
+            kinds = await inbox_holds(engine, 2)
+        out, updates = await again
+        return kinds, out, updates
+
+    kinds, out, updates = run(main())
+    assert kinds == ["abort", "add"]  # one batch, in this order
+    text, ids, reason = out[0]
+    assert ids == expected.token_ids and text == expected.text
+    assert reason == "length"
+    assert [d.finish_reason for u in updates for d in u.completions][:-1] == [None] * (len(updates) - 1)
+    assert_idle(engine)
+
+
+def test_a_grammar_is_compiled_before_the_engine_thread_takes_the_request(engines):
+    """The async engine compiles a constraint in a worker thread before posting the request (a large
+    schema would stall every running stream on the engine thread); the engine's own compile is then a
+    cache hit, and the output is the offline engine's."""
+    engine, reference = engines
+    schema = {"type": "string", "enum": ["alpha", "beta", "gamma"]}
+    constraint = StructuredOutputsParams(json=schema)
+    params = SamplingParams(temperature=0.0, max_tokens=20, structured_outputs=constraint)
+    expected = reference.generate(["Hello"], params, use_tqdm=False)[0].outputs[0]
+    cache = engine.engine._structured._grammars
+    assert constraint.key() not in cache
+
+    async def main():
+        with engine._cond:  # the engine thread cannot take the request meanwhile
+            task = asyncio.create_task(collect(engine, "schema", "Hello", params))
+            kinds = await inbox_holds(engine, 1)
+            grammar = cache.get(constraint.key())  # compiled before it was posted
+        out, _ = await task
+        return kinds, grammar, out
+
+    size = len(cache)
+    kinds, grammar, out = run(main())
+    assert kinds == ["add"] and grammar is not None
+    assert len(cache) == size + 1 and cache[constraint.key()] is grammar  # the engine's compile: a hit
+    text, ids, reason = out[0]
+    assert json.loads(text) in schema["enum"]
+    assert ids == expected.token_ids and reason == expected.finish_reason
+    assert_idle(engine)
+
+
+@pytest.mark.parametrize(
+    "constraint,message",
+    [
+        (dict(json='{"type": "object", "properties": '), "invalid JSON schema"),
+        (dict(regex="[a-z"), "invalid regex"),
+        (dict(grammar="root ::= undefined_rule"), "invalid grammar"),
+    ],
+)
+def test_an_invalid_constraint_is_refused_before_the_engine_thread(engines, constraint, message):
+    engine, reference = engines
+    bad = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(**constraint))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    async def main():
+        with engine._cond:  # refused in add_request itself: the engine thread never sees it
+            with pytest.raises(ValueError, match=f"structured_outputs: {message}"):
+                await asyncio.wait_for(engine.add_request("bad-constraint", "Hello", bad), 30)
+            assert not engine._inbox
+        return await collect(engine, "after-bad-constraint", "Hello", params)
+
+    out, _ = run(main())
+    assert out[0][1] == reference.generate(["Hello"], params, use_tqdm=False)[0].outputs[0].token_ids
     assert_idle(engine)

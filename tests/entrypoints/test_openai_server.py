@@ -508,6 +508,8 @@ def test_bad_chat_requests_and_raw_bodies(server, client, http):
             dict(messages=CHAT, extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}),
             "structured_outputs",
         ),
+        # Compiled before the engine thread sees it: still a 400 naming the field.
+        (dict(messages=CHAT, extra_body={"structured_outputs": {"json": '{"type": '}}), "structured_outputs"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL_NAME, max_tokens=3, **kwargs)
