@@ -54,6 +54,12 @@ class _Sent:
     replay_tokens: list[int] | None = None
     replay_text: str = ""
     finished: bool = False  # its last piece was yielded: a rerun's pieces of it are dropped
+    lost_on: str = ""  # the replica whose loss started the rerun (for the error if it diverges)
+
+    def rerun_after(self, lost_replica: str) -> None:
+        """Its request runs again from the start elsewhere: hold the rerun's pieces back until they
+        pass what was already yielded."""
+        self.replay_tokens, self.replay_text, self.lost_on = [], "", lost_replica
 
 
 class Dispatch:
@@ -164,11 +170,11 @@ class Dispatch:
                         self.on_placed(self.request_ids[p], run.replica, engine_id)
                 continue
             for i, payload in value:
-                out = self._accept(run.positions[i], payload)
+                out = self._accept(run.positions[i], payload, run.replica)
                 if out is not None:
                     yield out
 
-    def _accept(self, pos: int, payload) -> tuple[int, object] | None:
+    def _accept(self, pos: int, payload, replica: Replica) -> tuple[int, object] | None:
         if self.done[pos]:
             return None
         if self.mode == "generate":
@@ -179,12 +185,12 @@ class Dispatch:
         if payload is None:  # the request's last piece came before
             self.done[pos] = True
             return None
-        piece = self._new_part(pos, payload)
+        piece = self._new_part(pos, payload, replica)
         return None if piece is None else (pos, piece)
 
-    def _new_part(self, pos: int, piece: dict) -> dict | None:
-        """A stream piece with what was already yielded cut off (after a rerun), or None if nothing is
-        new. A rerun that makes other tokens than were yielded is an error."""
+    def _new_part(self, pos: int, piece: dict, replica: Replica) -> dict | None:
+        """A stream piece (from `replica`) with what was already yielded cut off (after a rerun), or
+        None if nothing is new. A rerun that makes other tokens than were yielded is an error."""
         sent = self.sent.setdefault((pos, piece["completion"]), _Sent())
         if sent.finished:
             return None
@@ -194,10 +200,7 @@ class Dispatch:
             sent.replay_text += text
             n, m = min(len(sent.replay_tokens), len(sent.tokens)), min(len(sent.replay_text), len(sent.text))
             if sent.replay_tokens[:n] != sent.tokens[:n] or sent.replay_text[:m] != sent.text[:m]:
-                raise RuntimeError(
-                    f"prompt {pos} was run again after its replica was lost and gave other tokens than it "
-                    "had already streamed (internal error: its sampling is seeded or greedy)"
-                )
+                raise RuntimeError(self._diverged(pos, piece["completion"], sent, replica))
             if len(sent.replay_tokens) < len(sent.tokens) or len(sent.replay_text) < len(sent.text):
                 if not piece["finished"]:
                     return None
@@ -209,6 +212,23 @@ class Dispatch:
         sent.text += text
         sent.finished = piece["finished"]
         return {**piece, "index": pos, "request_id": self.request_ids[pos], "token_ids": tokens, "text": text}
+
+    def _diverged(self, pos: int, completion: int, sent: _Sent, replica: Replica) -> str:
+        """What to say when a rerun's tokens differ from those already streamed."""
+        n = min(len(sent.replay_tokens), len(sent.tokens))
+        at = next((i for i in range(n) if sent.replay_tokens[i] != sent.tokens[i]), None)
+        if at is not None:
+            where = f"token {at} is {sent.replay_tokens[at]} in the rerun, {sent.tokens[at]} as streamed"
+        else:
+            where = "the same tokens decode to other text"
+        return (
+            f"request {self.request_ids[pos]!r} (prompt {pos}, completion {completion}) was run again on "
+            f"{replica.name} after {sent.lost_on or 'its replica'} was lost, and the rerun produced "
+            f"different tokens than the {len(sent.tokens)} already streamed ({where}). Its sampling is "
+            "seeded or greedy, but GPU numerics depend on the batch a request runs in (reduction splits "
+            "follow the batch size), so the same request can sample otherwise in another replica's batch; "
+            "the stream ends here rather than join two different continuations"
+        )
 
     # ---- losing a replica ----------------------------------------------------------------------
 
@@ -242,7 +262,7 @@ class Dispatch:
                     )
                 for sent in begun:
                     if not sent.finished:
-                        sent.replay_tokens, sent.replay_text = [], ""
+                        sent.rerun_after(replica.name)
         logger.warning(
             "%s was lost (%s): running its %d unfinished requests on %s",
             replica.name,

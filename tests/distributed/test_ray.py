@@ -17,6 +17,7 @@ ray = pytest.importorskip("ray", reason="the ray extra (in the test extra) is no
 from nanovllm import LLM, RequestOutput, SamplingParams  # noqa: E402
 from nanovllm.distributed.balance import assign, request_cost  # noqa: E402
 from nanovllm.distributed.data_parallel import DataParallelLLM  # noqa: E402
+from nanovllm.distributed.dispatcher import Dispatch, Replica  # noqa: E402
 from nanovllm.sampling_params import StructuredOutputsParams  # noqa: E402
 
 from ..conftest import random_prompts  # noqa: E402
@@ -149,6 +150,35 @@ def test_request_cost_counts_prompt_and_completions():
     assert request_cost(10, SamplingParams(max_tokens=20), 512) == 30
     assert request_cost(10, SamplingParams(max_tokens=20, n=3), 512) == 70
     assert request_cost(500, SamplingParams(max_tokens=64), 512) == 512  # max_model_len ends it first
+
+
+def test_a_rerun_that_diverges_is_a_clear_error_naming_both_replicas():
+    """A stream's rerun after a lost replica is checked against what was already streamed (no Ray
+    needed: the dispatch's bookkeeping alone). Equal: only what is new comes out; different (on a GPU
+    another batch can change the numerics): an error saying so, naming the request and replicas."""
+    lost = Replica(1, None, {"pid": 11, "node_ip": "10.0.0.2"})
+    rerun_on = Replica(0, None, {"pid": 10, "node_ip": "10.0.0.1"})
+    dispatch = Dispatch(
+        None, [rerun_on, lost], [None, None], [1, 1], ["cmpl-a", "cmpl-b"], "stream", iter([]), 1.0
+    )
+
+    def piece(tokens, text, finished=False):
+        return {"completion": 0, "token_ids": tokens, "text": text, "finished": finished}
+
+    for pos in (0, 1):
+        assert dispatch._new_part(pos, piece([5, 6, 7], "abc"), lost)["token_ids"] == [5, 6, 7]
+        dispatch.sent[(pos, 0)].rerun_after(lost.name)
+    # The same tokens again: held back until past what was streamed, then only the new ones.
+    assert dispatch._new_part(0, piece([5, 6], "ab"), rerun_on) is None
+    out = dispatch._new_part(0, piece([7, 8], "cd", finished=True), rerun_on)
+    assert out["token_ids"] == [8] and out["text"] == "d" and out["request_id"] == "cmpl-a"
+    # Other tokens: the error names the request, both replicas and where the rerun turned off.
+    with pytest.raises(RuntimeError) as e:
+        dispatch._new_part(1, piece([5, 9], "aX"), rerun_on)
+    message = str(e.value)
+    assert "'cmpl-b'" in message and "token 1 is 9 in the rerun, 6 as streamed" in message
+    assert f"run again on {rerun_on.name} after {lost.name} was lost" in message
+    assert "batch" in message and "internal error" not in message
 
 
 # ---- generate ------------------------------------------------------------------------------------
