@@ -31,6 +31,7 @@ CHECKPOINTS = {
         dict(rope_parameters=LONGROPE, max_position_embeddings=4 * ORIGINAL),
     ),
     "mistral_window": ("MistralForCausalLM", dict(sliding_window=WINDOW)),
+    "mistral_window16": ("MistralForCausalLM", dict(sliding_window=16)),
     # layer 0 sees the whole context, layer 1 the last 16 tokens
     "qwen2_mixed": (
         "Qwen2ForCausalLM",
@@ -181,19 +182,90 @@ def test_window_prefix_cache_hits_and_preemption(checkpoint):
         assert second.num_cached_tokens == 96  # six full blocks of the shared 100 tokens
     finally:
         llm.exit()
-    small = LLM(
-        checkpoint, num_kvcache_blocks=7, kvcache_block_size=16, max_num_seqs=3, max_num_batched_tokens=32
-    )
-    preempted = []
-    preempt = small.scheduler.preempt
-    small.scheduler.preempt = lambda s: (preempted.append(s.seq_id), preempt(s))[1]  # count, then preempt
     short = random_prompts(3, [20, 25, 30], seed=13)  # admitted together, each growing to 5 blocks
+    expected = hf_reference(checkpoint, short, 100)
+    for overlap in (True, False):  # without overlap no step in flight can free blocks for a retry
+        small = LLM(
+            checkpoint,
+            num_kvcache_blocks=7,
+            kvcache_block_size=16,
+            max_num_seqs=3,
+            max_num_batched_tokens=32,
+            overlap_scheduling=overlap,
+        )
+        preempted = []
+        preempt = small.scheduler.preempt
+        small.scheduler.preempt = lambda s: (preempted.append(s.seq_id), preempt(s))[1]  # count, then preempt
+        try:
+            assert greedy(small, short, 100) == expected
+            assert preempted  # three windows of 3-4 blocks do not fit in 7
+            small.block_manager.check_integrity()
+        finally:
+            small.exit()
+
+
+@pytest.mark.parametrize("checkpoint", ["mistral_window"], indirect=True)
+def test_window_cached_prefix_longer_than_the_cache(checkpoint):
+    """A prompt whose cached prefix is more blocks than the cache holds: the hits before its first
+    query's window are not taken, so it runs in a cache just larger than one sequence's bound (with
+    every hit taken it could never start); the tokens equal transformers' and an uncached run's. Run
+    a second time, after its own blocks replaced the first prompt's, it still matches."""
+    first = random_prompts(1, [112], seed=21)[0]
+    longer = first + random_prompts(1, [100], seed=22)[0]
+    expected = hf_reference(checkpoint, [first, longer], 8)
+    llm = LLM(checkpoint, num_kvcache_blocks=8, kvcache_block_size=16, max_num_batched_tokens=32)
     try:
-        assert greedy(small, short, 100) == hf_reference(checkpoint, short, 100)
-        assert preempted  # three windows of 3-4 blocks do not fit in 7
-        small.block_manager.check_integrity()
+        assert llm.block_manager.most_blocks_held(len(longer) + 8, 32) == 6
+        params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        outputs = []
+        for prompt in (first, longer, longer):
+            outputs.append(llm.generate([prompt], params, use_tqdm=False)[0])
+        assert [o.outputs[0].token_ids for o in outputs] == [expected[0], expected[1], expected[1]]
+        assert outputs[1].num_cached_tokens == 112  # all seven blocks of the first prompt hit
+        llm.block_manager.check_integrity()
     finally:
-        small.exit()
+        llm.exit()
+    uncached = LLM(
+        checkpoint,
+        num_kvcache_blocks=8,
+        kvcache_block_size=16,
+        max_num_batched_tokens=32,
+        enable_prefix_caching=False,
+    )
+    try:
+        assert greedy(uncached, [longer], 8) == [expected[1]]
+    finally:
+        uncached.exit()
+
+
+@pytest.mark.parametrize("checkpoint", ["mistral_window16"], indirect=True)
+def test_window_prompt_waits_while_the_last_running_sequence_preempts_itself(checkpoint):
+    """Overlap off, a window of 16 in a cache of 4 blocks: a half-prefilled prompt cannot take its next
+    chunk's blocks while the only running sequence, short of a block, preempts itself; the scheduler
+    gives the freed blocks to the prompt in the same step instead of reporting nothing to run."""
+    prompts = random_prompts(3, [108, 16, 120], seed=17)
+    max_tokens = [100, 4, 88]
+    expected = [hf_reference(checkpoint, [p], m)[0] for p, m in zip(prompts, max_tokens)]
+    llm = LLM(
+        checkpoint,
+        num_kvcache_blocks=4,
+        kvcache_block_size=16,
+        max_num_batched_tokens=16,
+        max_num_seqs=2,
+        overlap_scheduling=False,
+        enable_prefix_caching=False,
+    )
+    try:
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, n=3 if i == 1 else 1)
+            for i, m in enumerate(max_tokens)
+        ]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        got = [[c.token_ids for c in o.outputs] for o in outputs]
+        assert got == [[expected[0]], [expected[1]] * 3, [expected[2]]]  # greedy completions agree
+        llm.block_manager.check_integrity()
+    finally:
+        llm.exit()
 
 
 @pytest.mark.cuda
