@@ -204,8 +204,18 @@ def test_window_prefix_cache_hits_and_preemption(checkpoint):
             small.exit()
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param({}, id="cpu"),
+        *(
+            pytest.param(dict(device="cuda", dtype="float32", attention_backend=b), marks=pytest.mark.cuda, id=b)
+            for b in ("triton", "torch")
+        ),
+    ],
+)
 @pytest.mark.parametrize("checkpoint", ["mistral_window"], indirect=True)
-def test_window_cached_prefix_longer_than_the_cache(checkpoint):
+def test_window_cached_prefix_longer_than_the_cache(checkpoint, device):
     """A prompt whose cached prefix is more blocks than the cache holds: the hits before its first
     query's window are not taken, so it runs in a cache just larger than one sequence's bound (with
     every hit taken it could never start); the tokens equal transformers' and an uncached run's. Run
@@ -213,7 +223,7 @@ def test_window_cached_prefix_longer_than_the_cache(checkpoint):
     first = random_prompts(1, [112], seed=21)[0]
     longer = first + random_prompts(1, [100], seed=22)[0]
     expected = hf_reference(checkpoint, [first, longer], 8)
-    llm = LLM(checkpoint, num_kvcache_blocks=8, kvcache_block_size=16, max_num_batched_tokens=32)
+    llm = LLM(checkpoint, num_kvcache_blocks=8, kvcache_block_size=16, max_num_batched_tokens=32, **device)
     try:
         assert llm.block_manager.most_blocks_held(len(longer) + 8, 32) == 6
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -231,6 +241,7 @@ def test_window_cached_prefix_longer_than_the_cache(checkpoint):
         kvcache_block_size=16,
         max_num_batched_tokens=32,
         enable_prefix_caching=False,
+        **device,
     )
     try:
         assert greedy(uncached, [longer], 8) == [expected[1]]
