@@ -22,6 +22,7 @@ from nanovllm.quantization.int4_linear import (
     Int4LinearMethod,
     check_int4_shapes,
     int4_parameter,
+    register_group_parameters,
     replace_parameter,
 )
 from nanovllm.quantization.int4_utils import AWQ_ZERO_OFFSET, PACK_FACTOR, awq_to_internal
@@ -132,28 +133,7 @@ class AWQLinearMethod(Int4LinearMethod):
                 weight_loader=weight_loader,
             ),
         )
-        layer.register_parameter(
-            "qzeros",
-            int4_parameter(
-                (groups, out_features // PACK_FACTOR),
-                torch.int32,
-                input_dim=group_in_dim,
-                output_dim=1,
-                shard_block=(PACK_FACTOR, rows),
-                weight_loader=weight_loader,
-            ),
-        )
-        layer.register_parameter(
-            "scales",
-            int4_parameter(
-                (groups, out_features),
-                torch.float16,
-                input_dim=group_in_dim,
-                output_dim=1,
-                shard_block=(1, rows),
-                weight_loader=weight_loader,
-            ),
-        )
+        register_group_parameters(layer, groups, out_features, rows, group_in_dim, weight_loader)
         layer.int4_group_size = group
         layer.int4_zero_offset = AWQ_ZERO_OFFSET
 

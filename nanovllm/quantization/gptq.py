@@ -28,6 +28,7 @@ from nanovllm.quantization.int4_linear import (
     Int4LinearMethod,
     check_int4_shapes,
     int4_parameter,
+    register_group_parameters,
     replace_parameter,
 )
 from nanovllm.quantization.int4_utils import GPTQ_V1_ZERO_OFFSET, PACK_FACTOR, group_index, permute_rows
@@ -141,28 +142,7 @@ class GPTQLinearMethod(Int4LinearMethod):
                 weight_loader=weight_loader,
             ),
         )
-        layer.register_parameter(
-            "qzeros",
-            int4_parameter(
-                (groups, out_features // PACK_FACTOR),
-                torch.int32,
-                input_dim=group_in_dim,
-                output_dim=1,
-                shard_block=(PACK_FACTOR, rows),
-                weight_loader=weight_loader,
-            ),
-        )
-        layer.register_parameter(
-            "scales",
-            int4_parameter(
-                (groups, out_features),
-                torch.float16,
-                input_dim=group_in_dim,
-                output_dim=1,
-                shard_block=(1, rows),
-                weight_loader=weight_loader,
-            ),
-        )
+        register_group_parameters(layer, groups, out_features, rows, group_in_dim, weight_loader)
         g_idx = int4_parameter((input_size_per_partition,), torch.int32, input_dim=0)
         g_idx.weight_loader = self._g_idx_loader(layer, weight_loader)
         layer.register_parameter("g_idx", g_idx)

@@ -49,6 +49,36 @@ def int4_parameter(shape: tuple[int, ...], dtype: torch.dtype, **attrs) -> nn.Pa
     return param
 
 
+def register_group_parameters(
+    layer: nn.Module, groups: int, out_features: int, rows: int, group_in_dim: int | None, weight_loader
+) -> None:
+    """The per-group `qzeros` (int32, eight 4-bit zeros per word along the output) and `scales` (fp16)
+    of AWQ and GPTQ, which lay them out alike: [groups, out / 8] and [groups, out], one group per `rows`
+    input features; `group_in_dim` None keeps every group on each rank (not cut along the input)."""
+    layer.register_parameter(
+        "qzeros",
+        int4_parameter(
+            (groups, out_features // PACK_FACTOR),
+            torch.int32,
+            input_dim=group_in_dim,
+            output_dim=1,
+            shard_block=(PACK_FACTOR, rows),
+            weight_loader=weight_loader,
+        ),
+    )
+    layer.register_parameter(
+        "scales",
+        int4_parameter(
+            (groups, out_features),
+            torch.float16,
+            input_dim=group_in_dim,
+            output_dim=1,
+            shard_block=(1, rows),
+            weight_loader=weight_loader,
+        ),
+    )
+
+
 def replace_parameter(layer: nn.Module, name: str, value: torch.Tensor) -> None:
     """Swap a loaded parameter for its repacked form (a plain parameter: loading is over)."""
     delattr(layer, name)
