@@ -8,44 +8,23 @@ tests run at small and realistic shapes in bf16; the bound there is a relative e
 output's largest value (bf16 output rounding, and fp32 accumulation order), 1e-4 in fp32.
 """
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-RUN_DIRECT = ON_GPU or INTERPRET
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+from tests.kernels.interpreter import (
+    DEVICE,
+    ON_GPU,
+    direct,
+    interpreter_test,
+    run_file_under_interpreter,
+)
+
 FP8 = torch.float8_e4m3fn
 
-_marks = [
-    pytest.mark.skipif(not RUN_DIRECT, reason="no CUDA: run by test_fp8_kernels_under_triton_interpreter")
-]
-if ON_GPU:
-    _marks.append(pytest.mark.cuda)
 
-
-def direct(fn):
-    for mark in _marks:
-        fn = mark(fn)
-    return fn
-
-
-@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+@interpreter_test
 def test_fp8_kernels_under_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    report = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, report
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 8, report
+    run_file_under_interpreter(__file__, 8, timeout=600)
 
 
 def quantize_groups(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -7,48 +7,25 @@ imported: `test_fused_moe_under_triton_interpreter` re-runs this file in a subpr
 TRITON_INTERPRET=1 at small sizes, and the direct tests skip in the parent session (as
 test_triton_kernels.py does)."""
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-RUN_DIRECT = ON_GPU or INTERPRET
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+from tests.kernels.interpreter import (
+    DEVICE,
+    ON_GPU,
+    direct,
+    interpreter_test,
+    run_file_under_interpreter,
+)
+
 # bf16 matmuls are wrong under the numpy-backed interpreter: there fp32 and fp16 only.
 DTYPES = [torch.float32, torch.bfloat16, torch.float16] if ON_GPU else [torch.float32, torch.float16]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
-_marks = [
-    pytest.mark.skipif(not RUN_DIRECT, reason="no CUDA: run by test_fused_moe_under_triton_interpreter")
-]
-if ON_GPU:
-    _marks.append(pytest.mark.cuda)
 
-
-def direct(fn):
-    for mark in _marks:
-        fn = mark(fn)
-    return fn
-
-
-@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+@interpreter_test
 def test_fused_moe_under_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    proc = subprocess.run(
-        cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True
-    )
-    report = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, report
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 15, report
-    assert "failed" not in proc.stdout, report
+    run_file_under_interpreter(__file__, 15)
 
 
 def make_inputs(t, e, k, h, i, dtype, seed=0, logits=None):

@@ -5,30 +5,23 @@ triton is imported); with CUDA the same tests run directly, in bf16 too. A Qwen3
 run end to end on the GPU: the fused path must give the unfused path's greedy tokens.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-RUN_DIRECT = ON_GPU or INTERPRET
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+from tests.kernels.interpreter import (
+    DEVICE,
+    ON_GPU,
+    direct,
+    interpreter_test,
+    run_file_under_interpreter,
+)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
 
-direct = pytest.mark.skipif(not RUN_DIRECT, reason="no CUDA: run by test_under_triton_interpreter")
 
-
-@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+@interpreter_test
 def test_under_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "10 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+    run_file_under_interpreter(__file__, 10, exact=True)
 
 
 def _reference(qkv, positions, cache, heads, kv_heads, head_dim, qw, kw, eps):

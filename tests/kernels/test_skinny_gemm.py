@@ -4,32 +4,25 @@ On a CPU it runs under Triton's interpreter in a subprocess (TRITON_INTERPRET mu
 imported); with CUDA the same tests run directly, in bf16 too, plus the linear layers' use of it.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-RUN_DIRECT = ON_GPU or INTERPRET
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+from tests.kernels.interpreter import (
+    DEVICE,
+    ON_GPU,
+    direct,
+    interpreter_test,
+    run_file_under_interpreter,
+)
+
 # bf16 dots are wrong under the numpy-backed interpreter: bf16 is checked on the GPU only.
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-direct = pytest.mark.skipif(not RUN_DIRECT, reason="no CUDA: run by test_under_triton_interpreter")
 
-
-@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+@interpreter_test
 def test_under_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "20 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+    run_file_under_interpreter(__file__, 20, exact=True)
 
 
 @direct

@@ -9,44 +9,27 @@ must be set before triton is imported); with CUDA the same tests run directly, p
 the engine's path from a pinned host bitmask.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-RUN_DIRECT = ON_GPU or INTERPRET
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+from tests.kernels.interpreter import (
+    DEVICE,
+    ON_GPU,
+    direct,
+    interpreter_test,
+    run_file_under_interpreter,
+)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
 # (batch, vocab, bitmask bits): vocab not a multiple of 32; a bitmask wider than the vocabulary (the
 # last word's high bits unused), exactly as wide, and narrower (ids past it must be masked); more than
 # one 4,096-token block per row.
 SHAPES = [(5, 37, 64), (7, 100, 96), (4, 4133, 4160), (6, 4133, 4000), (3, 64, 64)]
 
-_direct_marks = [pytest.mark.skipif(not RUN_DIRECT, reason="no CUDA: run by test_under_triton_interpreter")]
-if ON_GPU:
-    _direct_marks.append(pytest.mark.cuda)
 
-
-def direct(fn):
-    for mark in _direct_marks:
-        fn = mark(fn)
-    return fn
-
-
-@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+@interpreter_test
 def test_under_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    proc = subprocess.run(
-        cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "failed" not in proc.stdout and "17 passed" in proc.stdout, proc.stdout[-2000:]
+    run_file_under_interpreter(__file__, 17, exact=True)
 
 
 def pack(allowed: torch.Tensor) -> torch.Tensor:

@@ -7,21 +7,18 @@ TRITON_INTERPRET=1 and tiny shapes, and the direct tests skip in the parent sess
 """
 
 import math
-import os
-import re
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-RUN_DIRECT = ON_GPU or INTERPRET
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.interpreter import (
+    DEVICE,
+    ON_GPU,
+    direct,
+    interpreter_test,
+    run_file_under_interpreter,
+)
 
 # bf16 matmuls are wrong under the numpy-backed interpreter (loads and copies are fine), so the
 # interpreter checks attention in fp32 and fp16 and the GPU in bf16 and fp16 (fp32 too: the engine uses it).
@@ -29,30 +26,10 @@ ATTN_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if ON_GPU else [tor
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 BLOCK_SIZES = [16, 256]
 
-_direct_marks = [
-    pytest.mark.skipif(not RUN_DIRECT, reason="no CUDA: run by test_kernels_under_triton_interpreter")
-]
-if ON_GPU:
-    _direct_marks.append(pytest.mark.cuda)
 
-
-def direct(fn):
-    """Mark a kernel test: runs on the GPU, or inside the interpreter subprocess."""
-    for mark in _direct_marks:
-        fn = mark(fn)
-    return fn
-
-
-@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+@interpreter_test
 def test_kernels_under_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    report = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, report
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 20, report
-    assert "failed" not in proc.stdout, report
+    run_file_under_interpreter(__file__, 20)
 
 
 # ---------------------------------------------------------------------------------------------------------

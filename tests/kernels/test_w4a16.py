@@ -5,22 +5,18 @@ Without CUDA the kernel tests re-run this file in a subprocess under TRITON_INTE
 CUDA-graph capture too.
 """
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from nanovllm.quantization.int4_utils import dequantize_int4, pack_int4
-
-ON_GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-RUN_DIRECT = ON_GPU or INTERPRET
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.interpreter import (
+    DEVICE,
+    INTERPRET,
+    ON_GPU,
+    direct,
+    interpreter_test,
+    run_file_under_interpreter,
+)
 
 # bf16 dots are wrong under the numpy-backed interpreter, so it checks fp16 and fp32; the GPU bf16 too.
 DTYPES = [torch.float16, torch.bfloat16, torch.float32] if ON_GPU else [torch.float16, torch.float32]
@@ -28,29 +24,10 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32] if ON_GPU else [torch.fl
 # (or not at all), as the reference does, and sums in a different order.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
-_direct_marks = [
-    pytest.mark.skipif(not RUN_DIRECT, reason="no CUDA: run by test_w4a16_under_triton_interpreter")
-]
-if ON_GPU:
-    _direct_marks.append(pytest.mark.cuda)
 
-
-def direct(fn):
-    for mark in _direct_marks:
-        fn = mark(fn)
-    return fn
-
-
-@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+@interpreter_test
 def test_w4a16_under_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    report = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, report
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 20, report
-    assert "failed" not in proc.stdout, report
+    run_file_under_interpreter(__file__, 20, timeout=600)
 
 
 def make_weights(k: int, n: int, group_size: int, act_order: bool, seed: int = 0):

@@ -5,41 +5,31 @@ query's window are "freed": their table entries point at a block full of NaN (th
 (the PyTorch backend), so any read of them shows up."""
 
 import math
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.kernels.test_triton_kernels import (
+from tests.kernels.interpreter import (
     DEVICE,
     ON_GPU,
-    RUN_DIRECT,
+    direct,
+    interpreter_test,
+    run_file_under_interpreter,
+)
+from tests.kernels.test_triton_kernels import (
     assert_close,
     cu_seqlens,
-    direct,
     make_gen,
     make_paged_kv,
 )
 from tests.kernels.test_triton_kernels import gather_seq as gather_all
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16] if not ON_GPU else [torch.float32, torch.bfloat16]
 
 
-@pytest.mark.skipif(RUN_DIRECT, reason="kernel tests run directly in this session")
+@interpreter_test
 def test_window_kernels_under_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    report = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, report
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 8, report
-    assert "failed" not in proc.stdout, report
+    run_file_under_interpreter(__file__, 8)
 
 
 def ref_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None):
