@@ -96,53 +96,35 @@ class ServerMetrics:
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, labels, registry=r).labels(model_name)
 
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
         self.running = gauge("vllm:num_requests_running", "Requests with a sequence in the running batch.")
         self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage: 1 means every block is in use.")
         self.kv_blocks = gauge("nanovllm:num_kv_cache_blocks", "KV-cache blocks in the engine.")
-        self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Prompt tokens of the requests admitted.", labels, registry=r
-        ).labels(model_name)
-        self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Tokens generated.", labels, registry=r
-        ).labels(model_name)
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of the requests admitted.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
         self._success = Counter(
             "vllm:request_success",
             "Requests finished, by finish reason.",
             labels + ["finished_reason"],
             registry=r,
         )
-        self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds",
-            "Time to the first token.",
-            labels,
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.itl = Histogram(
-            "vllm:inter_token_latency_seconds",
-            "Time between two updates of a request.",
-            labels,
-            buckets=ITL_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds",
-            "Time from arrival to the last token.",
-            labels,
-            buckets=E2E_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.iteration_tokens = Histogram(
-            "vllm:iteration_tokens_total",
-            "Tokens per engine step.",
-            labels,
-            buckets=ITERATION_BUCKETS,
-            registry=r,
-        ).labels(model_name)
-        self.rejected = Counter(
-            "nanovllm:requests_rejected", "Requests refused with 503 (over the limit).", labels, registry=r
-        ).labels(model_name)
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to the first token.", TTFT_BUCKETS)
+        self.itl = histogram(
+            "vllm:inter_token_latency_seconds", "Time between two updates of a request.", ITL_BUCKETS
+        )
+        self.e2e = histogram(
+            "vllm:e2e_request_latency_seconds", "Time from arrival to the last token.", E2E_BUCKETS
+        )
+        self.iteration_tokens = histogram(
+            "vllm:iteration_tokens_total", "Tokens per engine step.", ITERATION_BUCKETS
+        )
+        self.rejected = counter("nanovllm:requests_rejected", "Requests refused with 503 (over the limit).")
         self.model_name = model_name
 
     def on_step(self, step: StepRecord) -> None:
