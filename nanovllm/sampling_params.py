@@ -10,7 +10,7 @@ that fails leaves the old one in place.
 import math
 import numbers
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # vLLM clamps every logit_bias value into [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]: a bias of 100 already
@@ -426,3 +426,15 @@ class SamplingParams:
             or self.allowed_token_ids is not None
             or bool(self.bad_words)
         )
+
+
+def params_per_prompt(sampling_params, default: "SamplingParams", num_prompts: int) -> list["SamplingParams"]:
+    """`generate`'s sampling_params spread over its prompts: None means `default` for each, one object
+    serves them all, a sequence gives one per prompt (its length must match)."""
+    if sampling_params is None:
+        return [default] * num_prompts
+    if isinstance(sampling_params, Sequence):
+        if len(sampling_params) != num_prompts:
+            raise ValueError(f"got {len(sampling_params)} sampling params for {num_prompts} prompts")
+        return list(sampling_params)
+    return [sampling_params] * num_prompts

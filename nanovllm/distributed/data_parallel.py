@@ -16,7 +16,6 @@ import itertools
 import threading
 import weakref
 from collections.abc import Iterator
-from collections.abc import Sequence as SequenceABC
 from uuid import uuid4
 
 from tqdm.auto import tqdm
@@ -31,7 +30,7 @@ from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.inputs import ParsedPrompt, parse_prompts
 from nanovllm.models.registry import check_model_config
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import SamplingParams, params_per_prompt
 from nanovllm.utils.generation_config import default_sampling_params, eos_token_ids
 from nanovllm.utils.tokenizer import load_tokenizer
 
@@ -186,14 +185,7 @@ class DataParallelLLM:
     def _prepare(self, parsed: list[ParsedPrompt], sampling_params) -> tuple[list[WorkItem], list[str]]:
         """Every request checked as one engine checks it before anything is sent (a bad one: nothing
         is); returns the work and the request ids."""
-        if sampling_params is None:
-            params = [self._default_params] * len(parsed)
-        elif isinstance(sampling_params, SequenceABC):
-            if len(sampling_params) != len(parsed):
-                raise ValueError(f"got {len(sampling_params)} sampling params for {len(parsed)} prompts")
-            params = list(sampling_params)
-        else:
-            params = [sampling_params] * len(parsed)
+        params = params_per_prompt(sampling_params, self._default_params, len(parsed))
         token_ids = [self._token_ids(prompt) for prompt in parsed]
         checked = self._check_params([(len(ids), sp) for ids, sp in zip(token_ids, params)])
         work: list[WorkItem] = [(p.text, ids, sp) for p, ids, sp in zip(parsed, token_ids, checked)]

@@ -17,7 +17,6 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from collections.abc import Sequence as SequenceABC
 from contextlib import contextmanager
 from dataclasses import dataclass
 from time import perf_counter
@@ -39,7 +38,7 @@ from nanovllm.layers.logits_processor import check_vocab
 from nanovllm.layers.rotary_embedding import rope_is_length_dependent
 from nanovllm.models.registry import check_model_config, kv_release_window
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import SamplingParams, params_per_prompt
 from nanovllm.structured_output import StructuredOutputManager
 from nanovllm.structured_output.manager import TokenBitmask
 from nanovllm.utils.generation_config import default_sampling_params, eos_token_ids
@@ -586,14 +585,7 @@ class LLMEngine:
 
     def _submit(self, parsed: list[ParsedPrompt], sampling_params, owner) -> list[Request]:
         """Validate every request, then queue them all (a bad one leaves nothing behind)."""
-        if sampling_params is None:
-            params = [self._default_params] * len(parsed)
-        elif isinstance(sampling_params, SequenceABC):
-            if len(sampling_params) != len(parsed):
-                raise ValueError(f"got {len(sampling_params)} sampling params for {len(parsed)} prompts")
-            params = list(sampling_params)
-        else:
-            params = [sampling_params] * len(parsed)
+        params = params_per_prompt(sampling_params, self._default_params, len(parsed))
         requests = [self._make_request(p, sp, owner, i) for i, (p, sp) in enumerate(zip(parsed, params))]
         self._enqueue(requests)
         return requests
