@@ -21,6 +21,8 @@ INT4_SHAPES = dict(
 ENGINE = dict(max_model_len=256, max_num_batched_tokens=512, max_num_seqs=8, num_kvcache_blocks=32)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 PROMPTS = random_prompts(3, [5, 17, 40], vocab=400, seed=11)
+# Two ranks, a short timeout and a small shared-memory ring: enough for these tiny models.
+TP = dict(tensor_parallel_size=2, tp_timeout_s=30.0, tp_shm_bytes=64 << 10)
 
 
 def build(tmp_path, method: str, arch: str, group_size: int, seed: int = 0, **quant):
@@ -45,6 +47,15 @@ def reference_model(path: str, arch: str, state: dict[str, torch.Tensor]):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+def greedy_token_ids(path: str, **engine_args) -> list[list[int]]:
+    """PROMPTS' greedy tokens from an engine over `path` (ENGINE plus `engine_args`), exited after."""
+    llm = LLM(path, **ENGINE, **engine_args)
+    try:
+        return [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    finally:
+        llm.exit()
 
 
 def check_against_reference(llm: LLM, reference) -> None:

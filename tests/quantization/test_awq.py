@@ -10,9 +10,13 @@ from safetensors.torch import load_file, save_file
 from nanovllm import LLM
 from nanovllm.quantization import get_quantization_config
 from nanovllm.quantization.awq import AWQConfig
-from tests.quantization.int4_checkpoints import ENGINE, GREEDY, PROMPTS, build, check_against_reference
-
-TP = dict(tensor_parallel_size=2, tp_timeout_s=30.0, tp_shm_bytes=64 << 10)
+from tests.quantization.int4_checkpoints import (
+    ENGINE,
+    TP,
+    build,
+    check_against_reference,
+    greedy_token_ids,
+)
 
 
 @pytest.mark.parametrize(
@@ -34,17 +38,8 @@ def test_tensor_parallel_equals_single(tmp_path):
     """TP=2 cuts qweight/qzeros at packed words along the output and row-parallel layers at group
     boundaries (group 32: o_proj holds 2 groups per rank); its tokens equal TP=1's."""
     path, reference = build(tmp_path, "awq", "Qwen3ForCausalLM", 32, seed=2)
-    single = LLM(path, **ENGINE)
-    try:
-        want = [o["token_ids"] for o in single.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    finally:
-        single.exit()
-    tp = LLM(path, **ENGINE, **TP)
-    try:
-        got = [o["token_ids"] for o in tp.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    finally:
-        tp.exit()
-    assert got == want
+    want = greedy_token_ids(path)
+    assert greedy_token_ids(path, **TP) == want
 
 
 def test_tensor_parallel_cutting_a_group_is_refused(tmp_path):

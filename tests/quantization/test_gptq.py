@@ -11,9 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from nanovllm import LLM
 from nanovllm.quantization import get_quantization_config
-from tests.quantization.int4_checkpoints import ENGINE, GREEDY, PROMPTS, build, check_against_reference
-
-TP = dict(tensor_parallel_size=2, tp_timeout_s=30.0, tp_shm_bytes=64 << 10)
+from tests.quantization.int4_checkpoints import (
+    ENGINE,
+    TP,
+    build,
+    check_against_reference,
+    greedy_token_ids,
+)
 
 
 @pytest.mark.parametrize(
@@ -74,17 +78,8 @@ def test_tensor_parallel_act_order_equals_single(tmp_path):
     whole scales and zeros (vLLM's rule) and read each row's group from g_idx; column-parallel shards
     are sorted into contiguous groups. Tokens equal TP=1's."""
     path, reference = build(tmp_path, "gptq", "LlamaForCausalLM", 32, seed=4, desc_act=True)
-    single = LLM(path, **ENGINE)
-    try:
-        want = [o["token_ids"] for o in single.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    finally:
-        single.exit()
-    tp = LLM(path, **ENGINE, **TP)
-    try:
-        got = [o["token_ids"] for o in tp.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    finally:
-        tp.exit()
-    assert got == want
+    want = greedy_token_ids(path)
+    assert greedy_token_ids(path, **TP) == want
 
 
 def test_row_parallel_act_order_layout():
