@@ -56,6 +56,13 @@ def family(request, tmp_path_factory):
     return name, path, load_hf_model(path)
 
 
+def assert_greedy_matches(llm: LLM, hf) -> None:
+    """PROMPTS in one batch, greedy: the tokens transformers' model gives."""
+    params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, GREEDY_TOKENS) for p in PROMPTS]
+
+
 def generate_spied(llm: LLM, prompts, monkeypatch):
     """Greedy tokens, and whether any sequence was preempted / how many tokens came from the cache."""
     preempted, cached = [], []
@@ -186,12 +193,7 @@ def test_tensor_parallel_greedy_matches_transformers(family):
     _, path, hf = family
     llm = LLM(path, **ENGINE, tensor_parallel_size=2, tp_timeout_s=30.0)
     try:
-        outs = llm.generate(
-            PROMPTS,
-            SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True),
-            use_tqdm=False,
-        )
-        assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, GREEDY_TOKENS) for p in PROMPTS]
+        assert_greedy_matches(llm, hf)
     finally:
         llm.exit()
 
@@ -296,12 +298,7 @@ def test_fp32_greedy_on_gpu_matches_transformers(family):
     _, path, hf = family
     llm = LLM(path, device="cuda", dtype="float32", attention_backend="triton", **ENGINE)
     try:
-        outs = llm.generate(
-            PROMPTS,
-            SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True),
-            use_tqdm=False,
-        )
-        assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, GREEDY_TOKENS) for p in PROMPTS]
+        assert_greedy_matches(llm, hf)
     finally:
         llm.exit()
 
