@@ -40,6 +40,14 @@ def assert_idle(engine: AsyncLLM) -> None:
     assert bm.num_free_blocks == bm.num_blocks
 
 
+async def abort_reached(engine: AsyncLLM) -> None:
+    """Give an abort up to about 2 s to reach the engine thread (it does so between steps)."""
+    for _ in range(200):
+        if engine.engine.get_num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.01)
+
+
 async def collect(engine: AsyncLLM, request_id: str, prompt, params) -> tuple[dict, list]:
     """Join a request's updates: per completion (text, token ids, finish_reason); also the updates."""
     out: dict[int, list] = {}
@@ -105,11 +113,7 @@ def test_leaving_a_stream_early_aborts_it(engines):
             seen += sum(len(d.token_ids) for d in update.completions)
             if seen >= 3:
                 break
-        # the abort reaches the engine thread between steps
-        for _ in range(200):
-            if engine.engine.get_num_unfinished_requests() == 0:
-                break
-            await asyncio.sleep(0.01)
+        await abort_reached(engine)
 
     run(main())
     assert_idle(engine)
@@ -143,10 +147,7 @@ def test_cancelled_task_aborts(engines):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(200):
-            if engine.engine.get_num_unfinished_requests() == 0:
-                break
-            await asyncio.sleep(0.01)
+        await abort_reached(engine)
 
     run(main())
     assert_idle(engine)
