@@ -11,13 +11,7 @@ output's largest value (bf16 output rounding, and fp32 accumulation order), 1e-4
 import pytest
 import torch
 
-from tests.kernels.interpreter import (
-    DEVICE,
-    ON_GPU,
-    direct,
-    interpreter_test,
-    run_file_under_interpreter,
-)
+from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
 
 FP8 = torch.float8_e4m3fn
 

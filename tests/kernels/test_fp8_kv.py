@@ -10,13 +10,7 @@ import math
 import pytest
 import torch
 
-from tests.kernels.interpreter import (
-    DEVICE,
-    ON_GPU,
-    direct,
-    interpreter_test,
-    run_file_under_interpreter,
-)
+from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
 
 FP8 = torch.float8_e4m3fn
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]

@@ -8,13 +8,7 @@ run end to end on the GPU: the fused path must give the unfused path's greedy to
 import pytest
 import torch
 
-from tests.kernels.interpreter import (
-    DEVICE,
-    ON_GPU,
-    direct,
-    interpreter_test,
-    run_file_under_interpreter,
-)
+from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
 

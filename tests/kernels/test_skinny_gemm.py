@@ -7,13 +7,7 @@ imported); with CUDA the same tests run directly, in bf16 too, plus the linear l
 import pytest
 import torch
 
-from tests.kernels.interpreter import (
-    DEVICE,
-    ON_GPU,
-    direct,
-    interpreter_test,
-    run_file_under_interpreter,
-)
+from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
 
 # bf16 dots are wrong under the numpy-backed interpreter: bf16 is checked on the GPU only.
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]

@@ -12,13 +12,7 @@ the engine's path from a pinned host bitmask.
 import pytest
 import torch
 
-from tests.kernels.interpreter import (
-    DEVICE,
-    ON_GPU,
-    direct,
-    interpreter_test,
-    run_file_under_interpreter,
-)
+from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
 # (batch, vocab, bitmask bits): vocab not a multiple of 32; a bitmask wider than the vocabulary (the

@@ -12,13 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tests.kernels.interpreter import (
-    DEVICE,
-    ON_GPU,
-    direct,
-    interpreter_test,
-    run_file_under_interpreter,
-)
+from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
 
 # bf16 matmuls are wrong under the numpy-backed interpreter (loads and copies are fine), so the
 # interpreter checks attention in fp32 and fp16 and the GPU in bf16 and fp16 (fp32 too: the engine uses it).

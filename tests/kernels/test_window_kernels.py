@@ -9,13 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.kernels.interpreter import (
-    DEVICE,
-    ON_GPU,
-    direct,
-    interpreter_test,
-    run_file_under_interpreter,
-)
+from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
 from tests.kernels.test_triton_kernels import (
     assert_close,
     cu_seqlens,

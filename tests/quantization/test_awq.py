@@ -10,13 +10,7 @@ from safetensors.torch import load_file, save_file
 from nanovllm import LLM
 from nanovllm.quantization import get_quantization_config
 from nanovllm.quantization.awq import AWQConfig
-from tests.quantization.int4_checkpoints import (
-    ENGINE,
-    TP,
-    build,
-    check_against_reference,
-    greedy_token_ids,
-)
+from tests.quantization.int4_checkpoints import ENGINE, TP, build, check_against_reference, greedy_token_ids
 
 
 @pytest.mark.parametrize(
