@@ -59,6 +59,30 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+def generate_spied(llm, prompts, params, monkeypatch) -> tuple[list[list[int]], list[int], list[int]]:
+    """`prompts`' tokens, and what the scheduler did meanwhile (in this process: rank 0): the sequences
+    preempted, and per allocation the tokens that came from the prefix cache."""
+    from nanovllm.engine.block_manager import BlockManager
+    from nanovllm.engine.scheduler import Scheduler
+
+    preempted, cached = [], []
+    preempt, allocate = Scheduler.preempt, BlockManager.allocate
+
+    def spy_preempt(self, seq):
+        preempted.append(seq.seq_id)
+        return preempt(self, seq)
+
+    def spy_allocate(self, seq, *args):
+        allocate(self, seq, *args)
+        cached.append(seq.num_cached_tokens)
+
+    with monkeypatch.context() as m:
+        m.setattr(Scheduler, "preempt", spy_preempt)
+        m.setattr(BlockManager, "allocate", spy_allocate)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    return [o["token_ids"] for o in outs], preempted, cached
+
+
 def assert_greedy_matches_hf(llm, model, prompts: list[list[int]], max_tokens: int) -> None:
     """The engine's greedy completions (EOS ignored) equal transformers' token for token."""
     from nanovllm import SamplingParams

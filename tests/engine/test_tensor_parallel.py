@@ -15,11 +15,9 @@ from types import SimpleNamespace
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence
 from nanovllm.engine.tp import SHM_PREFIX, TensorParallelRunner, check_tp_config
-from tests.conftest import TINY, random_prompts
+from tests.conftest import TINY, generate_spied, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 # A small cache (6 blocks of 16 tokens for up to 4 sequences of up to 64 tokens) forces preemption.
@@ -37,26 +35,6 @@ def _our_shm() -> list[str]:
     return [name for name in os.listdir("/dev/shm") if name.startswith(SHM_PREFIX)]
 
 
-def _generate_spied(llm: LLM, monkeypatch) -> tuple[list[list[int]], list[int], list[int]]:
-    """Greedy tokens, the sequences preempted and the prefix-cache hits (tokens) seen on rank 0."""
-    preempted, cached = [], []
-    preempt, allocate = Scheduler.preempt, BlockManager.allocate
-
-    def spy_preempt(self, seq):
-        preempted.append(seq.seq_id)
-        return preempt(self, seq)
-
-    def spy_allocate(self, seq, *args):
-        allocate(self, seq, *args)
-        cached.append(seq.num_cached_tokens)
-
-    with monkeypatch.context() as m:
-        m.setattr(Scheduler, "preempt", spy_preempt)
-        m.setattr(BlockManager, "allocate", spy_allocate)
-        outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
-    return [o["token_ids"] for o in outs], preempted, cached
-
-
 class TestSharedEngine:
     @pytest.fixture(scope="class")
     @classmethod
@@ -65,7 +43,7 @@ class TestSharedEngine:
         one TP=2 engine shared by the tests of this class."""
         with pytest.MonkeyPatch.context() as mp:
             ref = LLM(qwen3_tied, **ENGINE)
-            reference = _generate_spied(ref, mp)
+            reference = generate_spied(ref, _prompts(), GREEDY, mp)
             ref.exit()
         llm = LLM(qwen3_tied, **ENGINE, **TP)
         yield llm, reference
@@ -73,7 +51,7 @@ class TestSharedEngine:
 
     def test_greedy_tokens_match_tp1(self, engines, monkeypatch):
         llm, (ref_tokens, ref_preempted, ref_cached) = engines
-        tokens, preempted, cached = _generate_spied(llm, monkeypatch)
+        tokens, preempted, cached = generate_spied(llm, _prompts(), GREEDY, monkeypatch)
         assert ref_preempted and preempted, "the cache was meant to be too small: no preemption happened"
         assert max(cached) >= 32 and max(ref_cached) >= 32, "the shared prefix was meant to hit the cache"
         assert tokens == ref_tokens

@@ -14,12 +14,10 @@ import transformers
 from safetensors.torch import save_file
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.scheduler import Scheduler
 from nanovllm.layers.fused_moe import FusedMoE
 from nanovllm.models.qwen3 import Qwen3MLP
 from nanovllm.models.registry import check_model_config
-from tests.conftest import TINY, hf_greedy, load_hf_model, random_prompts, write_hf_checkpoint
+from tests.conftest import TINY, generate_spied, hf_greedy, load_hf_model, random_prompts, write_hf_checkpoint
 from tests.models.test_qwen3 import our_logits
 
 MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
@@ -41,6 +39,7 @@ FAMILIES = {
 # Sparse layers of each family (the others are dense MLPs).
 SPARSE = {"qwen3_moe_norm": [0], "qwen3_moe_plain": [1], "qwen2_moe": [0, 1], "mixtral": [0, 1]}
 GREEDY_TOKENS = 12
+GREEDY = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
 # Five prompts, two sharing a 32-token prefix (two full blocks of 16): in a cache of 10 blocks for up to
 # four sequences at once, decoding preempts some and the second of the pair hits the prefix cache.
 _BASE = random_prompts(4, [40, 23, 35, 9], seed=5)
@@ -58,30 +57,8 @@ def family(request, tmp_path_factory):
 
 def assert_greedy_matches(llm: LLM, hf) -> None:
     """PROMPTS in one batch, greedy: the tokens transformers' model gives."""
-    params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
-    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, GREEDY_TOKENS) for p in PROMPTS]
-
-
-def generate_spied(llm: LLM, prompts, monkeypatch):
-    """Greedy tokens, and whether any sequence was preempted / how many tokens came from the cache."""
-    preempted, cached = [], []
-    preempt, allocate = Scheduler.preempt, BlockManager.allocate
-
-    def spy_preempt(self, seq):
-        preempted.append(seq.seq_id)
-        return preempt(self, seq)
-
-    def spy_allocate(self, seq, *args):
-        allocate(self, seq, *args)
-        cached.append(seq.num_cached_tokens)
-
-    params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
-    with monkeypatch.context() as m:
-        m.setattr(Scheduler, "preempt", spy_preempt)
-        m.setattr(BlockManager, "allocate", spy_allocate)
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    return [o["token_ids"] for o in outs], preempted, cached
 
 
 @pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
@@ -98,7 +75,7 @@ def test_logits_and_batched_greedy_match_transformers(family, monkeypatch):
             with torch.no_grad():
                 ref = hf(torch.tensor([prompt])).logits[0]
             torch.testing.assert_close(our_logits(llm, prompt), ref, rtol=1e-4, atol=1e-4)
-        tokens, preempted, cached = generate_spied(llm, PROMPTS, monkeypatch)
+        tokens, preempted, cached = generate_spied(llm, PROMPTS, GREEDY, monkeypatch)
         assert preempted, "the cache was meant to be too small: no preemption happened"
         assert max(cached) >= 32, "the shared prefix was meant to hit the cache"
         assert tokens == [hf_greedy(hf, p, GREEDY_TOKENS) for p in PROMPTS]
