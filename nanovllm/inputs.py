@@ -109,3 +109,19 @@ def parse_prompts(prompts) -> list[ParsedPrompt]:
     if _is_single_token_prompt(prompts):
         return [parse_prompt(prompts)]
     return [parse_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+
+
+def prompt_token_ids(prompt: ParsedPrompt, tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
+    """The token ids a model is fed for `prompt` (its own ids, or its text tokenized by `tokenizer`),
+    checked against the model: at least one token, every id in [0, vocab_size), at most max_model_len
+    of them; ValueError naming the problem otherwise. Shared by the engine and the data-parallel driver,
+    which checks prompts before any replica sees them."""
+    token_ids = prompt.token_ids if prompt.token_ids is not None else tokenizer.encode(prompt.text)
+    if not token_ids:
+        raise ValueError("the prompt is empty: at least one token is needed")
+    if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+        bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if len(token_ids) > max_model_len:
+        raise ValueError(f"the prompt has {len(token_ids)} tokens, more than max_model_len={max_model_len}")
+    return token_ids

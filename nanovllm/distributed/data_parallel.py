@@ -27,7 +27,7 @@ from nanovllm.distributed.placement import place_replicas, remove_groups, replic
 from nanovllm.distributed.ray_utils import connect, import_ray, uses_gpus
 from nanovllm.distributed.replica import EngineReplica, WorkItem
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.inputs import ParsedPrompt, parse_prompts
+from nanovllm.inputs import ParsedPrompt, parse_prompts, prompt_token_ids
 from nanovllm.models.registry import check_model_config
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams, params_per_prompt
@@ -56,9 +56,8 @@ class DataParallelLLM:
     """What `LLM(model, data_parallel_size=N > 1, ...)` returns (module docstring). Other keywords are
     the engine's, given to every replica."""
 
-    # The engine's checks of token ids and lengths, and its chat templating, run on the driver over the
-    # same attributes (config, tokenizer, vocab_size; generate); the sampling checks run on a replica.
-    _token_ids = LLMEngine._token_ids
+    # The engine's chat templating runs on the driver over the same attributes (tokenizer; generate), as
+    # do its checks of token ids and lengths (prompt_token_ids); the sampling checks run on a replica.
     chat = LLMEngine.chat
 
     def __init__(self, model: str | None = None, **kwargs):
@@ -186,7 +185,8 @@ class DataParallelLLM:
         """Every request checked as one engine checks it before anything is sent (a bad one: nothing
         is); returns the work and the request ids."""
         params = params_per_prompt(sampling_params, self._default_params, len(parsed))
-        token_ids = [self._token_ids(prompt) for prompt in parsed]
+        max_model_len = self.config.max_model_len
+        token_ids = [prompt_token_ids(p, self.tokenizer, self.vocab_size, max_model_len) for p in parsed]
         checked = self._check_params([(len(ids), sp) for ids, sp in zip(token_ids, params)])
         work: list[WorkItem] = [(p.text, ids, sp) for p, ids, sp in zip(parsed, token_ids, checked)]
         with self._lock:

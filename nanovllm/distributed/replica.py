@@ -98,10 +98,7 @@ class EngineReplica:
         checked = []
         try:
             for num_prompt_tokens, params in requests:
-                params = engine._check_params(params, num_prompt_tokens)
-                if params.structured_outputs is not None:
-                    engine._structured.compile(params.structured_outputs)  # ValueError if invalid
-                checked.append(params)
+                checked.append(engine.validate_request(params, num_prompt_tokens))
         except (ValueError, TypeError) as e:
             return e
         return checked
@@ -113,7 +110,7 @@ class EngineReplica:
         parsed = [ParsedPrompt(text, token_ids) for text, token_ids, _ in work]
         collector = _StreamPieces(len(work)) if mode == "stream" else _FinishedCollector(len(work))
         # The engine's own batch entry point (as generate/stream): validates every request, then queues.
-        requests = engine._submit(parsed, [params for _, _, params in work], collector)
+        requests = engine.add_requests(parsed, [params for _, _, params in work], collector)
         with self._lock:
             self.requests_run += len(requests)
         yield [request.request_id for request in requests]
@@ -127,9 +124,9 @@ class EngineReplica:
 
         try:
             while True:
-                engine._drive(ready)
+                engine.run_until(ready)
                 if run_id in self._cancelled:
-                    engine._abort_mine(requests)
+                    engine.abort_owned_requests(requests)
                     return
                 # Read the count first: a request's items are queued before it counts as finished (an abort
                 # from another thread may finish one while this thread drains).
@@ -140,7 +137,7 @@ class EngineReplica:
                 if all_done:
                     return
         except BaseException:
-            engine._abort_mine(requests)
+            engine.abort_owned_requests(requests)
             raise
         finally:
             with self._lock:

@@ -191,13 +191,12 @@ class AsyncLLM:
     ) -> "RequestStream":
         """Queue a request; returns once the engine has accepted it (ValueError/TypeError for bad input,
         raised here), as an async iterator of its updates. Closing it early aborts the request."""
-        constraint = getattr(sampling_params, "structured_outputs", None)
-        if constraint is not None:
+        if getattr(sampling_params, "structured_outputs", None) is not None:
             # Compile the grammar in a worker thread, before the engine thread sees the request: a
             # large schema then stalls neither the event loop nor the running streams' steps. The
             # grammars are cached by constraint, so the engine's own compile finds it (an invalid
             # one is the same ValueError, raised here).
-            await asyncio.to_thread(self.engine._structured.compile, constraint)
+            await asyncio.to_thread(self.engine.compile_constraint, sampling_params)
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._streams:

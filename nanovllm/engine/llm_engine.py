@@ -33,7 +33,7 @@ from nanovllm.engine.request import Request
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.tp import create_model_runner
-from nanovllm.inputs import ParsedPrompt, PromptType, parse_prompt, parse_prompts
+from nanovllm.inputs import ParsedPrompt, PromptType, parse_prompt, parse_prompts, prompt_token_ids
 from nanovllm.layers.logits_processor import check_vocab
 from nanovllm.layers.rotary_embedding import rope_is_length_dependent
 from nanovllm.models.registry import check_model_config, kv_release_window
@@ -221,20 +221,7 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def _token_ids(self, prompt: ParsedPrompt) -> list[int]:
-        if prompt.token_ids is not None:
-            token_ids = prompt.token_ids
-        else:
-            token_ids = self.tokenizer.encode(prompt.text)
-        if not token_ids:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
-            bad = next(t for t in token_ids if not 0 <= t < self.vocab_size)
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(token_ids) > self.config.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens, more than max_model_len={self.config.max_model_len}"
-            )
-        return token_ids
+        return prompt_token_ids(prompt, self.tokenizer, self.vocab_size, self.config.max_model_len)
 
     def _check_params(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
         """Refuse what this engine cannot serve; returns the engine's own copy of `params` (a caller
@@ -589,6 +576,54 @@ class LLMEngine:
         requests = [self._make_request(p, sp, owner, i) for i, (p, sp) in enumerate(zip(parsed, params))]
         self._enqueue(requests)
         return requests
+
+    # ---- for front ends (AsyncLLM, the Ray replicas and driver) ----------------------------------
+    # What a front end needs beyond generate/stream/add_request: the engine's own checks, ahead of
+    # queueing, and the batch entry points generate and stream are built on.
+
+    def validate_request(self, sampling_params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
+        """The checks `generate` runs on a request of `num_prompt_tokens` prompt tokens before queueing
+        it: its sampling parameters (values, vocabulary, KV-cache fit) and its structured-output
+        constraint (compiled and cached). Returns the engine's own copy of `sampling_params` (an
+        unseeded one gets its seed here when the engine has one, in call order); ValueError/TypeError
+        naming the problem otherwise. Queues nothing."""
+        params = self._check_params(sampling_params, num_prompt_tokens)
+        self.compile_constraint(params)
+        return params
+
+    def compile_constraint(self, sampling_params: SamplingParams | None):
+        """Compile `sampling_params.structured_outputs` ahead of its request (a large schema can take a
+        while; a front end may do it off its event loop). The grammar is cached by constraint, so the
+        request's own compile later finds it. Returns the grammar, or None when there is no constraint;
+        an invalid schema, regex or grammar is a ValueError."""
+        if sampling_params is None:
+            return None
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        if sampling_params.structured_outputs is None:
+            return None
+        return self._structured.compile(sampling_params.structured_outputs)
+
+    def add_requests(self, prompts: list[ParsedPrompt], sampling_params, owner) -> list[Request]:
+        """Validate every prompt (as `parse_prompts` returns them) with its sampling parameters (one
+        for all, one per prompt, or None for the defaults), then queue them all for `owner` (an object
+        with `on_update(request, finished)`; request.index is the prompt's position); a bad one leaves
+        nothing queued. Returns the requests; nothing steps until `run_until` (or `step`)."""
+        return self._submit(prompts, sampling_params, owner)
+
+    def run_until(
+        self, ready: Callable[[], bool], on_step: Callable[[int, float], None] | None = None
+    ) -> None:
+        """Step the engine until `ready()` is true, sharing the steps with other threads' callers
+        (while another thread steps, wait for its step instead). `on_step(num_tokens, seconds)` follows
+        each step this thread ran."""
+        self._drive(ready, on_step)
+
+    def abort_owned_requests(self, requests: list[Request]) -> None:
+        """Abort the unfinished ones of `requests` (from `add_requests`), after applying what can be
+        read of the steps in flight: what a caller does when it stops early or fails. Their owner gets
+        each aborted request as finished."""
+        self._abort_mine(requests)
 
     def generate(
         self,
