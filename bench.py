@@ -339,7 +339,9 @@ class StepTimeline:
             inside = [s for s in decode if s["rows"] >= low and (high is None or s["rows"] <= high)]
             if inside:
                 gpu = sum(s["gpu_s"] for s in inside)
-                moved = sum(step_weights(s["rows"]) + (s["context"] + s["rows"]) * kv_token_bytes for s in inside)
+                moved = sum(
+                    step_weights(s["rows"]) + (s["context"] + s["rows"]) * kv_token_bytes for s in inside
+                )
                 floor = moved / bandwidth if bandwidth else None
                 buckets.append(
                     {

@@ -66,7 +66,9 @@ def main() -> None:
     torch.manual_seed(0)
     defaults = {name: getattr(sg, name) for name in SWEEP}
     rows_out = []
-    print(f"{'shape':>14} {'M':>3} {'cuBLAS us':>10} {'TB/s':>6} {'skinny us':>10} {'TB/s':>6} {'speedup':>8}")
+    print(
+        f"{'shape':>14} {'M':>3} {'cuBLAS us':>10} {'TB/s':>6} {'skinny us':>10} {'TB/s':>6} {'speedup':>8}"
+    )
     for name, (k, n) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         weights = [w] + [w.clone() for _ in range(REPEATS - 1)]
@@ -78,8 +80,8 @@ def main() -> None:
             err = (got.float() - ref.float()).abs().max().item()
             if err > 2e-2 * ref.float().abs().max().item():
                 raise SystemExit(f"{name} M={m}: skinny_gemm differs from F.linear by {err}")
-            t_cublas = graph_time(lambda w: F.linear(x, w), weights)
-            t_skinny = graph_time(lambda w: sg.skinny_gemm(x, w), weights)
+            t_cublas = graph_time(lambda w, x=x: F.linear(x, w), weights)
+            t_skinny = graph_time(lambda w, x=x: sg.skinny_gemm(x, w), weights)
             row = {"shape": name, "m": m, "cublas_us": t_cublas, "skinny_us": t_skinny, "bytes": nbytes}
             if args.sweep and m in SWEEP_ROWS:
                 best = (t_skinny, dict(defaults))
@@ -88,7 +90,7 @@ def main() -> None:
                     for key, value in cfg.items():
                         setattr(sg, key, value)
                     try:
-                        t = graph_time(lambda w: sg.skinny_gemm(x, w), weights)
+                        t = graph_time(lambda w, x=x: sg.skinny_gemm(x, w), weights)
                     except Exception:  # noqa: BLE001 - out of resources: skip the configuration
                         continue
                     if t < best[0]:

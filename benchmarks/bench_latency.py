@@ -27,7 +27,9 @@ import bench  # noqa: E402  (the repository root's bench.py: model lookup, bandw
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=bench.DEFAULT_MODEL, help=f"model directory or one of {bench.BUILTIN_MODELS}")
+    p.add_argument(
+        "--model", default=bench.DEFAULT_MODEL, help=f"model directory or one of {bench.BUILTIN_MODELS}"
+    )
     p.add_argument("--engine", choices=("nanovllm", "vllm"), default="nanovllm", help="engine to time")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens")
     p.add_argument("--output-len", type=int, default=1024, help="output tokens (ignore_eos)")
@@ -116,7 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    floor = f", floor {floor_ms:.3f} ms (weights once at copy bandwidth: {floor_ms / ms_per_token:.0%})" if floor_ms else ""
+    floor = (
+        f", floor {floor_ms:.3f} ms (weights once at copy bandwidth: {floor_ms / ms_per_token:.0%})"
+        if floor_ms
+        else ""
+    )
     print(
         f"Latency {args.engine}: prompt {args.prompt_len}, output {args.output_len}: first token "
         f"{1e3 * ttft:.1f} ms, {ms_per_token:.3f} ms/token{floor}"

@@ -95,7 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PATH",
         help=f"write a Chrome trace of {PROFILE_STEPS} more decode steps here",
     )
-    p.add_argument("--top-kernels", type=int, default=25, help="kernels listed from the --torch-profile steps")
+    p.add_argument(
+        "--top-kernels", type=int, default=25, help="kernels listed from the --torch-profile steps"
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     return p.parse_args(argv)
 
@@ -185,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         prof.export_chrome_trace(args.torch_profile)
         print(f"Wrote a torch.profiler trace of {PROFILE_STEPS} decode steps to {args.torch_profile}")
         if cuda:  # where the GPU time of those steps goes, kernel by kernel
-            sort = "device_time_total" if hasattr(prof.key_averages()[0], "device_time_total") else "cuda_time_total"
-            print(prof.key_averages().table(sort_by=sort, row_limit=args.top_kernels, max_name_column_width=60))
+            averages = prof.key_averages()
+            sort = "device_time_total" if hasattr(averages[0], "device_time_total") else "cuda_time_total"
+            print(averages.table(sort_by=sort, row_limit=args.top_kernels, max_name_column_width=60))
 
     weight_bytes = bench.param_bytes(runner.model)
     elem = torch.empty(0, dtype=runner.dtype).element_size()

@@ -25,7 +25,14 @@ import nanovllm.kernels.tuning as tuning
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, MAX_MODEL_LEN = 16, 8, 128, 256, 4096
 DTYPE = torch.bfloat16
 # (batch, low, high): contexts uniform in [low, high] per sequence.
-SHAPES = [(256, 200, 1600), (128, 400, 1800), (64, 600, 2000), (32, 800, 2000), (8, 1000, 2048), (1, 1500, 2048)]
+SHAPES = [
+    (256, 200, 1600),
+    (128, 400, 1800),
+    (64, 600, 2000),
+    (32, 800, 2000),
+    (8, 1000, 2048),
+    (1, 1500, 2048),
+]
 KERNEL_GRID = {"DECODE_TILE_N": (32, 64, 128), "DECODE_NUM_WARPS": (2, 4, 8), "DECODE_NUM_STAGES": (2, 3, 4)}
 SPLIT_GRID = {"DECODE_PROGRAMS_PER_SM": (1, 2, 4, 8, 16), "DECODE_MIN_TOKENS_PER_SPLIT": (64, 128, 256, 512)}
 
@@ -114,9 +121,7 @@ def main() -> None:
             print(f"{shape}: no configuration ran correctly: {rows[:3]}", flush=True)
             continue
         best = min(ok, key=lambda r: r["us"])
-        default_row = next(
-            (r for r in ok if all(r[k] == defaults[k] for k in grid)), None
-        )
+        default_row = next((r for r in ok if all(r[k] == defaults[k] for k in grid)), None)
         split_rows = []
         kernel = {k: best[k] for k in grid}
         for values in itertools.product(*SPLIT_GRID.values()):

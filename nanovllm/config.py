@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from nanovllm.quantization import QuantizationConfig, get_quantization_config
 from nanovllm.layers.rotary_embedding import rope_max_position
+from nanovllm.quantization import QuantizationConfig, get_quantization_config
 from nanovllm.utils.hub import TOKENIZER_FILE_PATTERNS, resolve_model_path
 from nanovllm.utils.tokenizer import check_tokenizer_files
 

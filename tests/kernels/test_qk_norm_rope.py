@@ -51,7 +51,9 @@ def test_matches_unfused_ops(dtype, norm, shape) -> None:
         rope = get_rope(head_dim, 4096, {"rope_theta": 1e6, "rope_type": "default"})
     qw = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE) if norm else None
     kw = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE) if norm else None
-    ref_q, ref_k, ref_v = _reference(qkv.clone(), positions, rope.cos_sin_cache, heads, kv_heads, head_dim, qw, kw, 1e-6)
+    ref_q, ref_k, ref_v = _reference(
+        qkv.clone(), positions, rope.cos_sin_cache, heads, kv_heads, head_dim, qw, kw, 1e-6
+    )
     v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
     padding_before = base[:, width:].clone()
     qk_norm_rope(qkv, positions, rope.cos_sin_cache, heads, kv_heads, head_dim, qw, kw, 1e-6)
@@ -92,8 +94,14 @@ def test_fused_attention_forward_equals_unfused(qk_norm) -> None:
     from nanovllm.models.qwen3 import Qwen3Attention
 
     cfg = SimpleNamespace(
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, hidden_size=1024,
-        attention_bias=False, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        hidden_size=1024,
+        attention_bias=False,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
     )
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -104,16 +112,19 @@ def test_fused_attention_forward_equals_unfused(qk_norm) -> None:
     positions = torch.randint(0, 4096, (37,), device="cuda")
     qkv = attn.qkv_proj(x)
     q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    ref_q, ref_k = attn._norm_and_rotate(
-        positions, q.reshape(-1, 16, 128), k.reshape(-1, 8, 128)
-    )
+    ref_q, ref_k = attn._norm_and_rotate(positions, q.reshape(-1, 16, 128), k.reshape(-1, 8, 128))
     from nanovllm.kernels.qk_norm_rope import qk_norm_rope
 
     norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if qk_norm else (None, None)
     qk_norm_rope(qkv, positions, attn.rotary_emb.cos_sin_cache, 16, 8, 128, *norm)
-    torch.testing.assert_close(qkv[:, : attn.q_size].reshape(-1, 16, 128).float(), ref_q.float(), atol=6e-2, rtol=2e-2)
     torch.testing.assert_close(
-        qkv[:, attn.q_size : attn.q_size + attn.kv_size].reshape(-1, 8, 128).float(), ref_k.float(), atol=6e-2, rtol=2e-2
+        qkv[:, : attn.q_size].reshape(-1, 16, 128).float(), ref_q.float(), atol=6e-2, rtol=2e-2
+    )
+    torch.testing.assert_close(
+        qkv[:, attn.q_size : attn.q_size + attn.kv_size].reshape(-1, 8, 128).float(),
+        ref_k.float(),
+        atol=6e-2,
+        rtol=2e-2,
     )
 
 
@@ -126,8 +137,15 @@ def test_fused_path_only_where_the_kernel_applies() -> None:
 
     def attn(head_dim, **rope):
         cfg = SimpleNamespace(
-            num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, hidden_size=256,
-            attention_bias=False, max_position_embeddings=256, rope_theta=1e4, rms_norm_eps=1e-6, **rope,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=head_dim,
+            hidden_size=256,
+            attention_bias=False,
+            max_position_embeddings=256,
+            rope_theta=1e4,
+            rms_norm_eps=1e-6,
+            **rope,
         )
         return Qwen3Attention(cfg)
 

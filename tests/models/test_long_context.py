@@ -195,7 +195,7 @@ def test_window_prefix_cache_hits_and_preemption(checkpoint):
         )
         preempted = []
         preempt = small.scheduler.preempt
-        small.scheduler.preempt = lambda s: (preempted.append(s.seq_id), preempt(s))[1]  # count, then preempt
+        small.scheduler.preempt = lambda s, log=preempted, inner=preempt: (log.append(s.seq_id), inner(s))[1]
         try:
             assert greedy(small, short, 100) == expected
             assert preempted  # three windows of 3-4 blocks do not fit in 7
@@ -209,7 +209,9 @@ def test_window_prefix_cache_hits_and_preemption(checkpoint):
     [
         pytest.param({}, id="cpu"),
         *(
-            pytest.param(dict(device="cuda", dtype="float32", attention_backend=b), marks=pytest.mark.cuda, id=b)
+            pytest.param(
+                dict(device="cuda", dtype="float32", attention_backend=b), marks=pytest.mark.cuda, id=b
+            )
             for b in ("triton", "torch")
         ),
     ],
