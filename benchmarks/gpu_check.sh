@@ -141,7 +141,11 @@ for part in $parts; do
       summary+=("long vllm: $(grep -E '^(long|batch)' "$OUT/long_context_vllm.log" | paste -sd';')") ;;
     ray)  # Ray replicas: their tests (CPU replicas) and bench_ray.py, plain engine vs one Ray replica on one GPU
       # Ray is not on the GPU machine: carry .raywheel/ray312_site.tar.xz (Ray 2.60 for cp312, 39 MB, unpacked
-      # onto PYTHONPATH after the machine's own packages).
+      # onto PYTHONPATH after the machine's own packages). Build it here: `pip download --no-deps
+      # --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 ray==2.60.0 msgpack protobuf
+      # click jsonschema jsonschema-specifications referencing rpds-py attrs`, `pip install --no-deps --target
+      # site` those wheels, delete site/ray/jars and site/ray/rllib, then `tar -cJf ray312_site.tar.xz -C site .`
+      # (the whole wheel, 79 MB, is over one call's 64 MiB carry).
       if ! python3 -c "import ray" 2>/dev/null && [ -f .raywheel/ray312_site.tar.xz ]; then
         mkdir -p /tmp/ray_site && tar -xJf .raywheel/ray312_site.tar.xz -C /tmp/ray_site
         export PYTHONPATH="$PYTHONPATH:/tmp/ray_site"
