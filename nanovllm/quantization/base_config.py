@@ -38,7 +38,8 @@ A `LinearMethodBase` owns the layer's parameters and its matmul:
   Row-parallel layers pass bias only on rank 0 and all-reduce the result themselves.
 
 `UnquantizedLinearMethod` is the default: one `weight` [sum(output_partition_sizes), input] in the
-model dtype and `F.linear` (the unquantized path adds nothing to the forward pass).
+model dtype and `F.linear`, except for a few rows on a GPU through a layer whose input is at least as wide as
+its output, where the split-K `kernels/skinny_gemm.py` reads the weight faster than cuBLAS.
 """
 
 from abc import ABC, abstractmethod
@@ -48,6 +49,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nanovllm.kernels.skinny_gemm import prefers_skinny, skinny_gemm
 
 
 def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
@@ -113,7 +116,11 @@ class UnquantizedLinearMethod(LinearMethodBase):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer, x, bias=None):
-        return F.linear(x, layer.weight, bias)
+        weight = layer.weight
+        if prefers_skinny(x, weight):  # a small decode batch through o_proj / down_proj on a GPU
+            out = skinny_gemm(x.reshape(-1, x.shape[-1]), weight, bias)
+            return out.view(*x.shape[:-1], weight.shape[0])
+        return F.linear(x, weight, bias)
 
 
 class QuantizationConfig(ABC):

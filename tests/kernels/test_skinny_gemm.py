@@ -16,7 +16,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 @interpreter_test
 def test_under_triton_interpreter() -> None:
-    run_file_under_interpreter(__file__, 20, exact=True)
+    run_file_under_interpreter(__file__, 21, exact=True)
 
 
 @direct
@@ -62,3 +62,43 @@ def test_bad_inputs_are_value_errors() -> None:
         skinny_gemm(torch.zeros(2, 16, device=DEVICE, dtype=torch.float16), w)
     with pytest.raises(ValueError, match="bias"):
         skinny_gemm(torch.zeros(2, 16, device=DEVICE), w, torch.zeros(7, device=DEVICE))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="the engine takes this path on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_layers_take_it_where_it_wins(dtype) -> None:
+    """UnquantizedLinearMethod routes few rows through K >= N weights here, and everything else to
+    F.linear; both give F.linear's result (within the dtype's rounding), for 2-D and 3-D inputs."""
+    from torch import nn
+
+    from nanovllm.kernels.skinny_gemm import ENGINE_MAX_ROWS, prefers_skinny
+    from nanovllm.quantization.base_config import UnquantizedLinearMethod
+
+    method = UnquantizedLinearMethod()
+    gen = torch.Generator().manual_seed(3)
+    for n, k, rows, expected in [
+        (1024, 2048, 1, True),  # o_proj shapes
+        (1024, 3072, ENGINE_MAX_ROWS, True),  # down_proj
+        (1024, 3072, ENGINE_MAX_ROWS + 1, False),
+        (4096, 1024, 1, False),  # qkv: cuBLAS is faster
+    ]:
+        layer = nn.Module()
+        layer.weight = nn.Parameter(torch.randn(n, k, generator=gen).to(dtype).cuda(), requires_grad=False)
+        bias = torch.randn(n, generator=gen).to(dtype).cuda()
+        x = torch.randn(rows, k, generator=gen).to(dtype).cuda()
+        assert prefers_skinny(x, layer.weight) == expected, (n, k, rows)
+        assert not prefers_skinny(x.float(), layer.weight.float())
+        ref = torch.nn.functional.linear(x.float(), layer.weight.float(), bias.float())
+        scale = ref.abs().max().item()
+        for inp in (x, x.view(1, rows, k)):
+            out = method.apply(layer, inp, bias)
+            assert out.shape == (*inp.shape[:-1], n) and out.dtype == dtype
+            torch.testing.assert_close(out.reshape(rows, n).float(), ref, atol=TOL[dtype] * scale, rtol=0)
+
+
+def test_cpu_inputs_stay_on_torch() -> None:
+    from nanovllm.kernels.skinny_gemm import prefers_skinny
+
+    x, w = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(32, 64, dtype=torch.bfloat16)
+    assert not prefers_skinny(x, w)
