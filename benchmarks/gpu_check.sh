@@ -3,6 +3,14 @@
 #   bash benchmarks/gpu_check.sh [tests | tests-engine tests-models] [kernels] [bench] [bench-extra] [baseline] [peers]
 #                                [tp-tests] [tp-small] [tp-8b] [structured] [serve] [moe | moe-tests moe-kernel moe-bench]
 #                                [int4 | int4-tests int4-bench] [int4-8b] [long] [long-vllm]   (default: tests kernels bench)
+#                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
+# `tests-shards` runs the whole GPU suite as three pytest processes at once, each verbose (a test per line, so
+# a run that TEST_TIMEOUT cuts still names what passed) and bounded by TEST_TIMEOUT seconds (default 500).
+# vLLM (a peer, never a dependency) comes from ../shared/vllm-bundle in up to three calls on a warm machine:
+# carry its parts as .vb1/ (chunk.aa), .vb2/ (chunk.ab, SHA256SUMS, install.sh) and .vbmoe/
+# (optional_moe_C.tar.xz), one or two per call, each call starting with `vllm-stage`, which keeps what
+# came in /root/vllm_bundle, installs vLLM once every chunk is there and adds the MoE kernels when they come.
+# `vllm-peers` then times vLLM on the reference workload and single stream; `moe-vllm` on the 30B-A3B shapes.
 # `long`: the long-context GPU tests and bench_long_context.py (128K prompt, 16 x 32K, decode kernel at 32K/128K,
 # a sliding-window model's blocks vs length); `long-vllm` the same requests through vLLM (bundle installed).
 # `int4` runs the AWQ/GPTQ GPU tests and bench_w4a16.py --sweep (a few minutes each); `int4-8b` times batch-1 decode
@@ -25,6 +33,9 @@ export NANOVLLM_CACHE=${NANOVLLM_CACHE:-/tmp/nanovllm-cache}
 parts=${*:-tests kernels bench}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 summary=()
+vllm_env() {  # run a command with the bundle's vLLM importable (and kept off the network)
+  PYTHONPATH="/root/vllm_site:$PYTHONPATH" VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 "$@"
+}
 for part in $parts; do
   case $part in
     tests)  # the whole GPU suite takes over 6 minutes: tests-engine and tests-models split it in two
@@ -36,6 +47,49 @@ for part in $parts; do
     tests-models)
       python3 -m pytest -q -m cuda tests/models 2>&1 | tee "$OUT/pytest_cuda_models.log" | tail -25
       summary+=("tests/models: $(tail -1 "$OUT/pytest_cuda_models.log")") ;;
+    tests-shards)
+      if [ -d .whl ] && ! python3 -c "import xgrammar" 2>/dev/null; then  # the structured-output tests' xgrammar
+        pip install -q --no-index --find-links .whl xgrammar jsonschema 2>&1 | tail -2
+      fi
+      t=${TEST_TIMEOUT:-500}
+      timeout "$t" python3 -m pytest -v -m cuda tests/kernels > "$OUT/pytest_shard_kernels.log" 2>&1 &
+      timeout "$t" python3 -m pytest -v -m cuda tests/quantization tests/layers tests/structured_output \
+        > "$OUT/pytest_shard_quant.log" 2>&1 &
+      timeout "$t" python3 -m pytest -v -m cuda tests --ignore=tests/kernels --ignore=tests/quantization \
+        --ignore=tests/layers --ignore=tests/structured_output > "$OUT/pytest_shard_rest.log" 2>&1 &
+      wait
+      for shard in kernels quant rest; do
+        log="$OUT/pytest_shard_$shard.log"
+        grep -E "(FAILED|ERROR)( |$)" "$log" | grep "::" | head -20
+        summary+=("tests $shard: $(grep -c ' PASSED' "$log") passed, $(grep -c ' FAILED' "$log") failed, \
+$(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $(tail -1 "$log")")
+      done ;;
+    latency)  # single stream, Qwen3-0.6B shapes: prompt 256, 512 tokens
+      python3 benchmarks/bench_latency.py --model qwen3-0.6b-random --prompt-len 256 --output-len 512 \
+        --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" | tail -4
+      summary+=("latency: $(tail -1 "$OUT/latency.log")") ;;
+    vllm-stage)
+      mkdir -p /root/vllm_bundle
+      for d in .vb1 .vb2 .vbmoe; do [ -d $d ] && cp $d/* /root/vllm_bundle/; done
+      ls /root/vllm_bundle
+      if [ ! -d /root/vllm_site/vllm ] && [ -f /root/vllm_bundle/chunk.aa ] && [ -f /root/vllm_bundle/chunk.ab ]; then
+        bash /root/vllm_bundle/install.sh 2>&1 | tail -4
+      elif [ -d /root/vllm_site/vllm ] && [ -f /root/vllm_bundle/optional_moe_C.tar.xz ] \
+          && ! ls /root/vllm_site/vllm/_moe_C* >/dev/null 2>&1; then
+        tar -xJf /root/vllm_bundle/optional_moe_C.tar.xz -C /root/vllm_site && ls /root/vllm_site/vllm/_moe_C*
+      fi
+      summary+=("vllm: $([ -d /root/vllm_site/vllm ] && echo installed || echo 'not installed yet')") ;;
+    vllm-peers)  # vLLM on the reference workload and single stream (after vllm-stage installed it)
+      vllm_env python3 bench.py --engine vllm --json "$OUT/bench_vllm.json" 2>&1 | tee "$OUT/bench_vllm.log" \
+        | grep -E "^(Floor|Total)"
+      summary+=("bench vllm: $(grep -E '^(Total|Floor)' "$OUT/bench_vllm.log" | paste -sd';')")
+      vllm_env python3 benchmarks/bench_latency.py --engine vllm --model qwen3-0.6b-random --prompt-len 256 \
+        --output-len 512 --json "$OUT/latency_vllm.json" 2>&1 | tee "$OUT/latency_vllm.log" | tail -4
+      summary+=("latency vllm: $(tail -1 "$OUT/latency_vllm.log")") ;;
+    moe-vllm)  # vLLM on the Qwen3-30B-A3B shapes (dummy weights; needs the bundle's MoE kernels, .vbmoe)
+      vllm_env python3 bench.py --engine vllm --model qwen3-30b-a3b-random --json "$OUT/bench_moe_vllm.json" \
+        2>&1 | tee "$OUT/bench_moe_vllm.log" | grep -E "^(Mixture|Floor|Total)"
+      summary+=("bench vllm qwen3-30b-a3b-random: $(grep -E '^(Total|Floor)' "$OUT/bench_moe_vllm.log" | paste -sd';')") ;;
     kernels)
       python3 benchmarks/bench_attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -30
       python3 benchmarks/bench_sampler.py 2>&1 | tee "$OUT/sampler.log" | tail -6
@@ -136,7 +190,7 @@ for part in $parts; do
         | grep -v "Loading weights" | tee "$OUT/long_context.log" | tail -12
       summary+=("long: $(grep -E '^(long|batch|decode kernel 1 x 131072)' "$OUT/long_context.log" | paste -sd';')") ;;
     long-vllm)  # the same long/batch parts through vLLM (install the bundle first, see its README)
-      python3 benchmarks/bench_long_context.py --engine vllm --parts long,batch --json "$OUT/long_context_vllm.json" \
+      vllm_env python3 benchmarks/bench_long_context.py --engine vllm --parts long,batch --json "$OUT/long_context_vllm.json" \
         2>&1 | grep -vE "Loading weights|INFO|WARNING" | tee "$OUT/long_context_vllm.log" | tail -6
       summary+=("long vllm: $(grep -E '^(long|batch)' "$OUT/long_context_vllm.log" | paste -sd';')") ;;
     ray)  # Ray replicas: their tests (CPU replicas) and bench_ray.py, plain engine vs one Ray replica on one GPU
@@ -189,7 +243,7 @@ for part in $parts; do
     fp8-vllm)  # vLLM with its FP8 KV cache (and FP8 weights) on the reference workload (install the bundle first)
       for opts in "--kv-cache-dtype fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
         name=vllm_fp8$(echo "$opts" | tr -d ' -')
-        python3 bench.py --engine vllm $opts --json "$OUT/bench_$name.json" 2>&1 | tee "$OUT/bench_$name.log" \
+        vllm_env python3 bench.py --engine vllm $opts --json "$OUT/bench_$name.json" 2>&1 | tee "$OUT/bench_$name.log" \
           | grep -E "^(Floor|Total)"
         summary+=("bench vllm $opts: $(grep -E '^(Total|Floor)' "$OUT/bench_$name.log" | paste -sd';')")
       done ;;
