@@ -9,16 +9,33 @@ largest logit with their token ids; a second kernel picks each row's best chunk.
 token id, as `torch.argmax` does; unlike `torch.argmax`, a NaN is never picked (a model that produces
 NaN logits is broken either way).
 
+Without keys, each loop iteration of a program takes its BLOCK logits as four quarter-blocks of BLOCK / 4,
+in column order, into accumulators of BLOCK / 4 lanes (so each lane meets its columns in increasing order
+and the tie rule holds); with keys, as one block.
+
 Noise: when the batch has keys (some row has a seed), the uniforms are the counter-based hash of
-`nanovllm.layers.sampler.hashed_uniform`, bit for bit. Otherwise they come from Philox (`tl.rand`),
-keyed by a 64-bit seed per row: a number drawn from torch's CPU generator for every call, times 2**20,
-plus the row index, so no two rows of any two calls share a stream (short of a 2**-40 coincidence).
+`nanovllm.layers.sampler.hashed_uniform`, bit for bit, and the score is computed as the torch draw does.
+Otherwise they come from Philox (`tl.randint4x`), keyed by a 64-bit seed per row: a number drawn from
+torch's CPU generator for every call, times 2**20, plus the row index, so no two rows of any two calls
+share a stream (short of a 2**-40 coincidence). One Philox evaluation gives four 32-bit outputs: at
+counter `offset / 4 + lane` (offset: the block's first column, a multiple of BLOCK) output q serves column
+`offset + q * BLOCK / 4 + lane`, so every column of a row has its own output, for a quarter of the Philox
+work of one evaluation per logit. The top 24 bits give v = 1 - u on the grid k / 2**24 (k = 1 .. 2**24,
+no rounding), and the race runs in base 2: score = x * log2(e) / T - log2(-log2 v), which is
+(x / T - log E) / ln 2 plus a constant for E = -ln v ~ Exp(1), so the same argmax (v = 1 gives
+-log2 v = 0, raised to MIN_EXPONENTIAL as in the hashed branch). The inner log2 is the accurate one (near
+v = 1, the smallest E and likeliest winners, an approximation's absolute error would swamp -log2 v); the
+outer one is the hardware's lg2.approx (FAST_LOG; about 2**-22 absolute error in the score), exact log2
+under the interpreter, which has no libdevice.
 """
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 BLOCK = 1024  # logits per loop iteration of one program
 NUM_WARPS = 4
@@ -35,6 +52,7 @@ _MIX = tl.constexpr(HASH_MULTIPLIER)  # a jit function reads only constexpr glob
 _MIN_EXP = tl.constexpr(MIN_EXPONENTIAL)
 _UNIFORM_SHIFT = tl.constexpr(32 - UNIFORM_BITS)
 _UNIFORM_SCALE = tl.constexpr(2.0**-UNIFORM_BITS)
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -61,8 +79,12 @@ def _draw_chunks_kernel(
     num_chunks,
     HAS_KEYS: tl.constexpr,
     HAS_THRESHOLDS: tl.constexpr,
+    FAST_LOG: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Philox: four parts of a block share each evaluation; the hashed noise takes the block whole.
+    PARTS: tl.constexpr = 1 if HAS_KEYS else 4
+    WIDTH: tl.constexpr = BLOCK // PARTS
     row = tl.program_id(0)
     part = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
@@ -70,37 +92,53 @@ def _draw_chunks_kernel(
     if HAS_KEYS:
         key0 = tl.load(keys_ptr + 2 * row).to(tl.uint32)
         key1 = tl.load(keys_ptr + 2 * row + 1).to(tl.uint32)
+    else:
+        row_seed = seed * 1048576 + row
+        scale = inv_t * _LOG2E
     if HAS_THRESHOLDS:
         threshold = tl.load(thresholds_ptr + row)
-    lanes = tl.arange(0, BLOCK)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK], tl.int32)
-    top = tl.full([BLOCK], float("-inf"), tl.float32)
-    top_idx = tl.zeros([BLOCK], tl.int32)
+    lanes = tl.arange(0, WIDTH)
+    best = tl.full([WIDTH], float("-inf"), tl.float32)
+    best_idx = tl.zeros([WIDTH], tl.int32)
+    top = tl.full([WIDTH], float("-inf"), tl.float32)
+    top_idx = tl.zeros([WIDTH], tl.int32)
     start = part * chunk
     end = tl.minimum(start + chunk, vocab)
     for offset in range(start, end, BLOCK):
-        cols = offset + lanes
-        inside = cols < end
-        x = tl.load(row_ptr + cols, mask=inside, other=float("-inf")).to(tl.float32)
-        if HAS_KEYS:
-            h = _mix32(cols.to(tl.uint32) ^ key0)
-            h = _mix32(h ^ key1)
-            uniform = (h >> _UNIFORM_SHIFT).to(tl.float32) * _UNIFORM_SCALE
-        else:
-            uniform = tl.rand(seed * 1048576 + row, cols)
-        noise = tl.maximum(-tl.log(1.0 - uniform), _MIN_EXP)
-        score = x * inv_t - tl.log(noise)
-        if HAS_THRESHOLDS:
-            score = tl.where(x < threshold, float("-inf"), score)
-        score = tl.where(inside, score, float("-inf"))
-        # Strictly greater: a lane keeps its first (smallest) token id among equal values.
-        better = score > best
-        best = tl.where(better, score, best)
-        best_idx = tl.where(better, cols, best_idx)
-        higher = x > top
-        top = tl.where(higher, x, top)
-        top_idx = tl.where(higher, cols, top_idx)
+        if not HAS_KEYS:
+            # offset is a multiple of BLOCK: counter offset / 4 + lane serves this block's columns
+            # offset + q * WIDTH + lane, output q for part q, and no other column of the row.
+            bits = tl.randint4x(row_seed, offset // 4 + lanes)
+        # The parts in column order: each lane still meets its columns in increasing order.
+        for q in tl.static_range(PARTS):
+            cols = offset + q * WIDTH + lanes
+            inside = cols < end
+            x = tl.load(row_ptr + cols, mask=inside, other=float("-inf")).to(tl.float32)
+            if HAS_KEYS:
+                h = _mix32(cols.to(tl.uint32) ^ key0)
+                h = _mix32(h ^ key1)
+                uniform = (h >> _UNIFORM_SHIFT).to(tl.float32) * _UNIFORM_SCALE
+                noise = tl.maximum(-tl.log(1.0 - uniform), _MIN_EXP)
+                score = x * inv_t - tl.log(noise)
+            else:
+                # v = 1 - u on the grid k / 2**24, k = 1 .. 2**24 (exact: no rounding of 1 - u), and
+                # noise = -log2(v) = E / ln 2; the score is (x / T - log E) / ln 2 plus a constant.
+                v = (bits[q] >> _UNIFORM_SHIFT).to(tl.float32) * _UNIFORM_SCALE + _UNIFORM_SCALE
+                noise = tl.maximum(-tl.log2(v), _MIN_EXP)  # accurate near v = 1 (small E: the winners)
+                if FAST_LOG:  # lg2.approx: abs. error ~2**-22 for noise in [0.5, 2], 2 ulp elsewhere
+                    score = x * scale - libdevice.fast_log2f(noise)
+                else:  # the interpreter has no libdevice
+                    score = x * scale - tl.log2(noise)
+            if HAS_THRESHOLDS:
+                score = tl.where(x < threshold, float("-inf"), score)
+            score = tl.where(inside, score, float("-inf"))
+            # Strictly greater: a lane keeps its first (smallest) token id among equal values.
+            better = score > best
+            best = tl.where(better, score, best)
+            best_idx = tl.where(better, cols, best_idx)
+            higher = x > top
+            top = tl.where(higher, x, top)
+            top_idx = tl.where(higher, cols, top_idx)
     big = 2147483647
     best_value = tl.max(best, axis=0)
     best_token = tl.min(tl.where(best == best_value, best_idx, big), axis=0)
@@ -189,6 +227,7 @@ def draw(logits: Tensor, temperatures: Tensor, keys: Tensor | None, thresholds: 
         num_chunks,
         HAS_KEYS=keys is not None,
         HAS_THRESHOLDS=thresholds is not None,
+        FAST_LOG=os.environ.get("TRITON_INTERPRET") != "1",  # the interpreter has no libdevice
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
+from tests.kernels.interpreter import (
+    DEVICE,
+    INTERPRET,
+    ON_GPU,
+    direct,
+    interpreter_test,
+    run_file_under_interpreter,
+)
 
 # bf16 matmuls are wrong under the numpy-backed interpreter (loads and copies are fine), so the
 # interpreter checks attention in fp32 and fp16 and the GPU in bf16 and fp16 (fp32 too: the engine uses it).
@@ -583,6 +590,65 @@ def test_draw_kernel_philox_noise_draws_the_right_distribution() -> None:
     b = draw(rows, ones[:100], None, None).cpu()
     torch.manual_seed(5)
     assert not torch.equal(a, b) and torch.equal(a, draw(rows, ones[:100], None, None).cpu())
+
+
+@direct
+def test_draw_kernel_philox_quarters_and_blocks_have_independent_noise() -> None:
+    """One Philox evaluation gives the uniforms of four columns a quarter-block apart (BLOCK / 4), so
+    columns j + k * BLOCK / 4 (k = 0 .. 7: both quarters' outputs and two blocks' counters) are the only
+    finite, equal logits of each row: each must win 1/8 of the rows. Shared or reused uniforms would tie
+    and hand the smaller token id every such draw. NaN and -inf logits around them are never picked."""
+    from nanovllm.kernels import draw as D
+
+    quarter = D.BLOCK // 4
+    n = 20000 if ON_GPU else 800
+    tolerance = 4.5 * math.sqrt((1 / 8) * (7 / 8) / n)
+    for j in (0, quarter - 1):  # the first and the last lane
+        candidates = j + quarter * torch.arange(8)
+        logits = torch.full((n, 2 * D.BLOCK), float("-inf"))
+        logits[:, 1::3] = float("nan")
+        logits[:, candidates] = 0.25
+        ones = torch.ones(n, device=DEVICE)
+        torch.manual_seed(j)
+        tokens = D.draw(logits.to(DEVICE), ones, None, None).cpu()
+        assert torch.isin(tokens, candidates).all(), tokens
+        counts = torch.bincount((tokens - j) // quarter, minlength=8).double() / n
+        assert torch.allclose(counts, torch.full((8,), 1 / 8, dtype=torch.float64), atol=tolerance), counts
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles for sm_90; run in the parent session")
+@pytest.mark.parametrize("has_thresholds", [False, True])
+@pytest.mark.parametrize("has_keys", [False, True])
+def test_draw_kernel_compiles_for_sm90(has_keys: bool, has_thresholds: bool) -> None:
+    """Compiled for an H200 (no GPU needed). Without keys one Philox evaluation per lane (10 rounds, two
+    32-bit high multiplies each, on quarter-block tensors) serves the four quarters of a block, and the
+    last log is the hardware's lg2.approx; the hashed branch has no Philox."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from nanovllm.kernels import draw as D
+
+    fn = D._draw_chunks_kernel
+    signature = dict(logits_ptr="*bf16", stride_row="i32", temps_ptr="*fp32", keys_ptr="*i64")
+    signature.update(thresholds_ptr="*fp32", seed="i64", score_out="*fp32", score_idx_out="*i32")
+    signature.update(max_out="*fp32", max_idx_out="*i32", vocab="i32", chunk="i32", num_chunks="i32")
+    constants = dict(HAS_KEYS=has_keys, HAS_THRESHOLDS=has_thresholds, FAST_LOG=True, BLOCK=D.BLOCK)
+    signature.update({name: "constexpr" for name in constants})
+    src = triton.compiler.ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()},
+    )
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=D.NUM_WARPS))
+    ttgir = kernel.asm["ttgir"]
+    mulhi = [line for line in ttgir.splitlines() if "tt.mulhiui" in line and "tensor<" in line]
+    if has_keys:
+        assert not mulhi
+    else:
+        # 20 at most: the first round's multiplies of the zero counter words may be folded to constants.
+        assert 10 < len(mulhi) <= 20, len(mulhi)
+        assert all(f"tensor<{D.BLOCK // 4}xi32" in line for line in mulhi), mulhi
+        assert "lg2.approx" in kernel.asm["ptx"]
 
 
 @direct
