@@ -20,7 +20,7 @@ from collections import deque
 import numpy as np
 import xxhash
 
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence
 
 # A block-table entry whose block was released because it lies wholly before every later query's
 # sliding window (never read again; the model runner passes a valid id in its place).
@@ -85,6 +85,26 @@ class BlockManager:
         h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
         return h.intdigest()
 
+    def _block_hash(self, seq: Sequence, i: int, prefix_hash: int | None) -> int:
+        """`compute_hash(seq.block(i), prefix_hash)` for full block `i` of `seq`, memoised in
+        `seq.block_hashes`: a waiting prompt is hashed once, not on every scheduling pass. A memoised
+        hash is used only where `prefix_hash` is the memoised hash of the block before (the chain it was
+        computed on); a block holding a placeholder token is hashed but not memoised (its tokens change)."""
+        hashes = seq.block_hashes
+        chained = prefix_hash is None if i == 0 else i <= len(hashes) and hashes[i - 1] == prefix_hash
+        if chained and i < len(hashes):
+            return hashes[i]
+        token_ids = seq.block(i)
+        h = self.compute_hash(token_ids, prefix_hash)
+        if (
+            chained
+            and i == len(hashes)
+            and len(token_ids) == self.block_size
+            and PLACEHOLDER_TOKEN not in token_ids
+        ):
+            hashes.append(h)
+        return h
+
     # ---- internal helpers --------------------------------------------------------------------
 
     def _forget_hash(self, block: Block) -> None:
@@ -130,7 +150,8 @@ class BlockManager:
 
     def prefix_hits(self, seq: Sequence) -> list[int]:
         """Block ids of the sequence's leading cached blocks (never its last block). Pass the result
-        to the methods below to hash the prompt once."""
+        to the methods below to look the prompt up once per pass; the hashes themselves are computed
+        once per sequence (`seq.block_hashes`)."""
         hits: list[int] = []
         if seq.params is not None and seq.params.prompt_logprobs is not None:
             return hits  # every prompt position must be computed to have its logits
@@ -139,7 +160,7 @@ class BlockManager:
             seq.num_blocks - 1 if self.enable_prefix_caching else 0
         ):  # the last block of a prompt is always computed
             token_ids = seq.block(i)
-            h = self.compute_hash(token_ids, h)
+            h = self._block_hash(seq, i, h)
             block_id = self._lookup(h, token_ids)
             if block_id is None:
                 break
@@ -220,7 +241,7 @@ class BlockManager:
             block = self._take_free_block()
             token_ids = seq.block(i)
             if len(token_ids) == self.block_size and (i == 0 or h is not None):
-                h = self.compute_hash(token_ids, h)
+                h = self._block_hash(seq, i, h)
                 self._register(block, h, token_ids)
             else:
                 h = None  # the chain stops at a partial or unhashed block
@@ -302,7 +323,7 @@ class BlockManager:
         prev_hash = self.blocks[prev].hash if prev is not None and prev != FREED_BLOCK else None
         if block.hash is None and (i == 0 or prev_hash is not None):
             token_ids = seq.block(i)
-            self._register(block, self.compute_hash(token_ids, prev_hash), token_ids)
+            self._register(block, self._block_hash(seq, i, prev_hash), token_ids)
 
     def most_blocks_held(self, num_tokens: int, chunk: int) -> int:
         """The most blocks one sequence of `num_tokens` tokens holds at once: all of them, or with a

@@ -131,7 +131,8 @@ class Scheduler:
             if len(seqs) == self.max_num_seqs or budget == 0 or seq.has_pending_token:
                 break
             if not seq.block_table:  # not started: needs blocks for the whole sequence
-                hits = self.block_manager.prefix_hits(seq)  # hash the prompt once for all three calls
+                # Looked up once for all three calls (its block hashes are memoised on the sequence).
+                hits = self.block_manager.prefix_hits(seq)
                 # Cache hits shrink the tokens to compute: count them before taking blocks.
                 cached = self.block_manager.num_cached_tokens(seq, hits)
                 upto = cached + min(seq.num_tokens - cached, budget) if lazy else None

@@ -42,6 +42,7 @@ class Sequence:
         "stop_reason",
         "num_pending_forks",
         "needs_host_tokens",
+        "block_hashes",
     )
 
     def __init__(self, seq_id: int, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
@@ -66,6 +67,11 @@ class Sequence:
         # The sampler needs this sequence's tokens on the host (multi-token bad words): its next step
         # waits for its previous token to be read back instead of overlapping with it.
         self.needs_host_tokens = False
+        # Prefix-cache hashes of the leading full blocks of known tokens (block i's chained to block
+        # i - 1's), filled in by the block manager as it hashes them, so that a prompt waiting through
+        # many scheduling passes is hashed once. Tokens of a full block never change (a placeholder's
+        # block is not cached; `truncate` drops the hashes of the blocks it cuts).
+        self.block_hashes: list[int] = []
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -73,7 +79,7 @@ class Sequence:
     # Pickling is the tensor-parallel wire format: rank 0 sends every step's batch to the workers, which
     # only build the step's inputs from it. A copy carries the tokens not yet computed (one for a decode
     # step) and the block table, so a decode step's message grows by one int per KV block, not per token. Its
-    # sampling parameters and status stay behind: workers neither sample nor schedule.
+    # sampling parameters, status and block hashes stay behind: workers neither sample nor schedule.
     def __getstate__(self):
         start = self.num_computed_tokens
         return (
@@ -106,6 +112,7 @@ class Sequence:
         self.stop_reason = None
         self.num_pending_forks = 0
         self.needs_host_tokens = False
+        self.block_hashes = []
 
     def fork(self, seq_id: int, sampling_params: SamplingParams) -> "Sequence":
         """A new sequence holding this one's prompt (another completion of the same request); the block
@@ -114,6 +121,7 @@ class Sequence:
             raise ValueError(f"sequence {self.seq_id} has completion tokens: only a prompt can be forked")
         child = Sequence(seq_id, self.token_ids, sampling_params, self.block_size)
         child.needs_host_tokens = self.needs_host_tokens
+        child.block_hashes = list(self.block_hashes)  # the same prompt: the same hashes
         return child
 
     def token_slice(self, start: int, end: int) -> list[int]:
@@ -175,6 +183,7 @@ class Sequence:
     def truncate(self, num_tokens: int) -> None:
         """Keep the first `num_tokens` tokens (drops a token sampled after the sequence stopped)."""
         del self.token_ids[num_tokens:]
+        del self.block_hashes[num_tokens // self.block_size :]
         self.num_tokens = num_tokens
         self.last_token = self.token_ids[-1]
         self.num_computed_tokens = min(self.num_computed_tokens, num_tokens)

@@ -4,12 +4,14 @@ Sequences are built directly; "computing" a sequence's tokens is simulated by se
 `num_computed_tokens` the way the scheduler would after a prefill or decode step.
 """
 
+import pickle
+
 import numpy as np
 import pytest
 import xxhash
 
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence
 from nanovllm.sampling_params import SamplingParams
 
 BS = 4
@@ -512,6 +514,97 @@ def test_decode_block_after_a_prefix_hit_gets_the_chained_hash():
     b.num_computed_tokens += 1
     bm.deallocate(a)
     bm.deallocate(b)
+    assert_all_free(bm)
+
+
+# ---- block hashes memoised on the sequence -----------------------------------------------------
+
+
+@pytest.fixture
+def hashed(monkeypatch) -> list[tuple[int, ...]]:
+    """The blocks BlockManager.compute_hash is called on, in order."""
+    calls: list[tuple[int, ...]] = []
+    original = BlockManager.compute_hash
+
+    def counting(token_ids, prefix_hash=None):
+        calls.append(tuple(token_ids))
+        return original(token_ids, prefix_hash)
+
+    monkeypatch.setattr(BlockManager, "compute_hash", staticmethod(counting))
+    return calls
+
+
+def test_prefix_lookups_of_a_waiting_prompt_hash_it_once(hashed):
+    bm = BlockManager(8, BS)
+    a = make_seq(0, toks(10, 13))
+    prefill(bm, a)
+    b = make_seq(1, toks(10, 12) + [99])  # hits a's 3 full blocks
+    del hashed[:]
+    for _ in range(5):  # five scheduling passes that do not admit b
+        hits = bm.prefix_hits(b)
+        assert hits == a.block_table[:3]
+        assert bm.can_allocate(b, hits) and bm.num_cached_tokens(b, hits) == 12
+    assert hashed == [tuple(b.block(i)) for i in range(3)]
+    assert b.block_hashes == chain_hashes(b.token_ids)
+    bm.allocate(b)  # looks the prompt up again, hashing nothing
+    assert len(hashed) == 3 and b.num_cached_tokens == 12
+    for seq in (a, b):
+        seq.num_computed_tokens = seq.num_tokens
+        bm.deallocate(seq)
+    assert_all_free(bm)
+
+
+def test_preempted_sequence_hits_its_completion_blocks_without_rehashing(hashed):
+    bm = BlockManager(8, BS)
+    a = make_seq(0, toks(10, 6))
+    prefill(bm, a)
+    for t in range(7):  # decode 7 tokens: blocks 1 and 2 (with completion tokens) fill up
+        a.append_token(40 + t)
+        bm.may_append(a)
+        a.num_computed_tokens += 1
+    assert a.num_tokens == 13 and a.block_hashes == chain_hashes(a.token_ids)
+    assert len(hashed) == 3  # each full block once, as it filled
+    bm.deallocate(a)  # preempted: its computed blocks keep their hashes
+    assert bm.prefix_hits(a) == [0, 1, 2]  # the memo grew with the completion: no hash now
+    bm.allocate(a)
+    assert len(hashed) == 3 and a.num_cached_tokens == 12
+    a.num_computed_tokens = a.num_tokens
+    bm.deallocate(a)
+    assert_all_free(bm)
+
+
+def test_memoised_hashes_skip_placeholders_follow_truncation_and_forks_and_stay_behind_in_pickles():
+    bm = BlockManager(8, BS)
+    a = make_seq(0, toks(10, 7))
+    prefill(bm, a)
+    a.append_token(PLACEHOLDER_TOKEN)  # fills block 1 with a token not read back yet
+    bm.may_append(a)  # not hashed until its value is known
+    assert a.block_hashes == chain_hashes(a.token_ids)[:1]
+    assert bm.prefix_hits(a) == [0]
+    assert len(a.block_hashes) == 1  # the block holding the placeholder is not memoised
+    a.token_ids[-1] = 50
+    bm.hash_filled_block(a, 7)
+    assert a.block_hashes == chain_hashes(a.token_ids) and bm.blocks[1].hash == a.block_hashes[1]
+    a.truncate(6)  # cuts block 1: its hash goes
+    assert a.block_hashes == chain_hashes(a.token_ids)[:1]
+    for t in (51, 52, 53):
+        a.append_token(t)
+    assert bm.prefix_hits(a) == [0]  # block 1 now holds other tokens: hashed anew, a miss
+    assert a.block_hashes == chain_hashes(a.token_ids) and len(a.block_hashes) == 2
+
+    b = make_seq(1, toks(20, 9))
+    prefill(bm, b)
+    child = b.fork(2, b.params)
+    assert child.block_hashes == b.block_hashes == chain_hashes(b.token_ids)
+    assert child.block_hashes is not b.block_hashes
+    b.num_computed_tokens -= 1  # as in a batch sent to tensor-parallel workers: a token to compute
+    copy = pickle.loads(pickle.dumps(b))
+    assert copy.block_hashes == [] and b.block_hashes == chain_hashes(b.token_ids)
+    sent = pickle.dumps(b)  # the hashes (little-endian in a pickle) are not among what is sent
+    assert not any(h.to_bytes(8, "little") in sent for h in b.block_hashes)
+    for seq in (a, b):
+        seq.num_computed_tokens = seq.num_tokens
+        bm.deallocate(seq)
     assert_all_free(bm)
 
 

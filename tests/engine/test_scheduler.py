@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PLACEHOLDER_TOKEN, Sequence, SequenceStatus
 from nanovllm.sampling_params import SamplingParams
 
 VOCAB = 32
@@ -101,11 +101,28 @@ def make_scheduler(
     return Scheduler(max_num_seqs, budget, eos, BlockManager(num_blocks, block_size), max_model_len)
 
 
+def assert_block_hashes_fresh(seq: Sequence) -> None:
+    """The prefix-cache hashes memoised on `seq` are those of its current leading full blocks (the
+    documented chain, hashed here without BlockManager.compute_hash, which tests may count)."""
+    h = None
+    for i, memo in enumerate(seq.block_hashes):
+        block = seq.block(i)
+        assert len(block) == seq.block_size and PLACEHOLDER_TOKEN not in block, (seq, i)
+        x = xxhash.xxh64()
+        if h is not None:
+            x.update(h.to_bytes(8, "little"))
+        x.update(np.asarray(block, dtype=np.int64).tobytes())
+        h = x.intdigest()
+        assert memo == h, (seq, i)
+
+
 def step(sched: Scheduler, model: FakeModel) -> tuple[ScheduledBatch, list[Sequence]]:
     batch = sched.schedule()
     sched.block_manager.check_integrity()
     finished = sched.postprocess(batch, model.run(batch))
     sched.block_manager.check_integrity()
+    for seq in [*batch.rows, *sched.waiting, *sched.running]:
+        assert_block_hashes_fresh(seq)
     return batch, finished
 
 
@@ -425,6 +442,52 @@ def test_preemption_with_shared_prefix_blocks():
     ref = SamplingParams(max_tokens=9, ignore_eos=True)
     assert a.completion_token_ids == reference_completion(a.prompt_token_ids, ref, EOS, 1024)
     assert b.completion_token_ids == reference_completion(b.prompt_token_ids, ref, EOS, 1024)
+
+
+def test_waiting_prompt_is_hashed_once_however_many_passes_it_waits(monkeypatch):
+    # b shares a's first 7 blocks (prefix hits) but needs 13 fresh blocks, and only a's finishing
+    # frees that many: b waits through all of a's decode steps, and each pass looks its prompt up.
+    bs = 4
+    b_blocks: set[tuple[int, ...]] = set()
+    b_hashes = []
+
+    def counting_hash(token_ids, prefix_hash=None):
+        if tuple(token_ids) in b_blocks:
+            b_hashes.append(tuple(token_ids))
+        return original(token_ids, prefix_hash)
+
+    original = BlockManager.compute_hash
+    monkeypatch.setattr(BlockManager, "compute_hash", staticmethod(counting_hash))
+    sched = make_scheduler(20, bs, budget=64)
+    bm = sched.block_manager
+    model = FakeModel(bm)
+    a_prompt = prompt_of(1, 32)  # 8 blocks, up to 10 with its completion
+    a = make_seq(0, a_prompt, bs, max_tokens=8, ignore_eos=True)
+    sched.add(a)
+    step(sched, model)
+    # 20 blocks; the suffix uses ids the fake model never samples, so only b's lookups hash them.
+    b_prompt = a_prompt[:28] + [100 + i for i in range(52)]
+    b = make_seq(1, b_prompt, bs, max_tokens=1, ignore_eos=True)  # fills the cache: no decode
+    b_blocks.update(tuple(b.block(i)) for i in range(b.num_blocks))
+    sched.add(b)
+    counts = []
+    while not a.is_finished:
+        batch, _ = step(sched, model)
+        assert batch.phase == "decode" and batch.seqs == [a] and b.block_table == []
+        counts.append(len(b_hashes))
+    assert len(counts) == 7
+    # The first pass hashes the 7 hits and the first miss; later passes hash nothing of b's.
+    assert counts == [8] * 7
+    assert b.block_hashes[:7] == [bm.blocks[i].hash for i in range(7)]
+    batch, _ = step(sched, model)
+    # Its 7 memoised hits were taken: only the 52 other tokens are computed.
+    assert batch.phase == "prefill" and batch.seqs == [b] and batch.num_new_tokens == [52]
+    # Admission hashes (to register them) only the full blocks that no pass hashed: each block once.
+    assert len(b_hashes) == len(set(b_hashes)) == len(b_prompt) // bs
+    assert b.is_finished
+    assert_all_free(bm)
+    ref = SamplingParams(max_tokens=1, ignore_eos=True)
+    assert b.completion_token_ids == reference_completion(b_prompt, ref, EOS, 1024)
 
 
 def test_request_too_big_for_the_whole_cache_is_a_runtime_error():
