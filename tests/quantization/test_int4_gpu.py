@@ -1,6 +1,8 @@
 """AWQ and GPTQ on an NVIDIA GPU: the Triton W4A16 kernel inside the engine (prefill tiles, split-K
 decode in CUDA graphs) against transformers holding the dequantized weights."""
 
+import copy
+
 import pytest
 import torch
 
@@ -55,13 +57,23 @@ def test_fp32_kernel_equals_dequantized_transformers(tmp_path, method, arch, gro
 @pytest.mark.parametrize("method,arch,group_size,quant", CASES[::2])
 def test_half_precision_close_to_dequantized_transformers(tmp_path, method, arch, group_size, quant, dtype):
     """16-bit activations (as served): prompt log-probabilities within 16-bit rounding of the fp32
-    reference, and CUDA-graph decode equal to eager decode."""
+    reference, and CUDA-graph decode equal to eager decode.
+
+    "16-bit rounding" is measured, not guessed: the same dequantized model in transformers, cast to
+    `dtype`, strays from its fp32 self by `rounding` (mean absolute log-probability difference); ours may
+    stray by twice that, and at least 0.05. On the H200, bf16 gave 0.084-0.091 against a flat 0.05 bound
+    that fp16 met, while transformers' own bf16 copy strays by 0.083 (AWQ case) and 0.094 (GPTQ case) on a
+CPU: bf16 keeps 8 bits of mantissa to fp16's 11 (fp16: 0.017 and 0.019, so its bound stays 0.05)."""
     path, reference = build(tmp_path, method, arch, group_size, seed=2, **quant)
+    ref = _reference_logprobs(reference, PROMPTS[3])
+    rounded = copy.deepcopy(reference).to(getattr(torch, dtype))
+    rounding = (_reference_logprobs(rounded, PROMPTS[3]) - ref).abs().mean().item()
+    del rounded
     graphs = LLM(path, dtype=dtype, **ENGINE)
     try:
         ours = _prompt_logprobs(graphs, PROMPTS[3])
-        ref = _reference_logprobs(reference, PROMPTS[3])
-        assert (ours - ref).abs().mean() < 0.05, (ours - ref).abs().max()
+        error = (ours - ref).abs().mean().item()
+        assert error < max(0.05, 2 * rounding), (error, rounding, (ours - ref).abs().max())
         with_graphs = [o["token_ids"] for o in graphs.generate(PROMPTS, GREEDY, use_tqdm=False)]
     finally:
         graphs.exit()
