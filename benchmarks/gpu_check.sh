@@ -33,6 +33,13 @@ export NANOVLLM_CACHE=${NANOVLLM_CACHE:-/tmp/nanovllm-cache}
 parts=${*:-tests kernels bench}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 summary=()
+carried_wheels() {  # xgrammar, jsonschema and their needs, carried as wheels in .whl/ (the machine lacks them)
+  # --no-deps into a folder of its own: pip would otherwise look for torch in .whl and give up
+  if [ -d .whl ] && ! python3 -c "import xgrammar, jsonschema" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
+}
 vllm_env() {  # run a command with the bundle's vLLM importable (and kept off the network)
   PYTHONPATH="/root/vllm_site:$PYTHONPATH" VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 "$@"
 }
@@ -48,14 +55,12 @@ for part in $parts; do
       python3 -m pytest -q -m cuda tests/models 2>&1 | tee "$OUT/pytest_cuda_models.log" | tail -25
       summary+=("tests/models: $(tail -1 "$OUT/pytest_cuda_models.log")") ;;
     tests-shards)
-      if [ -d .whl ] && ! python3 -c "import xgrammar" 2>/dev/null; then  # the structured-output tests' xgrammar
-        pip install -q --no-index --find-links .whl xgrammar jsonschema 2>&1 | tail -2
-      fi
+      carried_wheels
       t=${TEST_TIMEOUT:-500}
-      timeout "$t" python3 -m pytest -v -m cuda tests/kernels > "$OUT/pytest_shard_kernels.log" 2>&1 &
-      timeout "$t" python3 -m pytest -v -m cuda tests/quantization tests/layers tests/structured_output \
+      timeout "$t" python3 -m pytest -v --continue-on-collection-errors -m cuda tests/kernels > "$OUT/pytest_shard_kernels.log" 2>&1 &
+      timeout "$t" python3 -m pytest -v --continue-on-collection-errors -m cuda tests/quantization tests/layers tests/structured_output \
         > "$OUT/pytest_shard_quant.log" 2>&1 &
-      timeout "$t" python3 -m pytest -v -m cuda tests --ignore=tests/kernels --ignore=tests/quantization \
+      timeout "$t" python3 -m pytest -v --continue-on-collection-errors -m cuda tests --ignore=tests/kernels --ignore=tests/quantization \
         --ignore=tests/layers --ignore=tests/structured_output > "$OUT/pytest_shard_rest.log" 2>&1 &
       wait
       for shard in kernels quant rest; do
@@ -137,9 +142,7 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
         summary+=("decode step $model tp=$tp: $(grep -E '^(step wall|forward)' "$OUT/profile_${part}_tp$tp.log" | tr -s ' ' | paste -sd';')")
       done ;;
     structured)  # the mask kernel's GPU tests, its cost, and 10% JSON-constrained requests beside the plain workload
-      if [ -d .whl ] && ! python3 -c "import xgrammar" 2>/dev/null; then  # wheels carried in .whl/
-        pip install -q --no-index --find-links .whl xgrammar 2>&1 | tail -2
-      fi
+      carried_wheels
       python3 -m pytest -q -m cuda tests/kernels/test_token_bitmask.py tests/structured_output 2>&1 \
         | tee "$OUT/pytest_structured.log" | tail -5
       summary+=("structured tests: $(tail -1 "$OUT/pytest_structured.log")")
