@@ -6,6 +6,7 @@ a subprocess (fp32 queries: the interpreter's bf16 dots are wrong); on the GPU i
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 
 @interpreter_test
 def test_fp8_kv_kernels_under_triton_interpreter() -> None:
-    run_file_under_interpreter(__file__, 4, timeout=600)
+    run_file_under_interpreter(__file__, 6, exact=True, timeout=600)
 
 
 def _quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -82,11 +83,12 @@ def _tol(dtype):
 @direct
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_reads_fp8_cache(dtype, num_splits):
+@pytest.mark.parametrize("dim", [16, 32])  # 32 and more: V read as 16-bit words; 16: whole
+def test_decode_reads_fp8_cache(dtype, num_splits, dim):
     from nanovllm.kernels.paged_attention import decode_attention
 
     gen = torch.Generator().manual_seed(1)
-    block_size, kv_heads, heads, dim = 16, 2, 4, 32
+    block_size, kv_heads, heads = 16, 2, 4
     k_cache = _random_fp8_cache(8, block_size, kv_heads, dim, gen)
     v_cache = _random_fp8_cache(8, block_size, kv_heads, dim, gen)
     tables = torch.tensor([[5, 2, 7, -1], [1, -1, -1, -1], [0, 3, 4, 6]], dtype=torch.int32, device=DEVICE)
@@ -135,3 +137,39 @@ def test_paged_prefill_reads_fp8_cache(dtype):
         q_pos = torch.arange(k_lens[i] - q_lens[i], k_lens[i], device=DEVICE)
         ref = _reference(q[rows], k_cache, v_cache, tables[i], q_pos, k_lens[i], k_scale, v_scale, scale)
         torch.testing.assert_close(out[rows].float(), ref, atol=_tol(dtype), rtol=_tol(dtype))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for sm_90; run in the parent")
+@pytest.mark.parametrize("q_type", ["bf16", "fp16"])
+def test_fp8_decode_compiles_for_sm90_without_byte_gathers(q_type):
+    """Compiled for an H200 (no GPU needed): with an FP8 cache and 16-bit queries both dots run in fp16,
+    each word of two e4m3 values is widened by one cvt.rn.f16x2.e4m3x2, and nothing is read from shared
+    memory a byte at a time (what the V tile of the second dot cost before it was read as words)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from nanovllm.kernels import paged_attention as P
+
+    fn = P._decode_split_kernel
+    pointers = dict(q_ptr=q_type, k_cache_ptr="fp8e4nv", v_cache_ptr="fp8e4nv", block_tables_ptr="i32")
+    pointers.update(context_lens_ptr="i32", out_ptr=q_type, part_acc_ptr="fp32", part_max_ptr="fp32")
+    pointers.update(part_sum_ptr="fp32")
+    signature = {name: f"*{t}" for name, t in pointers.items()}
+    signature.update(qk_scale="fp32", num_splits="i32", window="i32", v_scale="fp32")
+    strides = [name for name in fn.arg_names if name.startswith("stride")]
+    signature.update({name: "i32" for name in strides})
+    constants = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=256, TILE_N=128, DOT_PRECISION="tf32")
+    constants.update(SINGLE_SPLIT=False, WIDEN_ASM=True)
+    signature.update({name: "constexpr" for name in constants})
+    aligned = list(pointers) + strides  # as Triton specializes them at run time (multiples of 16)
+    src = triton.compiler.ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()},
+        attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned},
+    )
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+    ptx = kernel.asm["ptx"]
+    assert "cvt.rn.f16x2.e4m3x2" in ptx
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx and ".bf16.bf16" not in ptx
+    assert "ld.shared.b8" not in ptx and "ld.shared.u8" not in ptx
