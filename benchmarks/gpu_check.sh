@@ -23,7 +23,8 @@
 # and decode steps (profile_step.py). tp-8b first builds the 16 GB random checkpoint (about a minute).
 # `baseline` runs bench.py of an older commit in the same call, for a same-card comparison: export it
 # here first with `mkdir -p .baseline && git archive REV | tar -x -C .baseline` and carry `.baseline`.
-# Results go to $OUT (the device tool's output folder) or benchmarks/results/latest.
+# Results go to $OUT (the device tool's output folder) or benchmarks/results/latest; with more than 8 files there
+# (all the device tool brings back) they are packed into $OUT/results.tar.gz beside summary.txt.
 # flash-attn is picked up from .fa/ when that folder exists (a test tool, never a dependency).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/latest}
@@ -72,7 +73,7 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
     latency)  # single stream, Qwen3-0.6B shapes: prompt 256, 512 tokens
       python3 benchmarks/bench_latency.py --model qwen3-0.6b-random --prompt-len 256 --output-len 512 \
         --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" | tail -4
-      summary+=("latency: $(tail -1 "$OUT/latency.log")") ;;
+      summary+=("latency: $(grep "^Latency" "$OUT/latency.log")") ;;
     vllm-stage)
       mkdir -p /root/vllm_bundle
       for d in .vb1 .vb2 .vbmoe; do [ -d $d ] && cp $d/* /root/vllm_bundle/; done
@@ -89,8 +90,8 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
         | grep -E "^(Floor|Total)"
       summary+=("bench vllm: $(grep -E '^(Total|Floor)' "$OUT/bench_vllm.log" | paste -sd';')")
       vllm_env python3 benchmarks/bench_latency.py --engine vllm --model qwen3-0.6b-random --prompt-len 256 \
-        --output-len 512 --json "$OUT/latency_vllm.json" 2>&1 | tee "$OUT/latency_vllm.log" | tail -4
-      summary+=("latency vllm: $(tail -1 "$OUT/latency_vllm.log")") ;;
+        --output-len 512 --json "$OUT/latency_vllm.json" 2>&1 | tee "$OUT/latency_vllm.log" | grep "^Latency"
+      summary+=("latency vllm: $(grep "^Latency" "$OUT/latency_vllm.log")") ;;
     moe-vllm)  # vLLM on the Qwen3-30B-A3B shapes (dummy weights; needs the bundle's MoE kernels, .vbmoe)
       vllm_env python3 bench.py --engine vllm --model qwen3-30b-a3b-random --json "$OUT/bench_moe_vllm.json" \
         2>&1 | tee "$OUT/bench_moe_vllm.log" | grep -E "^(Mixture|Floor|Total)"
@@ -256,4 +257,10 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
   esac
 done
 echo "================ summary ================"
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+# The device tool brings back at most 8 files from $OUT: past that, everything goes into one archive.
+if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+  tar -czf /tmp/gpu_check_results.tar.gz -C "$OUT" --exclude=summary.txt . \
+    && find "$OUT" -maxdepth 1 -type f ! -name summary.txt -delete \
+    && mv /tmp/gpu_check_results.tar.gz "$OUT/results.tar.gz" && echo "(all files of $OUT in results.tar.gz)"
+fi
