@@ -173,3 +173,44 @@ def test_fp8_decode_compiles_for_sm90_without_byte_gathers(q_type):
     assert "cvt.rn.f16x2.e4m3x2" in ptx
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx and ".bf16.bf16" not in ptx
     assert "ld.shared.b8" not in ptx and "ld.shared.u8" not in ptx
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for sm_90; run in the parent")
+def test_fp8_prefill_compiles_for_sm90_with_fp16_dots():
+    """Compiled for an H200 (no GPU needed): paged prefill over an FP8 cache with bf16 queries runs both
+    dots in fp16, so each pair of e4m3 values takes one cvt.rn.f16x2.e4m3x2 and no cvt.bf16.f16 after it
+    (the old bf16 dots converted every value twice), and nothing is read from shared memory a byte at a
+    time; a bf16 cache still runs its dots in bf16."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from nanovllm.kernels import paged_attention as P
+
+    fn = P._prefill_kernel
+    block_m, block_n, num_warps, num_stages = P._prefill_config(128, torch.bfloat16)
+
+    def ptx(cache_type):
+        pointers = dict(q_ptr="bf16", k_ptr=cache_type, v_ptr=cache_type, out_ptr="bf16")
+        pointers.update(cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32", block_tables_ptr="i32")
+        signature = {name: f"*{t}" for name, t in pointers.items()}
+        signature.update(qk_scale="fp32", window="i32", v_scale="fp32")
+        strides = [name for name in fn.arg_names if name.startswith("stride")]
+        signature.update({name: "i32" for name in strides})
+        constants = dict(GROUP=4, BLOCK_M=block_m, TOKENS_PER_TILE=block_m // 4, HEAD_DIM=128)
+        constants.update(BLOCK_N=block_n, BLOCK_SIZE=256, PAGED=True, DOT_PRECISION="tf32")
+        signature.update({name: "constexpr" for name in constants})
+        aligned = list(pointers) + strides  # as Triton specializes them at run time (multiples of 16)
+        src = triton.compiler.ASTSource(
+            fn=fn,
+            signature=signature,
+            constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()},
+            attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned},
+        )
+        options = dict(num_warps=num_warps, num_stages=num_stages)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+    fp8 = ptx("fp8e4nv")
+    assert "cvt.rn.f16x2.e4m3x2" in fp8 and "cvt.bf16.f16" not in fp8
+    assert ".f32.f16.f16" in fp8 and ".bf16.bf16" not in fp8  # the dots (wgmma on sm_90) in fp16
+    assert "ld.shared.b8" not in fp8 and "ld.shared.u8" not in fp8
+    assert ".f32.bf16.bf16" in ptx("bf16")
