@@ -24,3 +24,8 @@ def sm_count(device: torch.device, cpu_default: int) -> int:
 
 def device_name(device: torch.device) -> str:
     return _properties(_index(device)).name
+
+
+def compute_capability(device: torch.device) -> tuple[int, int]:
+    props = _properties(_index(device))
+    return props.major, props.minor

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nanovllm.kernels.device import sm_count
+from nanovllm.kernels.device import compute_capability, sm_count
 from nanovllm.kernels.tuning import decode_config
 
 LOG2E = 1.4426950408889634
@@ -267,8 +267,8 @@ def _decode_split_kernel(
 
     q_offsets = seq.to(tl.int64) * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_mask[:, None], other=0.0)  # [GROUP_PAD, HEAD_DIM]
-    if FP8:  # (a bf16 query beyond fp16's range saturates instead of becoming inf)
-        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(FP8_DOT)
+    if FP8 and q_ptr.dtype.element_ty == tl.bfloat16:  # beyond fp16's range: saturated, not inf
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL).to(tl.float16)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -434,6 +434,9 @@ def decode_attention(
     window = _window_arg(sliding_window)
     q = _last_dim_contiguous(q)  # [batch, num_heads, head_dim]
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    if kv_fp8 and (any(stride % 2 for stride in v_cache.stride()[:3]) or v_cache.data_ptr() % 2):
+        # the kernel reads V two values at a time (see _decode_split_kernel)
+        raise ValueError(f"an FP8 V cache needs even strides and address, got strides {v_cache.stride()}")
 
     group = num_heads // num_kv_heads
     tile_n, num_warps, num_stages = _decode_launch(q.device, q.dtype, batch, block_size, head_dim)
@@ -474,7 +477,10 @@ def decode_attention(
         TILE_N=tile_n,
         DOT_PRECISION=_dot_precision(q.dtype),
         SINGLE_SPLIT=single,
-        WIDEN_ASM=kv_fp8 and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+        WIDEN_ASM=kv_fp8
+        and q.is_cuda
+        and os.environ.get("TRITON_INTERPRET") != "1"
+        and compute_capability(q.device) >= (8, 9),  # the e4m3x2 cvt's first GPUs
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -648,7 +654,7 @@ def _prefill_kernel(
     # (sm_90, head dim 128, BLOCK_M 128 x BLOCK_N 64: the unmasked loop 592 PTX instructions before, 473
     # now, bf16 cache 500.) fp16 and fp32 queries are unchanged.
     if k_ptr.dtype.element_ty == tl.float8e4nv and q_ptr.dtype.element_ty == tl.bfloat16:
-        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL).to(tl.float16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -19,7 +19,7 @@ DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 
 @interpreter_test
 def test_fp8_kv_kernels_under_triton_interpreter() -> None:
-    run_file_under_interpreter(__file__, 6, exact=True, timeout=600)
+    run_file_under_interpreter(__file__, 7, exact=True, timeout=600)
 
 
 def _quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -214,3 +214,15 @@ def test_fp8_prefill_compiles_for_sm90_with_fp16_dots():
     assert ".f32.f16.f16" in fp8 and ".bf16.bf16" not in fp8  # the dots (wgmma on sm_90) in fp16
     assert "ld.shared.b8" not in fp8 and "ld.shared.u8" not in fp8
     assert ".f32.bf16.bf16" in ptx("bf16")
+
+
+def test_decode_refuses_an_fp8_cache_it_cannot_read_in_words():
+    """V is read two e4m3 values at a time: a view starting at an odd byte is refused by name."""
+    from nanovllm.kernels.paged_attention import decode_attention
+
+    k_cache = torch.zeros(2, 16, 2, 34, dtype=FP8)[..., 1:33]  # head dim 32, one byte into each row
+    v_cache = torch.zeros(2, 16, 2, 34, dtype=FP8)[..., 1:33]
+    q = torch.zeros(1, 4, 32)
+    tables = torch.tensor([[0, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="FP8 V cache needs even"):
+        decode_attention(q, k_cache, v_cache, tables, torch.tensor([20], dtype=torch.int32), 0.1)
