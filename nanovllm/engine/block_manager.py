@@ -240,7 +240,7 @@ class BlockManager:
         for i in range(len(table), end):
             block = self._take_free_block()
             token_ids = seq.block(i)
-            if len(token_ids) == self.block_size and (i == 0 or h is not None):
+            if self.enable_prefix_caching and len(token_ids) == self.block_size and (i == 0 or h is not None):
                 h = self._block_hash(seq, i, h)
                 self._register(block, h, token_ids)
             else:
@@ -312,6 +312,8 @@ class BlockManager:
         Called when a token's value becomes known: before its decode step, or, with overlap
         scheduling, when the sampled value is read back.
         """
+        if not self.enable_prefix_caching:
+            return
         if (position + 1) % self.block_size or position + 1 > seq.num_tokens:
             return
         i = position // self.block_size

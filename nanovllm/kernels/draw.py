@@ -123,7 +123,8 @@ def _draw_chunks_kernel(
             else:
                 # v = 1 - u on the grid k / 2**24, k = 1 .. 2**24 (exact: no rounding of 1 - u), and
                 # noise = -log2(v) = E / ln 2; the score is (x / T - log E) / ln 2 plus a constant.
-                v = (bits[q] >> _UNIFORM_SHIFT).to(tl.float32) * _UNIFORM_SCALE + _UNIFORM_SCALE
+                word = bits[q].to(tl.uint32, bitcast=True)  # (already uint32: a logical shift either way)
+                v = (word >> _UNIFORM_SHIFT).to(tl.float32) * _UNIFORM_SCALE + _UNIFORM_SCALE
                 noise = tl.maximum(-tl.log2(v), _MIN_EXP)  # accurate near v = 1 (small E: the winners)
                 if FAST_LOG:  # lg2.approx: abs. error ~2**-22 for noise in [0.5, 2], 2 ulp elsewhere
                     score = x * scale - libdevice.fast_log2f(noise)
@@ -227,7 +228,8 @@ def draw(logits: Tensor, temperatures: Tensor, keys: Tensor | None, thresholds: 
         num_chunks,
         HAS_KEYS=keys is not None,
         HAS_THRESHOLDS=thresholds is not None,
-        FAST_LOG=os.environ.get("TRITON_INTERPRET") != "1",  # the interpreter has no libdevice
+        # the interpreter has no libdevice
+        FAST_LOG=logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )

@@ -29,6 +29,7 @@ REDUCE_BLOCK = 256
 # benchmarks/bench_gemm.py, it wins for inputs at least as wide as the output (o_proj, down_proj: 2.3x at
 # one row for Qwen3-0.6B's o_proj, 1.1x at 8 rows) and loses on the wide-output qkv and gate/up.
 ENGINE_MAX_ROWS = 8
+ENGINE_MIN_OUTPUTS = 1024  # the narrowest layer measured (router gates, N = experts, were not)
 
 
 def _num_splits(device: torch.device, n: int, k: int) -> int:
@@ -104,14 +105,15 @@ def _reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLIT: tl.const
 
 def prefers_skinny(x: Tensor, weight: Tensor) -> bool:
     """Whether `skinny_gemm(x, weight)` is the faster product on this input: a CUDA half-precision x of at
-    most ENGINE_MAX_ROWS rows and a contiguous weight [N, K] with K >= N. The choice depends on shapes only,
-    so a captured CUDA graph keeps it; float32 stays on torch (its matmul is the tests' reference)."""
+    most ENGINE_MAX_ROWS rows and a contiguous weight [N, K] with K >= N >= ENGINE_MIN_OUTPUTS. The choice
+    depends on shapes only, so a captured CUDA graph keeps it; float32 stays on torch (its matmul is the
+    tests' reference)."""
     return (
         x.is_cuda
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and weight.dim() == 2
-        and weight.shape[1] >= weight.shape[0]
+        and weight.shape[1] >= weight.shape[0] >= ENGINE_MIN_OUTPUTS
         and weight.stride(-1) == 1
         and x.numel() // max(x.shape[-1], 1) <= ENGINE_MAX_ROWS
     )

@@ -573,6 +573,20 @@ def test_preempted_sequence_hits_its_completion_blocks_without_rehashing(hashed)
     assert_all_free(bm)
 
 
+def test_nothing_is_hashed_with_prefix_caching_off(hashed):
+    bm = BlockManager(8, BS, enable_prefix_caching=False)
+    a = make_seq(0, toks(10, 13))
+    prefill(bm, a)
+    for t in range(4):  # decode fills block 3
+        a.append_token(40 + t)
+        bm.may_append(a)
+        a.num_computed_tokens += 1
+    assert hashed == [] and a.block_hashes == []
+    a.num_computed_tokens = a.num_tokens
+    bm.deallocate(a)
+    assert_all_free(bm)
+
+
 def test_memoised_hashes_skip_placeholders_follow_truncation_and_forks_and_stay_behind_in_pickles():
     bm = BlockManager(8, BS)
     a = make_seq(0, toks(10, 7))
