@@ -35,10 +35,13 @@ parts=${*:-tests kernels bench}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 summary=()
 carried_wheels() {  # xgrammar, jsonschema and their needs, carried as wheels in .whl/ (the machine lacks them)
-  # --no-deps into a folder of its own: pip would otherwise look for torch in .whl and give up
+  # --no-deps into a folder of its own: pip would otherwise look for torch in .whl and give up. The folder
+  # goes after the machine's own packages (a .pth file in its site-packages; PYTHONPATH would come first and
+  # let a carried wheel shadow an installed one), on PYTHONPATH's end only where that is not writable.
   if [ -d .whl ] && ! python3 -c "import xgrammar, jsonschema" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
-    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    purelib=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    echo /tmp/site 2>/dev/null > "$purelib/nanovllm_carried_wheels.pth" || export PYTHONPATH="$PYTHONPATH:/tmp/site"
   fi
 }
 vllm_env() {  # run a command with the bundle's vLLM importable (and kept off the network)
@@ -58,13 +61,17 @@ for part in $parts; do
     tests-shards)
       carried_wheels
       t=${TEST_TIMEOUT:-500}
-      timeout "$t" python3 -m pytest -v --continue-on-collection-errors -m cuda tests/kernels > "$OUT/pytest_shard_kernels.log" 2>&1 &
-      timeout "$t" python3 -m pytest -v --continue-on-collection-errors -m cuda tests/quantization tests/layers tests/structured_output \
-        > "$OUT/pytest_shard_quant.log" 2>&1 &
-      timeout "$t" python3 -m pytest -v --continue-on-collection-errors -m cuda tests --ignore=tests/kernels --ignore=tests/quantization \
-        --ignore=tests/layers --ignore=tests/structured_output > "$OUT/pytest_shard_rest.log" 2>&1 &
+      # SIGINT first: pytest then prints its summary and the tests' finally blocks free their engines
+      pt=(timeout -s INT -k 30 "$t" python3 -m pytest -v --continue-on-collection-errors -m cuda)
+      # one test sizes the KV cache from the whole GPU's free memory: it runs alone, after the shards
+      alone=tests/engine/test_gpu.py::test_kv_cache_sized_from_gpu_memory
+      "${pt[@]}" tests/kernels > "$OUT/pytest_shard_kernels.log" 2>&1 &
+      "${pt[@]}" tests/quantization tests/layers tests/structured_output > "$OUT/pytest_shard_quant.log" 2>&1 &
+      "${pt[@]}" tests --ignore=tests/kernels --ignore=tests/quantization --ignore=tests/layers \
+        --ignore=tests/structured_output --deselect "$alone" > "$OUT/pytest_shard_rest.log" 2>&1 &
       wait
-      for shard in kernels quant rest; do
+      "${pt[@]}" "$alone" > "$OUT/pytest_shard_alone.log" 2>&1
+      for shard in kernels quant rest alone; do
         log="$OUT/pytest_shard_$shard.log"
         grep -E "(FAILED|ERROR)( |$)" "$log" | grep "::" | head -20
         summary+=("tests $shard: $(grep -c ' PASSED' "$log") passed, $(grep -c ' FAILED' "$log") failed, \
@@ -80,7 +87,8 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
       ls /root/vllm_bundle
       if [ ! -d /root/vllm_site/vllm ] && [ -f /root/vllm_bundle/chunk.aa ] && [ -f /root/vllm_bundle/chunk.ab ]; then
         bash /root/vllm_bundle/install.sh 2>&1 | tail -4
-      elif [ -d /root/vllm_site/vllm ] && [ -f /root/vllm_bundle/optional_moe_C.tar.xz ] \
+      fi
+      if [ -d /root/vllm_site/vllm ] && [ -f /root/vllm_bundle/optional_moe_C.tar.xz ] \
           && ! ls /root/vllm_site/vllm/_moe_C* >/dev/null 2>&1; then
         tar -xJf /root/vllm_bundle/optional_moe_C.tar.xz -C /root/vllm_site && ls /root/vllm_site/vllm/_moe_C*
       fi
@@ -258,9 +266,10 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
 done
 echo "================ summary ================"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
-# The device tool brings back at most 8 files from $OUT: past that, everything goes into one archive.
-if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
-  tar -czf /tmp/gpu_check_results.tar.gz -C "$OUT" --exclude=summary.txt . \
-    && find "$OUT" -maxdepth 1 -type f ! -name summary.txt -delete \
+# The device tool brings back at most 8 files from $OUT: past that, everything goes into one archive
+# (only there: a local benchmarks/results/latest keeps its files).
+if [ "$OUT" != benchmarks/results/latest ] && [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  tar -czf /tmp/gpu_check_results.tar.gz -C "$OUT" --exclude=./summary.txt . \
+    && find "$OUT" -mindepth 1 ! -name summary.txt -delete \
     && mv /tmp/gpu_check_results.tar.gz "$OUT/results.tar.gz" && echo "(all files of $OUT in results.tar.gz)"
 fi
