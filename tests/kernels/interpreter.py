@@ -47,3 +47,21 @@ def run_file_under_interpreter(path: str | Path, min_passed: int, exact: bool = 
     assert passed, report
     count = int(passed.group(1))
     assert (count == min_passed) if exact else (count >= min_passed), f"{count} passed\n{report}"
+
+
+def compile_for_sm90(fn, signature: dict[str, str], constants: dict, aligned=(), num_warps=4, num_stages=2):
+    """Compile the Triton kernel `fn` for an H200 (sm_90) without a GPU; returns its `asm` dict (ttgir,
+    ptx, ...), for tests of how a kernel lowers where the interpreter cannot tell. signature: each
+    non-constexpr argument's Triton type ("*bf16", "i32", ...); constants: the constexpr arguments;
+    aligned: arguments to mark as multiples of 16, as Triton specializes pointers and strides at run time."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(
+        fn=fn,
+        signature={**signature, **{name: "constexpr" for name in constants}},
+        constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()},
+        attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned},
+    )
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm

@@ -11,7 +11,14 @@ import os
 import pytest
 import torch
 
-from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
+from tests.kernels.interpreter import (
+    DEVICE,
+    ON_GPU,
+    compile_for_sm90,
+    direct,
+    interpreter_test,
+    run_file_under_interpreter,
+)
 
 FP8 = torch.float8_e4m3fn
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
@@ -145,9 +152,6 @@ def test_fp8_decode_compiles_for_sm90_without_byte_gathers(q_type):
     """Compiled for an H200 (no GPU needed): with an FP8 cache and 16-bit queries both dots run in fp16,
     each word of two e4m3 values is widened by one cvt.rn.f16x2.e4m3x2, and nothing is read from shared
     memory a byte at a time (what the V tile of the second dot cost before it was read as words)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from nanovllm.kernels import paged_attention as P
 
     fn = P._decode_split_kernel
@@ -160,16 +164,7 @@ def test_fp8_decode_compiles_for_sm90_without_byte_gathers(q_type):
     signature.update({name: "i32" for name in strides})
     constants = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=256, TILE_N=128, DOT_PRECISION="tf32")
     constants.update(SINGLE_SPLIT=False, WIDEN_ASM=True)
-    signature.update({name: "constexpr" for name in constants})
-    aligned = list(pointers) + strides  # as Triton specializes them at run time (multiples of 16)
-    src = triton.compiler.ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()},
-        attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned},
-    )
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
-    ptx = kernel.asm["ptx"]
+    ptx = compile_for_sm90(fn, signature, constants, aligned=list(pointers) + strides)["ptx"]
     assert "cvt.rn.f16x2.e4m3x2" in ptx
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx and ".bf16.bf16" not in ptx
     assert "ld.shared.b8" not in ptx and "ld.shared.u8" not in ptx
@@ -181,9 +176,6 @@ def test_fp8_prefill_compiles_for_sm90_with_fp16_dots():
     dots in fp16, so each pair of e4m3 values takes one cvt.rn.f16x2.e4m3x2 and no cvt.bf16.f16 after it
     (the old bf16 dots converted every value twice), and nothing is read from shared memory a byte at a
     time; a bf16 cache still runs its dots in bf16."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from nanovllm.kernels import paged_attention as P
 
     fn = P._prefill_kernel
@@ -198,16 +190,8 @@ def test_fp8_prefill_compiles_for_sm90_with_fp16_dots():
         signature.update({name: "i32" for name in strides})
         constants = dict(GROUP=4, BLOCK_M=block_m, TOKENS_PER_TILE=block_m // 4, HEAD_DIM=128)
         constants.update(BLOCK_N=block_n, BLOCK_SIZE=256, PAGED=True, DOT_PRECISION="tf32")
-        signature.update({name: "constexpr" for name in constants})
-        aligned = list(pointers) + strides  # as Triton specializes them at run time (multiples of 16)
-        src = triton.compiler.ASTSource(
-            fn=fn,
-            signature=signature,
-            constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()},
-            attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned},
-        )
-        options = dict(num_warps=num_warps, num_stages=num_stages)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        aligned = list(pointers) + strides
+        return compile_for_sm90(fn, signature, constants, aligned, num_warps, num_stages)["ptx"]
 
     fp8 = ptx("fp8e4nv")
     assert "cvt.rn.f16x2.e4m3x2" in fp8 and "cvt.bf16.f16" not in fp8

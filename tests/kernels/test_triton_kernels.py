@@ -16,6 +16,7 @@ from tests.kernels.interpreter import (
     DEVICE,
     INTERPRET,
     ON_GPU,
+    compile_for_sm90,
     direct,
     interpreter_test,
     run_file_under_interpreter,
@@ -623,9 +624,6 @@ def test_draw_kernel_compiles_for_sm90(has_keys: bool, has_thresholds: bool) -> 
     """Compiled for an H200 (no GPU needed). Without keys one Philox evaluation per lane (10 rounds, two
     32-bit high multiplies each, on quarter-block tensors) serves the four quarters of a block, and the
     last log is the hardware's lg2.approx; the hashed branch has no Philox."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from nanovllm.kernels import draw as D
 
     fn = D._draw_chunks_kernel
@@ -633,14 +631,8 @@ def test_draw_kernel_compiles_for_sm90(has_keys: bool, has_thresholds: bool) -> 
     signature.update(thresholds_ptr="*fp32", seed="i64", score_out="*fp32", score_idx_out="*i32")
     signature.update(max_out="*fp32", max_idx_out="*i32", vocab="i32", chunk="i32", num_chunks="i32")
     constants = dict(HAS_KEYS=has_keys, HAS_THRESHOLDS=has_thresholds, FAST_LOG=True, BLOCK=D.BLOCK)
-    signature.update({name: "constexpr" for name in constants})
-    src = triton.compiler.ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()},
-    )
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=D.NUM_WARPS))
-    ttgir = kernel.asm["ttgir"]
+    asm = compile_for_sm90(fn, signature, constants, num_warps=D.NUM_WARPS)
+    ttgir = asm["ttgir"]
     mulhi = [line for line in ttgir.splitlines() if "tt.mulhiui" in line and "tensor<" in line]
     if has_keys:
         assert not mulhi
@@ -648,7 +640,7 @@ def test_draw_kernel_compiles_for_sm90(has_keys: bool, has_thresholds: bool) -> 
         # 20 at most: the first round's multiplies of the zero counter words may be folded to constants.
         assert 10 < len(mulhi) <= 20, len(mulhi)
         assert all(f"tensor<{D.BLOCK // 4}xi32" in line for line in mulhi), mulhi
-        assert "lg2.approx" in kernel.asm["ptx"]
+        assert "lg2.approx" in asm["ptx"]
 
 
 @direct

@@ -13,6 +13,7 @@ from tests.kernels.interpreter import (
     DEVICE,
     INTERPRET,
     ON_GPU,
+    compile_for_sm90,
     direct,
     interpreter_test,
     run_file_under_interpreter,
@@ -151,9 +152,6 @@ def test_sm90_lowering_keeps_words_out_of_dot_operand_layout(scale_mode, magic):
     dot-operand layout. The first mode-0 kernel (raw nibbles dotted, zeros subtracted after) lowered
     the qweight words that way ([16, 32] tiles gave 35% errors on the H200 while the interpreter
     passed); the other modes never did, and passed."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from nanovllm.kernels.w4a16 import _w4a16_kernel as fn
 
     pointers = dict(x_ptr="*fp16", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", gidx_ptr="*i32")
@@ -161,14 +159,7 @@ def test_sm90_lowering_keeps_words_out_of_dot_operand_layout(scale_mode, magic):
     ints = {name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")}
     constants = dict(ZERO_OFFSET=1, SCALE_MODE=scale_mode, HAS_BIAS=True, WRITE_PARTIALS=False)
     constants.update(MAGIC=magic, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, DOT_PRECISION="tf32")
-    signature = {**pointers, **ints, **{name: "constexpr" for name in constants}}
-    src = triton.compiler.ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()},
-    )
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
-    ttgir = kernel.asm["ttgir"]
+    ttgir = compile_for_sm90(fn, {**pointers, **ints}, constants)["ttgir"]
     assert "tt.dot" in ttgir
     loads = [line for line in ttgir.splitlines() if "ttg.local_load" in line]
     bad = [line.strip() for line in loads if "xi32" in line and "dot_op" in line.split("->")[-1]]
