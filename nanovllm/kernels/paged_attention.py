@@ -295,7 +295,7 @@ def _decode_split_kernel(
         valid = ((pos0 + offs_n) < context_len) & ((pos0 + offs_n) >= kv_start)
         k = tl.load(k_cache_ptr + kv_offsets, mask=valid[:, None], other=0.0)  # [TILE_N, HEAD_DIM]
         if V_WORDS:
-            # (every cache stride is a multiple of HEAD_DIM, so the byte offsets halve exactly)
+            # (decode_attention checks that the strides are even: the byte offsets halve exactly)
             word_offsets = (
                 (block * stride_cache_block + head_offset) // 2
                 + token_in_block[:, None] * (stride_cache_token // 2)
