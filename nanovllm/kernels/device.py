@@ -1,8 +1,16 @@
-"""Facts about a CUDA device that kernels choose their launches by, read once per device."""
+"""Facts that kernels choose their launches by: a CUDA device's (read once per device), or whether Triton's
+interpreter runs them."""
 
 import functools
+import os
 
 import torch
+
+
+def interpreting() -> bool:
+    """True under Triton's interpreter (TRITON_INTERPRET=1: kernels run on the CPU, with no inline PTX,
+    no libdevice and its own float8 cast)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _index(device: torch.device) -> int:

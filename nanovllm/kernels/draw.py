@@ -29,13 +29,13 @@ outer one is the hardware's lg2.approx (FAST_LOG; about 2**-22 absolute error in
 under the interpreter, which has no libdevice.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
+
+from nanovllm.kernels.device import interpreting
 
 BLOCK = 1024  # logits per loop iteration of one program
 NUM_WARPS = 4
@@ -228,8 +228,7 @@ def draw(logits: Tensor, temperatures: Tensor, keys: Tensor | None, thresholds: 
         num_chunks,
         HAS_KEYS=keys is not None,
         HAS_THRESHOLDS=thresholds is not None,
-        # the interpreter has no libdevice
-        FAST_LOG=logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+        FAST_LOG=logits.is_cuda and not interpreting(),  # the interpreter has no libdevice
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )

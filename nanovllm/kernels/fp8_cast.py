@@ -6,17 +6,17 @@ carry into the exponent (31.3 becomes 16, not 32), so `EMULATE_CAST` rounds to t
 an exactly representable value then casts exactly.
 """
 
-import os
-
 import triton
 import triton.language as tl
+
+from nanovllm.kernels.device import interpreting
 
 FP8_MAX = 448.0
 
 
 def emulate_cast() -> bool:
     """The EMULATE_CAST argument for a launch: True under the Triton interpreter."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return interpreting()
 
 
 @triton.jit

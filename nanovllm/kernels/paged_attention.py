@@ -12,14 +12,13 @@ tensor shapes only, so decode can be captured in a CUDA graph.
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from nanovllm.kernels.device import compute_capability, sm_count
+from nanovllm.kernels.device import compute_capability, interpreting, sm_count
 from nanovllm.kernels.tuning import decode_config
 
 LOG2E = 1.4426950408889634
@@ -479,7 +478,7 @@ def decode_attention(
         SINGLE_SPLIT=single,
         WIDEN_ASM=kv_fp8
         and q.is_cuda
-        and os.environ.get("TRITON_INTERPRET") != "1"
+        and not interpreting()
         and compute_capability(q.device) >= (8, 9),  # the e4m3x2 cvt's first GPUs
         num_warps=num_warps,
         num_stages=num_stages,
