@@ -4,7 +4,7 @@
 #                                [tp-tests] [tp-small] [tp-8b] [structured] [serve] [moe | moe-tests moe-kernel moe-bench]
 #                                [int4 | int4-tests int4-bench] [int4-8b] [long] [long-vllm]   (default: tests kernels bench)
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
-# `tests-shards` runs the whole GPU suite as three pytest processes at once, each verbose (a test per line, so
+# `tests-shards` runs the whole GPU suite as four pytest processes at once, each verbose (a test per line, so
 # a run that TEST_TIMEOUT cuts still names what passed) and bounded by TEST_TIMEOUT seconds (default 500).
 # vLLM (a peer, never a dependency) comes from ../shared/vllm-bundle in up to three calls on a warm machine:
 # carry its parts as .vb1/ (chunk.aa), .vb2/ (chunk.ab, SHA256SUMS, install.sh) and .vbmoe/
@@ -62,16 +62,20 @@ for part in $parts; do
       carried_wheels
       t=${TEST_TIMEOUT:-500}
       # SIGINT first: pytest then prints its summary and the tests' finally blocks free their engines
-      pt=(timeout -s INT -k 30 "$t" python3 -m pytest -v --continue-on-collection-errors -m cuda)
+      pt=(timeout -s INT -k 30 "$t" python3 -m pytest -v --durations=12 --continue-on-collection-errors -m cuda)
       # one test sizes the KV cache from the whole GPU's free memory: it runs alone, after the shards
       alone=tests/engine/test_gpu.py::test_kv_cache_sized_from_gpu_memory
-      "${pt[@]}" tests/kernels > "$OUT/pytest_shard_kernels.log" 2>&1 &
+      # tests/kernels alone outlasted the others by minutes: its slowest files (the 8B-shaped W4A16 and MoE
+      # kernels, the windowed kernels) are a shard of their own
+      slow=(tests/kernels/test_w4a16.py tests/kernels/test_fused_moe.py tests/kernels/test_window_kernels.py)
+      "${pt[@]}" "${slow[@]}" > "$OUT/pytest_shard_kernels_slow.log" 2>&1 &
+      "${pt[@]}" tests/kernels "${slow[@]/#/--ignore=}" > "$OUT/pytest_shard_kernels.log" 2>&1 &
       "${pt[@]}" tests/quantization tests/layers tests/structured_output > "$OUT/pytest_shard_quant.log" 2>&1 &
       "${pt[@]}" tests --ignore=tests/kernels --ignore=tests/quantization --ignore=tests/layers \
         --ignore=tests/structured_output --deselect "$alone" > "$OUT/pytest_shard_rest.log" 2>&1 &
       wait
       "${pt[@]}" "$alone" > "$OUT/pytest_shard_alone.log" 2>&1
-      for shard in kernels quant rest alone; do
+      for shard in kernels_slow kernels quant rest alone; do
         log="$OUT/pytest_shard_$shard.log"
         grep -E "(FAILED|ERROR)( |$)" "$log" | grep "::" | head -20
         summary+=("tests $shard: $(grep -c ' PASSED' "$log") passed, $(grep -c ' FAILED' "$log") failed, \
