@@ -15,6 +15,7 @@ the others in a batch.
    prefill and decode, GPU idle between steps (split by the kind of step that waited), and the rest.
 
     python benchmarks/bench_structured.py [--model qwen3-0.6b-random] [--fraction 0.1] [--json PATH]
+                                          [--mask-only]   (part 1 alone)
 """
 
 import argparse
@@ -228,6 +229,7 @@ def main() -> None:
     p.add_argument("--model", default="qwen3-0.6b-random", help="model directory or a built-in model name")
     p.add_argument("--fraction", type=float, default=0.1, help="share of requests constrained to the schema")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    p.add_argument("--mask-only", action="store_true", help="time the mask (part 1) and stop")
     args = p.parse_args()
     llm = LLM(resolve_model(args.model))
     results = {"mask": [time_mask(llm, rows) for rows in (1, 26, 256)]}
@@ -239,6 +241,8 @@ def main() -> None:
             f"pinned {m['copy_pinned_ms']:.4f} ms, pageable {m['copy_pageable_ms']:.4f} ms; fill: batch "
             f"{m['fill_batch_ms']:.2f} ms, one by one {m['fill_one_by_one_ms']:.2f} ms"
         )
+    if args.mask_only:
+        return finish(llm, results, args.json)
     wl = make_workload(REFERENCE["num_seqs"], REFERENCE["max_input_len"], REFERENCE["max_output_len"])
     plain = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in wl.max_tokens]
     every = max(1, round(1 / args.fraction))
@@ -289,8 +293,12 @@ def main() -> None:
         + ", ".join(f"{k} {v * 1e3:+.1f} ms" for k, v in loss.items())
         + " (seconds = GPU span + outside it; span = prefill + decode GPU + idle)"
     )
-    if args.json:
-        with open(args.json, "w") as f:
+    finish(llm, results, args.json)
+
+
+def finish(llm: LLM, results: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
     llm.exit()
 

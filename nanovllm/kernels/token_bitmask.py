@@ -35,15 +35,19 @@ def _token_bitmask_kernel(
     BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0)  # the bitmask row
-    start = tl.program_id(1) * BLOCK
+    ids = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     row = tl.load(rows_ptr + i).to(tl.int64)
-    words = start // 32 + tl.arange(0, BLOCK // 32)
-    # Words past the bitmask read as 0: tokens it does not cover are not allowed.
+    # Each token reads its own word (neighbours share one, so the loads hit the cache). Words past the
+    # bitmask read as 0: tokens it does not cover are not allowed.
+    words = ids // 32
     packed = tl.load(bitmask_ptr + i.to(tl.int64) * stride_bitmask + words, mask=words < num_words, other=0)
-    bits = (packed[:, None] >> tl.arange(0, 32)[None, :]) & 1  # [words, 32]: token 32 w + b
-    banned = tl.reshape(bits == 0, (BLOCK,))
-    ids = start + tl.arange(0, BLOCK)
-    tl.store(logits_ptr + row * stride_logits + ids, float("-inf"), mask=banned & (ids < vocab_size))
+    allowed = ((packed >> (ids % 32)) & 1) != 0
+    # The whole block is read and written back, not only its banned tokens: a store masked token by token
+    # cannot be vectorised (at 256 rows of bf16 it took 0.18 ms on an H200; this is two passes at copy speed).
+    in_vocab = ids < vocab_size
+    ptrs = logits_ptr + row * stride_logits + ids
+    x = tl.load(ptrs, mask=in_vocab)
+    tl.store(ptrs, tl.where(allowed, x, float("-inf")), mask=in_vocab)
 
 
 def apply_token_bitmask_triton(logits: Tensor, rows: Tensor, bitmask: Tensor) -> None:
