@@ -4,6 +4,7 @@
 #                                [tp-tests] [tp-small] [tp-8b] [structured] [serve] [moe | moe-tests moe-kernel moe-bench]
 #                                [int4 | int4-tests int4-bench] [int4-8b] [long] [long-vllm]   (default: tests kernels bench)
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
+#                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [fp8-8b] [gemm] [structured-mask] [int4-gemm]
 # `tests-shards` runs the whole GPU suite as four pytest processes at once, each verbose (a test per line, so
 # a run that TEST_TIMEOUT cuts still names what passed) and bounded by TEST_TIMEOUT seconds (default 500).
 # vLLM (a peer, never a dependency) comes from ../shared/vllm-bundle in up to three calls on a warm machine:
@@ -32,6 +33,9 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/.fa:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NANOVLLM_CACHE=${NANOVLLM_CACHE:-/tmp/nanovllm-cache}
 parts=${*:-tests kernels bench}
+# moe, int4 and fp8 each stand for their parts (in this run, so that the summary and the packing of $OUT stay one)
+parts=$(echo " $parts " | sed -E 's/ moe / moe-tests moe-kernel moe-bench /; s/ int4 / int4-tests int4-bench /;
+  s/ fp8 / fp8-tests fp8-bench /')
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 summary=()
 carried_wheels() {  # xgrammar, jsonschema and their needs, carried as wheels in .whl/ (the machine lacks them)
@@ -81,6 +85,16 @@ for part in $parts; do
         summary+=("tests $shard: $(grep -c ' PASSED' "$log") passed, $(grep -c ' FAILED' "$log") failed, \
 $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $(tail -1 "$log")")
       done ;;
+    gemm)  # small-batch GEMMs: the skinny kernel (and its SwiGLU option) against cuBLAS
+      python3 benchmarks/bench_gemm.py --json "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" | tail -40
+      summary+=("gemm: see gemm.log") ;;
+    structured-mask)  # the mask kernel's GPU tests and its cost alone (no workload runs)
+      carried_wheels
+      python3 -m pytest -q -m cuda tests/kernels/test_token_bitmask.py 2>&1 | tee "$OUT/pytest_mask.log" | tail -3
+      summary+=("mask tests: $(tail -1 "$OUT/pytest_mask.log")")
+      python3 benchmarks/bench_structured.py --mask-only --json "$OUT/structured_mask.json" 2>&1 | grep -v Warn \
+        | tee "$OUT/structured_mask.log" | tail -3
+      summary+=("structured: $(grep -E '^mask 256' "$OUT/structured_mask.log")") ;;
     latency)  # single stream, Qwen3-0.6B shapes: prompt 256, 512 tokens
       python3 benchmarks/bench_latency.py --model qwen3-0.6b-random --prompt-len 256 --output-len 512 \
         --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" | tail -4
@@ -165,8 +179,6 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
     serve)  # OpenAI server: bench_serving.py at concurrency 1/16/64/256, nano-vllm then vllm serve (bundle)
       bash benchmarks/bench_serving_gpu.sh "$OUT" 2>&1 | tee "$OUT/serve.log" | grep -vE "^(TPOT|ITL|TTFT)"
       summary+=("serve: $(grep -cE '^(nano-vllm|vllm) ' "$OUT/serve.log") runs; see serving.jsonl, serve.log") ;;
-    moe)  # the three parts below in one call (about 10 minutes: split them over calls if need be)
-      bash "$0" moe-tests moe-kernel moe-bench ;;
     moe-tests)
       python3 -m pytest -q -m cuda tests/models/test_moe.py tests/kernels/test_fused_moe.py 2>&1 \
         | tee "$OUT/pytest_moe.log" | tail -15
@@ -178,14 +190,12 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
       python3 bench.py --model qwen3-30b-a3b-random --attention-backend triton --json "$OUT/bench_moe.json" 2>&1 \
         | tee "$OUT/bench_moe.log" | grep -E "^(Decode|Mixture|Floor|GPU|Total|Breakdown|  )"
       summary+=("bench qwen3-30b-a3b-random: $(grep -E '^(Total|Floor)' "$OUT/bench_moe.log" | paste -sd';')") ;;
-    int4)  # AWQ/GPTQ: the two parts below in one call (split them over calls if need be)
-      bash "$0" int4-tests int4-bench ;;
     int4-tests)  # the W4A16 kernel at 8B shapes and in a CUDA graph; the engine on AWQ/GPTQ checkpoints
       python3 -m pytest -q -m cuda tests/kernels/test_w4a16.py tests/quantization/test_int4_gpu.py 2>&1 \
         | tee "$OUT/pytest_int4.log" | tail -15
       summary+=("int4 tests: $(tail -1 "$OUT/pytest_int4.log")") ;;
-    int4-bench)  # the GEMMs alone at Qwen3-8B shapes against bf16, then a sweep of launch configurations
-      python3 benchmarks/bench_w4a16.py --sweep --json "$OUT/w4a16.json" 2>&1 | tee "$OUT/w4a16.log" | tail -90
+    int4-bench|int4-gemm)  # the GEMMs alone at Qwen3-8B shapes against bf16 (int4-bench: then a sweep of configs)
+      python3 benchmarks/bench_w4a16.py $([ "$part" = int4-bench ] && echo --sweep) --json "$OUT/w4a16.json" 2>&1 | tee "$OUT/w4a16.log" | tail -90
       summary+=("w4a16: $(grep '^goal' "$OUT/w4a16.log")") ;;
     int4-8b)  # single-stream decode steps, bf16 vs AWQ, then the reference workload in AWQ and bf16 (Qwen3-8B shapes)
       for model in qwen3-8b-random qwen3-8b-awq-random; do
@@ -227,15 +237,16 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
         --min-input-len 100 --max-input-len 1024 --min-output-len 100 --max-output-len 1024 --repeats 1 \
         --json "$OUT/bench_ray.json" 2>&1 | grep -E "^(plain|ray)" | tee "$OUT/bench_ray.log"
       summary+=("bench_ray: $(paste -sd';' "$OUT/bench_ray.log")") ;;
-    fp8)  # FP8 (issue 19): GPU tests, the GEMMs and accuracy (bench_fp8.py), bench.py with FP8 KV / weights
+    fp8-tests)  # FP8 (issue 19): the GPU tests (`fp8` = these and fp8-bench)
       python3 -m pytest -q -m cuda tests/quantization/test_fp8.py tests/kernels/test_fp8_gemm.py \
         tests/kernels/test_fp8_kv.py 2>&1 | tee "$OUT/pytest_fp8.log" | tail -15
-      summary+=("fp8 tests: $(tail -1 "$OUT/pytest_fp8.log")")
+      summary+=("fp8 tests: $(tail -1 "$OUT/pytest_fp8.log")") ;;
+    fp8-bench)  # the GEMMs and accuracy (bench_fp8.py), bench.py in bf16 and with FP8 KV / weights (same call)
       python3 benchmarks/bench_fp8.py gemm accuracy --json "$OUT/fp8.json" 2>&1 | tee "$OUT/bench_fp8.log" \
         | grep -vi warn | tail -75
       summary+=("fp8 accuracy: $(grep '^accuracy' "$OUT/bench_fp8.log" | tr -s ' ' | paste -sd';')")
-      for opts in "--kv-cache-dtype fp8" "--quantization fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
-        name=fp8$(echo "$opts" | tr -d ' -')
+      for opts in "" "--kv-cache-dtype fp8" "--quantization fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
+        name=fp8$(echo "${opts:---bf16}" | tr -d ' -')
         python3 bench.py --attention-backend triton $opts --json "$OUT/bench_$name.json" 2>&1 \
           | tee "$OUT/bench_$name.log" | grep -E "^(Decode must|Floor|Total)"
         summary+=("bench $opts: $(grep -E '^(Total|Floor)' "$OUT/bench_$name.log" | paste -sd';')")
