@@ -4,7 +4,7 @@
 #                                [tp-tests] [tp-small] [tp-8b] [structured] [serve] [moe | moe-tests moe-kernel moe-bench]
 #                                [int4 | int4-tests int4-bench] [int4-8b] [long] [long-vllm]   (default: tests kernels bench)
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
-#                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [fp8-8b] [gemm] [structured-mask] [int4-gemm]
+#                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [fp8-8b] [gemm] [structured-mask] [int4-gemm] [compile-log]
 # `tests-shards` runs the whole GPU suite as four pytest processes at once, each verbose (a test per line, so
 # a run that TEST_TIMEOUT cuts still names what passed) and bounded by TEST_TIMEOUT seconds (default 500).
 # vLLM (a peer, never a dependency) comes from ../shared/vllm-bundle in up to three calls on a warm machine:
@@ -95,6 +95,10 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
       python3 benchmarks/bench_structured.py --mask-only --json "$OUT/structured_mask.json" 2>&1 | grep -v Warn \
         | tee "$OUT/structured_mask.log" | tail -3
       summary+=("structured: $(grep -E '^mask 256' "$OUT/structured_mask.log")") ;;
+    compile-log)  # Triton compiles after start-up, by phase (a fresh cache dir: what a new machine compiles)
+      TRITON_CACHE_DIR=$(mktemp -d) python3 benchmarks/compile_log.py 2>&1 | grep -vi warn | tee "$OUT/compile_log.log" \
+        | grep -E "^(phase|compile \[(ref|every|the))"
+      summary+=("compiles: $(grep -E '^phase' "$OUT/compile_log.log" | paste -sd';')") ;;
     latency)  # single stream, Qwen3-0.6B shapes: prompt 256, 512 tokens
       python3 benchmarks/bench_latency.py --model qwen3-0.6b-random --prompt-len 256 --output-len 512 \
         --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" | tail -4
