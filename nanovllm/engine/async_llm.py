@@ -150,7 +150,8 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}  # event loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cond = threading.Condition()  # guards the inbox below
-        self._inbox: deque = deque()  # ("add", request_id, prompt, params, future) or ("abort", ids)
+        # ("add", request_id, prompt, params, future, stream), ("abort", ids) or ("stats", future)
+        self._inbox: deque = deque()
         self._stopping = False
         self._dead: BaseException | None = None
         self._num_steps = 0
@@ -197,11 +198,7 @@ class AsyncLLM:
             # grammars are cached by constraint, so the engine's own compile finds it (an invalid
             # one is the same ValueError, raised here).
             await asyncio.to_thread(self.engine.compile_constraint, sampling_params)
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            if self._streams:
-                raise RuntimeError("an AsyncLLM serves one event loop at a time (another has open requests)")
-            self._loop = loop
+        loop = self._bind_loop()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
         stream = _Stream()
@@ -231,6 +228,15 @@ class AsyncLLM:
         finally:
             await updates.aclose()
 
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, which the engine thread then hands its results to."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._streams:
+                raise RuntimeError("an AsyncLLM serves one event loop at a time (another has open requests)")
+            self._loop = loop
+        return loop
+
     def _post_abort(self, request_ids: list[str]) -> None:
         try:
             self._post(("abort", request_ids))
@@ -243,8 +249,17 @@ class AsyncLLM:
         self._post_abort([request_id] if isinstance(request_id, str) else list(request_id))
 
     async def get_stats(self) -> EngineStats:
-        """The engine's load now (asks in a worker thread: the engine answers between steps)."""
-        return await asyncio.to_thread(self.engine.get_stats)
+        """The engine's load now, read by the engine thread between two steps. (Another thread asking
+        the engine would wait for a gap between its steps, and the engine thread, stepping back to back
+        under load, need not leave one: a /metrics scrape could hang until the load ends.)"""
+        if not self.is_running:  # nothing steps: ask the engine directly
+            return await asyncio.to_thread(self.engine.get_stats)
+        answer = self._bind_loop().create_future()
+        try:
+            self._post(("stats", answer))
+        except EngineDeadError:
+            return await asyncio.to_thread(self.engine.get_stats)
+        return await answer
 
     @property
     def num_steps(self) -> int:
@@ -297,6 +312,14 @@ class AsyncLLM:
             except RuntimeError:  # the loop closed meanwhile
                 pass
 
+    def _answer_stats(self, future: asyncio.Future) -> None:
+        try:
+            stats = self.engine.get_stats()
+        except Exception as e:
+            self._call_loop(_settle, future, e)
+        else:
+            self._call_loop(_settle, future, None, stats)
+
     def _handle(self, items: list[tuple]) -> None:
         """Apply the inbox's adds and aborts in the order they were posted: a client that cancels a
         request and sends it again under the same id posts [abort x, add x], and the add must find x
@@ -304,6 +327,9 @@ class AsyncLLM:
         for item in items:
             if item[0] == "abort":
                 self.engine.abort_request(item[1])
+                continue
+            if item[0] == "stats":
+                self._answer_stats(item[1])
                 continue
             _, request_id, prompt, params, accepted, stream = item
             if request_id in self._owner.streams:  # an unfinished request holds the id: keep its stream
@@ -346,6 +372,12 @@ class AsyncLLM:
         finally:
             with self._cond:
                 self._stopping = True
+                left, self._inbox = list(self._inbox), deque()
+            for item in left:  # posted too late: refused (adds) or answered (stats)
+                if item[0] == "add":
+                    self._call_loop(_settle, item[4], EngineDeadError("the engine is shutting down"))
+                elif item[0] == "stats":
+                    self._answer_stats(item[1])
             # Requests still open when stopping end as aborted.
             if self._owner.streams:
                 try:
@@ -412,10 +444,10 @@ class RequestStream:
             self._close()  # posting an abort only takes the inbox's lock: safe from a finalizer
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, error: BaseException | None, result=None) -> None:
     if future.done():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)

@@ -325,3 +325,25 @@ def test_an_invalid_constraint_is_refused_before_the_engine_thread(engines, cons
     out, _ = run(main())
     assert out[0][1] == reference.generate(["Hello"], params, use_tqdm=False)[0].outputs[0].token_ids
     assert_idle(engine)
+
+
+def test_stats_come_between_steps_under_load(engines):
+    """get_stats is answered by the engine thread between two steps: a reader keeping the engine stepping
+    back to back does not hold it off until the requests end."""
+    engine, _ = engines
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)  # 4 x 13 of the 64 blocks
+
+    async def main():
+        streams = [await engine.add_request(f"load-{i}", "Hello", params) for i in range(4)]
+
+        async def read(stream):
+            return sum(len(d.token_ids) for u in [u async for u in stream] for d in u.completions)
+
+        readers = [asyncio.create_task(read(s)) for s in streams]
+        stats = [await asyncio.wait_for(engine.get_stats(), 5) for _ in range(5)]
+        return stats, await asyncio.gather(*readers)
+
+    stats, counts = run(main())
+    assert all(s.num_running == 4 for s in stats), stats
+    assert counts == [200] * 4
+    assert_idle(engine)
