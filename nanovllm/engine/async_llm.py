@@ -5,6 +5,13 @@ steps while any request is unfinished, and after each step hands every changed r
 tokens to the event loop in one call. Each request is an async iterator of `RequestUpdate`s, so many
 HTTP requests share one continuous batch, and nothing the event loop runs waits for a step.
 
+A reader that falls behind gets its tokens coalesced, never dropped or reordered: while the last update
+built for a request is still unread, the engine thread builds no new one for it (no detokenizing, no
+update object); once the reader has taken it, the next update carries every token since, with their
+log-probabilities and the finish reason. An update that arrives while another is unread (the final one)
+is merged into it. A slow reader (a client reading slowly, a busy event loop) so costs no work per step
+and no growing queue, and gets several tokens per update; one that keeps up gets an update per step.
+
     engine = AsyncLLM.from_engine_args(EngineArgs(model=...))
     async for update in engine.generate({"prompt_token_ids": ids}, SamplingParams(...), "req-1"):
         ...  # update.completions: what is new per completion; update.finished at the end
@@ -56,9 +63,32 @@ class RequestUpdate:
     num_cached_tokens: int = 0
     prompt_logprobs: PromptLogprobs | None = None
     # Set by the engine thread: when the step that made this update ended (time.monotonic()) and its
-    # number (updates of one step share it: the requests were batched together).
+    # number (updates of one step share it: the requests were batched together); for coalesced updates,
+    # the latest step's.
     time: float = 0.0
     step: int = 0
+    number: int = 0  # the request's updates built so far, this one included (coalescing's bookkeeping)
+
+    def merge(self, later: "RequestUpdate") -> None:
+        """Append `later` (the same request's next update) to this one, as if they had been one."""
+        mine = {d.index: d for d in self.completions}
+        for d in later.completions:
+            own = mine.get(d.index)
+            if own is None:
+                self.completions.append(d)
+                mine[d.index] = d
+                continue
+            own.text += d.text
+            own.token_ids = own.token_ids + d.token_ids
+            if d.logprobs is not None:
+                own.logprobs = d.logprobs if own.logprobs is None else own.logprobs + d.logprobs
+            if d.finish_reason is not None:
+                own.finish_reason, own.stop_reason = d.finish_reason, d.stop_reason
+        self.finished = later.finished
+        self.num_cached_tokens = later.num_cached_tokens
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
+        self.time, self.step, self.number = later.time, later.step, later.number
 
 
 @dataclass(slots=True)
@@ -76,27 +106,71 @@ class EngineDeadError(RuntimeError):
 
 @dataclass(slots=True)
 class _Stream:
-    """The event-loop side of one request: its queue of updates (an exception ends it)."""
+    """One request's updates on their way to its reader: the unread ones (at most one update, later ones
+    merged into it, and an exception that ends the stream), and how far the reader has got."""
 
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    unread: deque = field(default_factory=deque)  # event loop only
+    waiter: asyncio.Future | None = None  # the reader waiting in get(), if any
     sent_logprobs: dict[int, int] = field(default_factory=dict)  # per completion, entries already sent
     sent_prompt_logprobs: bool = False
+    # Each side writes only its own counter, so the engine thread can compare them without a lock.
+    posted: int = 0  # engine thread: updates built for this stream (the newest one's `number`)
+    taken: int = 0  # event loop: the `number` of the newest update the reader has taken
+
+    def put(self, item: "RequestUpdate | BaseException") -> None:
+        """In the event loop: queue an update (merged into an unread one) or an exception."""
+        unread = self.unread
+        if unread and isinstance(item, RequestUpdate) and isinstance(unread[-1], RequestUpdate):
+            unread[-1].merge(item)
+        else:
+            unread.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self) -> "RequestUpdate | BaseException":
+        while not self.unread:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        item = self.unread.popleft()
+        if isinstance(item, RequestUpdate):
+            self.taken = item.number
+        return item
 
 
 class _Owner:
     """The owner of every request this AsyncLLM queues: turns each update into a `RequestUpdate`
     (in the engine thread, with the engine held) and keeps them, each with the stream it is for, for
     the thread to hand over. A request id is unique only among unfinished requests (a client may
-    reuse one as soon as its request ends), so updates travel with their stream, never by id alone."""
+    reuse one as soon as its request ends), so updates travel with their stream, never by id alone.
+    A request whose reader has not taken its last update yet is set aside (`deferred`) instead, until
+    it has (`build_ready`) or the request finishes."""
 
     def __init__(self):
         self.pending: list[tuple[_Stream, RequestUpdate]] = []
         self.streams: dict[str, _Stream] = {}  # engine thread only: the unfinished requests' streams
+        self.deferred: dict[str, Request] = {}  # engine thread only: changed, not built (reader behind)
 
     def on_update(self, request: Request, finished: bool) -> None:
         stream = self.streams.get(request.request_id)
         if stream is None:
             return
+        if not finished and stream.taken != stream.posted:
+            self.deferred[request.request_id] = request
+            return
+        self.deferred.pop(request.request_id, None)
+        self._build(stream, request, finished)
+
+    def build_ready(self) -> None:
+        """Build the deferred requests' updates whose readers have caught up (between steps)."""
+        ready = [rid for rid in self.deferred if (s := self.streams[rid]).taken == s.posted]
+        for rid in ready:
+            self._build(self.streams[rid], self.deferred.pop(rid), False)
+
+    def _build(self, stream: _Stream, request: Request, finished: bool) -> None:
+        """The request's news since its last update (every completion's delta), queued in `pending`."""
         deltas = []
         for completion in request.completions:
             sent_tokens = completion.sent_tokens
@@ -135,6 +209,8 @@ class _Owner:
             num_cached_tokens=request.num_cached_tokens,
             prompt_logprobs=prompt_logprobs,
         )
+        stream.posted += 1
+        update.number = stream.posted
         self.pending.append((stream, update))
         if finished:
             del self.streams[request.request_id]
@@ -269,9 +345,10 @@ class AsyncLLM:
     def _deliver(self, updates: list[tuple[_Stream, RequestUpdate]]) -> None:
         """In the event loop: put each update on its stream's queue, if that stream is still open (a
         stream closed early, whose id may already name a new request, gets nothing more)."""
+        streams = self._streams
         for stream, update in updates:
-            if self._streams.get(update.request_id) is stream:
-                stream.queue.put_nowait(update)
+            if streams.get(update.request_id) is stream:
+                stream.put(update)
 
     def _forget(self, request_id: str, stream: _Stream) -> None:
         """In the event loop: drop `stream` from the open streams (not a newer one under its id)."""
@@ -280,7 +357,7 @@ class AsyncLLM:
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in self._streams.values():
-            stream.queue.put_nowait(error)
+            stream.put(error)
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop the engine thread (requests still running are aborted) and exit the engine."""
@@ -387,7 +464,12 @@ class AsyncLLM:
                     logger.exception("aborting the open requests at shutdown failed")
 
     def _flush(self) -> None:
-        updates, self._owner.pending = self._owner.pending, []
+        owner = self._owner
+        if owner.deferred:
+            # Between steps, in the only thread that steps or changes this engine's requests (aborts
+            # come through the inbox): the requests are as on_update saw them.
+            owner.build_ready()
+        updates, owner.pending = owner.pending, []
         if updates:
             now = time.monotonic()
             for _, update in updates:
@@ -415,7 +497,7 @@ class RequestStream:
         if self.finished or self._closed:
             raise StopAsyncIteration
         try:
-            item = await self._stream.queue.get()
+            item = await self._stream.get()
         except BaseException:  # cancelled while waiting: nobody will read the rest
             self._close()
             raise

@@ -347,3 +347,77 @@ def test_stats_come_between_steps_under_load(engines):
     assert all(s.num_running == 4 for s in stats), stats
     assert counts == [200] * 4
     assert_idle(engine)
+
+
+def _joined(updates: list) -> dict:
+    """Per completion: (text, token ids, log-probabilities rounded, finish reason) of all updates."""
+    out: dict[int, tuple] = {}
+    for update in updates:
+        for d in update.completions:
+            text, ids, lps, _ = out.get(d.index, ("", [], [], None))
+            lps = lps + [{t: round(v.logprob, 4) for t, v in e.items()} for e in d.logprobs or []]
+            out[d.index] = (text + d.text, ids + d.token_ids, lps, d.finish_reason)
+    return out
+
+
+def _expected(c) -> tuple:
+    return (
+        c.text,
+        c.token_ids,
+        [{t: round(v.logprob, 4) for t, v in e.items()} for e in c.logprobs],
+        "length",
+    )
+
+
+async def _unfinished_until_done(engine: AsyncLLM) -> None:
+    for _ in range(2000):
+        if engine.engine.get_num_unfinished_requests() == 0:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the request did not finish")
+
+
+def test_a_reader_behind_gets_every_token_coalesced(engines):
+    """A reader that stops reading holds no queue of per-step updates: once it has taken an update, the
+    next one is built and then kept, unread, with every later token (the final update merged into it).
+    Read after the request has finished, the stream is two updates whose text, tokens, log-probabilities
+    and finish reasons are those of generate."""
+    engine, reference = engines
+    params = SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=30, ignore_eos=True, logprobs=2)
+    exp = reference.generate(["The quick brown fox"], params, use_tqdm=False)[0]
+
+    async def main():
+        stream = await engine.add_request("behind", "The quick brown fox", params)
+        first = await stream.__anext__()
+        await _unfinished_until_done(engine)  # 30 steps, nothing read meanwhile
+        return [first] + [u async for u in stream]
+
+    updates = run(main())
+    assert len(updates) == 2 and updates[-1].finished
+    got = _joined(updates)
+    assert got == {c.index: _expected(c) for c in exp.outputs}
+    assert_idle(engine)
+
+
+def test_a_stream_read_only_at_the_end_is_one_update(engines):
+    """Nothing read until the request ends: its first update (with the prompt's log-probabilities) and
+    everything after it arrive merged, as one update equal to generate's output."""
+    engine, reference = engines
+    params = SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+    exp = reference.generate(["Hello, my name is"], params, use_tqdm=False)[0]
+
+    async def main():
+        stream = await engine.add_request("at-the-end", "Hello, my name is", params)
+        await _unfinished_until_done(engine)
+        return [u async for u in stream]
+
+    (update,) = run(main())
+    assert update.finished
+    assert _joined([update]) == {0: _expected(exp.outputs[0])}
+    rounded = [
+        None if e is None else {t: round(v.logprob, 4) for t, v in e.items()} for e in update.prompt_logprobs
+    ]
+    assert rounded == [
+        None if e is None else {t: round(v.logprob, 4) for t, v in e.items()} for e in exp.prompt_logprobs
+    ]
+    assert_idle(engine)
