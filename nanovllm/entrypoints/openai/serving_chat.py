@@ -22,7 +22,10 @@ from nanovllm.entrypoints.openai.protocol import (
 from nanovllm.entrypoints.openai.serving_engine import (
     OpenAIError,
     OpenAIServing,
+    SSEChunks,
     StreamingBody,
+    json_str,
+    json_value,
     merge,
     token_text,
     top_by_rank,
@@ -211,23 +214,11 @@ class OpenAIServingChat(OpenAIServing):
     async def _stream(self, request, request_id, model, prompt, stream, ticket) -> AsyncIterator[str]:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         continuous = bool(request.stream_options and request.stream_options.continuous_usage_stats)
-        created = now()
+        sse = SSEChunks(request_id, "chat.completion.chunk", now(), model)
         top = request.top_logprobs or 0
         num_prompt = len(prompt["prompt_token_ids"])
         num_completion = 0
         prefix = self._echo_text(request)
-
-        def chunk(choices: list[dict], usage: dict | None = None) -> str:
-            body = {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": choices,
-            }
-            if usage is not None:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
 
         def usage() -> dict:
             return {
@@ -239,40 +230,43 @@ class OpenAIServingChat(OpenAIServing):
         merged = merge([stream])
         try:
             # As OpenAI: each answer opens with the role (and vLLM's echo) before any content.
-            yield chunk(
-                [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": prefix},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                    for i in range(request.n)
-                ]
-            )
+            opening = [
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": prefix},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                for i in range(request.n)
+            ]
+            yield sse.line([json.dumps(c) for c in opening])
             async for _, update in merged:
                 choices = []
                 for delta in update.completions:
                     num_completion += len(delta.token_ids)
                     if not delta.text and not delta.token_ids and delta.finish_reason is None:
                         continue
-                    logprobs = None
+                    lp = None
                     if request.logprobs:
-                        logprobs = {"content": [lp.model_dump() for lp in self._logprobs(delta, top)]}
+                        lp = {"content": [x.model_dump() for x in self._logprobs(delta, top)]}
                     choices.append(
-                        {
-                            "index": delta.index,
-                            "delta": {"content": delta.text},
-                            "logprobs": logprobs,
-                            "finish_reason": delta.finish_reason,
-                            "stop_reason": delta.stop_reason,
-                        }
+                        stream_choice(delta.index, delta.text, lp, delta.finish_reason, delta.stop_reason)
                     )
                 if choices:
-                    yield chunk(choices, usage() if include_usage and continuous else None)
+                    yield sse.line(choices, usage() if include_usage and continuous else None)
             if include_usage:
-                yield chunk([], usage())
+                yield sse.line([], usage())
             yield "data: [DONE]\n\n"
         finally:
             await merged.aclose()
             ticket.release()
+
+
+def stream_choice(index: int, content: str, logprobs: dict | None, finish_reason, stop_reason) -> str:
+    """One choice of a streamed chunk as JSON (json.dumps's output for its dict, written directly: this
+    runs for every request at every step)."""
+    lp = "null" if logprobs is None else json.dumps(logprobs)
+    return (
+        f'{{"index": {index}, "delta": {{"content": {json_str(content)}}}, "logprobs": {lp}, '
+        f'"finish_reason": {json_value(finish_reason)}, "stop_reason": {json_value(stop_reason)}}}'
+    )

@@ -18,7 +18,10 @@ from nanovllm.entrypoints.openai.protocol import (
 from nanovllm.entrypoints.openai.serving_engine import (
     OpenAIError,
     OpenAIServing,
+    SSEChunks,
     StreamingBody,
+    json_str,
+    json_value,
     merge,
     token_text,
 )
@@ -196,7 +199,7 @@ class OpenAIServingCompletion(OpenAIServing):
         n = request.n
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         continuous = bool(request.stream_options and request.stream_options.continuous_usage_stats)
-        created = now()
+        sse = SSEChunks(request_id, "text_completion", now(), model)
         echoed = [False] * (len(prompts) * n)
         offsets = [0] * (len(prompts) * n)
         num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
@@ -223,41 +226,28 @@ class OpenAIServingCompletion(OpenAIServing):
                     num_completion += len(delta.token_ids)
                     if not text and not delta.token_ids and delta.finish_reason is None:
                         continue
-                    choices.append(
-                        {  # a plain dict: this runs for every request at every step
-                            "index": index,
-                            "text": text,
-                            "logprobs": logprobs.model_dump() if logprobs is not None else None,
-                            "finish_reason": delta.finish_reason,
-                            "stop_reason": delta.stop_reason,
-                        }
+                    lp = None if logprobs is None else logprobs.model_dump()
+                    choices.append(stream_choice(index, text, lp, delta.finish_reason, delta.stop_reason))
+                if choices:
+                    yield sse.line(
+                        choices, _usage(num_prompt, num_completion) if include_usage and continuous else None
                     )
-                if not choices:
-                    continue
-                chunk = {
-                    "id": request_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": choices,
-                }
-                if include_usage and continuous:
-                    chunk["usage"] = _usage(num_prompt, num_completion)
-                yield f"data: {json.dumps(chunk)}\n\n"
             if include_usage:
-                chunk = {
-                    "id": request_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": _usage(num_prompt, num_completion),
-                }
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield sse.line([], _usage(num_prompt, num_completion))
             yield "data: [DONE]\n\n"
         finally:
             await merged.aclose()
             ticket.release()
+
+
+def stream_choice(index: int, text: str, logprobs: dict | None, finish_reason, stop_reason) -> str:
+    """One choice of a streamed chunk as JSON (json.dumps's output for its dict, written directly: this
+    runs for every request at every step)."""
+    lp = "null" if logprobs is None else json.dumps(logprobs)
+    return (
+        f'{{"index": {index}, "text": {json_str(text)}, "logprobs": {lp}, '
+        f'"finish_reason": {json_value(finish_reason)}, "stop_reason": {json_value(stop_reason)}}}'
+    )
 
 
 def _usage(num_prompt: int, num_completion: int) -> dict:

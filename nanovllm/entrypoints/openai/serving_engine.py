@@ -4,8 +4,10 @@ prompts, and the HTTP errors (OpenAI's body: `{"error": {"message", "type", "par
 
 import asyncio
 import dataclasses
+import json
 import re
 from collections.abc import AsyncIterator
+from json.encoder import encode_basestring_ascii as json_str  # json.dumps of a str, as it writes one
 
 from nanovllm.engine.async_llm import AsyncLLM, RequestUpdate
 from nanovllm.entrypoints.openai.metrics import ServerMetrics
@@ -298,6 +300,33 @@ def _structured_outputs(request: SamplingRequest) -> StructuredOutputsParams | N
         return StructuredOutputsParams(json=fmt.json_schema.json_schema)
     except ValueError as e:
         raise OpenAIError(400, str(e), "response_format" if so is None else "structured_outputs") from None
+
+
+def json_value(value) -> str:
+    """`json.dumps(value)`; strings and None (a chunk's text and reasons) without its generic encoder."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return json_str(value)
+    return json.dumps(value)
+
+
+class SSEChunks:
+    """The server-sent events of one streamed response: `data: {"id", "object", "created", "model",
+    "choices": [...], "usage"?}` lines, byte for byte what json.dumps writes for that dict, with the
+    fixed start written once. Choices come already in JSON (`json_value` and f-strings for the common
+    ones): a stream makes a line per request per engine step, and json.dumps of the whole dict was
+    most of that line's cost."""
+
+    def __init__(self, request_id: str, object_name: str, created: int, model: str):
+        self.head = (
+            f'data: {{"id": {json_str(request_id)}, "object": {json_str(object_name)}, '
+            f'"created": {json.dumps(created)}, "model": {json_str(model)}, "choices": ['
+        )
+
+    def line(self, choices: list[str], usage: dict | None = None) -> str:
+        tail = "]}\n\n" if usage is None else f'], "usage": {json.dumps(usage)}}}\n\n'
+        return self.head + ", ".join(choices) + tail
 
 
 def token_text(tokenizer, token_id: int, logprob: Logprob | None) -> str:
