@@ -6,7 +6,10 @@ lengths (bench.py: prompt lengths randint(100, 1024) of ids randint(0, 10000), m
 randint(100, 1024), temperature 0.6, ignore_eos), sent at `--request-rate` (Poisson arrivals; inf:
 all at once) with at most `--max-concurrency` in flight. Reported: request and token throughput,
 time to first token (TTFT), time per output token after the first (TPOT) and inter-token latency
-(ITL, the gaps between streamed chunks), as mean / median / p99 in milliseconds.
+(ITL, the gaps between streamed chunks, as vLLM's benchmark measures it), as mean / median / p99 in
+milliseconds. A server may send several tokens in one chunk (vLLM and nano-vllm coalesce a stream's
+tokens while its reader is behind): then ITL spans several tokens and is no longer a per-token figure
+(TPOT still is), which "chunks per token" below 1 and the count of requests with such chunks show.
 
     python -m nanovllm.entrypoints.openai.api_server --model MODEL --port 8000 &
     python benchmarks/bench_serving.py --base-url http://127.0.0.1:8000 --model MODEL \\
@@ -164,6 +167,8 @@ def summarize(args, results: list[RequestResult], duration: float) -> dict:
         "total_token_throughput": (in_tokens + out_tokens) / duration,
         "output_tokens": out_tokens,
         "chunks_per_output_token": sum(r.num_chunks for r in ok) / max(1, out_tokens),
+        # Requests some of whose chunks carried several tokens (coalesced, or two steps read back at once).
+        "multi_token_chunk_requests": sum(r.num_chunks < r.output_len for r in ok),
         "ttft_ms": _ms_stats([r.ttft for r in ok]),
         "tpot_ms": _ms_stats(tpot),
         "itl_ms": _ms_stats([g for r in ok for g in r.itl]),
@@ -183,12 +188,14 @@ def print_summary(s: dict) -> None:
     print(
         f"throughput: {s['request_throughput']:.2f} req/s, output {s['output_throughput']:.1f} tok/s, "
         f"total {s['total_token_throughput']:.1f} tok/s ({s['output_tokens']} output tokens, "
-        f"{s['chunks_per_output_token']:.2f} chunks per token)"
+        f"{s['chunks_per_output_token']:.2f} chunks per token; {s['multi_token_chunk_requests']} of "
+        f"{s['completed']} requests had chunks of several tokens)"
     )
     for name in ("ttft_ms", "tpot_ms", "itl_ms"):
         v = s[name]
         print(
             f"{name[:-3].upper():5s} ms: mean {v['mean']:.2f}, median {v['median']:.2f}, p99 {v['p99']:.2f}"
+            + (" (between chunks)" if name == "itl_ms" else "")
         )
 
 

@@ -23,6 +23,14 @@ else:
     from nanovllm.utils.builtin_model import get_builtin_model
     print(get_builtin_model('qwen3-0.6b-random'))")}
 echo "model: $MODEL"
+# What uvicorn will run on: its pure-Python HTTP parser (h11) costs the event loop several microseconds
+# a chunk more than httptools, and uvloop writes sockets with the GIL held; both shape these figures.
+python3 -c "
+import importlib.util as u, sys, uvicorn
+have = {m: u.find_spec(m) is not None for m in ('uvloop', 'httptools')}
+print(f'server stack: python {sys.version.split()[0]}, uvicorn {uvicorn.__version__}, '
+      f'loop {\"uvloop\" if have[\"uvloop\"] else \"asyncio\"}, http {\"httptools\" if have[\"httptools\"] else \"h11\"}')
+" | tee "$OUT/server_stack.txt"
 CONCURRENCY=${CONCURRENCY:-1 16 64 256}
 # A trial on the CPU: MODEL=<tiny dir> CONCURRENCY="1 4" SERVER_ARGS="--device cpu --enforce-eager"
 # BENCH_ARGS="--input-len-range 20 60 --output-len-range 8 16 --max-token-id 400" bash benchmarks/bench_serving_gpu.sh
