@@ -6,6 +6,15 @@
 # The GPU image has no fastapi/uvicorn/pydantic: carry `.serve_wheels` (wheels for Python 3.12, made
 # on the CPU machine with `pip download`, see the report of issue 20); they are unpacked to
 # /tmp/serve_site. vLLM's own server also needs them (uvicorn, prometheus-fastapi-instrumentator, ...).
+# Build it with `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+# --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+# -d .serve_wheels` of: fastapi==0.136.3 (vLLM 0.26 wants <0.137; 0.165 imports opentelemetry) starlette
+# uvicorn h11 httptools uvloop click anyio sniffio idna annotated-doc pydantic pydantic-core annotated-types
+# typing-inspection typing-extensions prometheus_client prometheus-fastapi-instrumentator aiohttp
+# aiohappyeyeballs aiosignal frozenlist multidict yarl propcache attrs python-multipart setproctitle httpx
+# httpcore jiter certifi watchfiles model-hosting-container-standards jmespath cloudpickle py-cpuinfo einops
+# (13 MB; the last eight are for `vllm serve`: watchfiles and model_hosting_container_standards stopped it
+# on 2026-12-02, the rest were found missing by reading its imports, untested there yet).
 set -uo pipefail
 OUT=${1:-benchmarks/results/latest}
 mkdir -p "$OUT"
