@@ -13,7 +13,7 @@
 # typing-inspection typing-extensions prometheus_client prometheus-fastapi-instrumentator aiohttp
 # aiohappyeyeballs aiosignal frozenlist multidict yarl propcache attrs python-multipart setproctitle httpx
 # httpcore jiter certifi watchfiles model-hosting-container-standards jmespath cloudpickle py-cpuinfo einops
-# (13 MB; the last eight are for `vllm serve`: watchfiles and model_hosting_container_standards stopped it
+# (13 MB; the last six are for `vllm serve`: watchfiles and model_hosting_container_standards stopped it
 # on 2026-12-02, the rest were found missing by reading its imports, untested there yet).
 set -uo pipefail
 OUT=${1:-benchmarks/results/latest}
