@@ -3,9 +3,11 @@
 Structured outputs give each constrained row of a step a packed bitmask: int32 words, bit `t % 32` of
 word `t // 32` set when token t is allowed next. The kernel writes -inf over the logits of every token
 whose bit is 0, in the rows named by a row-index tensor (bitmask row i masks logits row `rows[i]`), so
-the constrained rows are neither gathered nor scattered back: a step moves the bitmask words in and the
--inf stores out, nothing else. Token ids the bitmask does not cover (the logits wider than 32 x its
-words) count as 0 bits: a constrained row never samples them. Unconstrained rows are never touched.
+the constrained rows are neither gathered nor scattered back: a step reads the bitmask words and the
+constrained rows' logits and writes those rows back, whole blocks at a time (a store of only the banned
+tokens would be masked element by element, which the compiler cannot vectorise). Token ids the bitmask
+does not cover (the logits wider than 32 x its words) count as 0 bits: a constrained row never samples
+them. Unconstrained rows are never touched.
 
 The grid depends on shapes only (rows x vocabulary blocks) and the row indices are read on the device,
 so a launch needs no host sync and nothing host-side to wait for; `apply_token_bitmask_torch` is the
@@ -42,8 +44,8 @@ def _token_bitmask_kernel(
     words = ids // 32
     packed = tl.load(bitmask_ptr + i.to(tl.int64) * stride_bitmask + words, mask=words < num_words, other=0)
     allowed = ((packed >> (ids % 32)) & 1) != 0
-    # The whole block is read and written back, not only its banned tokens: a store masked token by token
-    # cannot be vectorised (at 256 rows of bf16 it took 0.18 ms on an H200; this is two passes at copy speed).
+    # The whole block is read and written back (see the module docstring): at 256 rows of bf16 on an H200,
+    # 0.046 ms against 0.18 for a store of the banned tokens only.
     in_vocab = ids < vocab_size
     ptrs = logits_ptr + row * stride_logits + ids
     x = tl.load(ptrs, mask=in_vocab)
