@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed decode steps first")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument(
         "--torch-profile",
@@ -110,6 +111,7 @@ def build_engine(args: argparse.Namespace, path: str, max_tokens: int) -> Any:
         enforce_eager=args.enforce_eager,
         device=args.device,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=max(4096, args.context + max_tokens),
         max_num_seqs=max(512, args.num_seqs),
         tensor_parallel_size=args.tensor_parallel_size,
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             print(averages.table(sort_by=sort, row_limit=args.top_kernels, max_name_column_width=60))
 
     weight_bytes = bench.param_bytes(runner.model)
-    elem = torch.empty(0, dtype=runner.dtype).element_size()
+    elem = runner.kv_cache_dtype.itemsize  # one byte for an FP8 cache
     kv_token = bench.kv_bytes_per_token(cfg, elem, args.tensor_parallel_size)
     mid_context = first_context + args.steps // 2
     batch = int(median(batches))
