@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from nanovllm.entrypoints.openai import serving_chat, serving_completion
-from nanovllm.entrypoints.openai.serving_engine import SSEChunks, json_value
+from nanovllm.entrypoints.openai.serving_engine import SSEChunks, json_value, stream_choice
 
 TEXTS = ["", " hello", 'quo"te \\ back', "new\nline\ttab\x00\x1f", "Grüße, 你好 🙂", "\ud83d", "</script>"]
 REASONS = [(None, None), ("length", None), ("stop", 151645), ("stop", "###"), ("abort", None)]
@@ -29,7 +28,7 @@ def test_json_value_is_json_dumps(value):
 @pytest.mark.parametrize("finish_reason,stop_reason", REASONS)
 @pytest.mark.parametrize("logprobs", LOGPROBS)
 def test_choices_are_json_dumps_of_their_dicts(text, finish_reason, stop_reason, logprobs):
-    got = serving_completion.stream_choice(3, text, logprobs, finish_reason, stop_reason)
+    got = stream_choice(3, text, logprobs, finish_reason, stop_reason)
     want = {
         "index": 3,
         "text": text,
@@ -38,7 +37,7 @@ def test_choices_are_json_dumps_of_their_dicts(text, finish_reason, stop_reason,
         "stop_reason": stop_reason,
     }
     assert got == json.dumps(want)
-    got = serving_chat.stream_choice(1, text, logprobs, finish_reason, stop_reason)
+    got = stream_choice(1, text, logprobs, finish_reason, stop_reason, chat=True)
     want = {
         "index": 1,
         "delta": {"content": text},

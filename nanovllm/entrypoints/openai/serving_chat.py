@@ -24,9 +24,8 @@ from nanovllm.entrypoints.openai.serving_engine import (
     OpenAIServing,
     SSEChunks,
     StreamingBody,
-    json_str,
-    json_value,
     merge,
+    stream_choice,
     token_text,
     top_by_rank,
 )
@@ -250,7 +249,9 @@ class OpenAIServingChat(OpenAIServing):
                     if request.logprobs:
                         lp = {"content": [x.model_dump() for x in self._logprobs(delta, top)]}
                     choices.append(
-                        stream_choice(delta.index, delta.text, lp, delta.finish_reason, delta.stop_reason)
+                        stream_choice(
+                            delta.index, delta.text, lp, delta.finish_reason, delta.stop_reason, chat=True
+                        )
                     )
                 if choices:
                     yield sse.line(choices, usage() if include_usage and continuous else None)
@@ -260,13 +261,3 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             await merged.aclose()
             ticket.release()
-
-
-def stream_choice(index: int, content: str, logprobs: dict | None, finish_reason, stop_reason) -> str:
-    """One choice of a streamed chunk as JSON (json.dumps's output for its dict, written directly: this
-    runs for every request at every step)."""
-    lp = "null" if logprobs is None else json.dumps(logprobs)
-    return (
-        f'{{"index": {index}, "delta": {{"content": {json_str(content)}}}, "logprobs": {lp}, '
-        f'"finish_reason": {json_value(finish_reason)}, "stop_reason": {json_value(stop_reason)}}}'
-    )

@@ -2,7 +2,6 @@
 streamed as server-sent events. Choice `i * n + j` is completion j of prompt i, as in vLLM."""
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -20,9 +19,8 @@ from nanovllm.entrypoints.openai.serving_engine import (
     OpenAIServing,
     SSEChunks,
     StreamingBody,
-    json_str,
-    json_value,
     merge,
+    stream_choice,
     token_text,
 )
 from nanovllm.outputs import Logprob
@@ -238,16 +236,6 @@ class OpenAIServingCompletion(OpenAIServing):
         finally:
             await merged.aclose()
             ticket.release()
-
-
-def stream_choice(index: int, text: str, logprobs: dict | None, finish_reason, stop_reason) -> str:
-    """One choice of a streamed chunk as JSON (json.dumps's output for its dict, written directly: this
-    runs for every request at every step)."""
-    lp = "null" if logprobs is None else json.dumps(logprobs)
-    return (
-        f'{{"index": {index}, "text": {json_str(text)}, "logprobs": {lp}, '
-        f'"finish_reason": {json_value(finish_reason)}, "stop_reason": {json_value(stop_reason)}}}'
-    )
 
 
 def _usage(num_prompt: int, num_completion: int) -> dict:

@@ -311,6 +311,20 @@ def json_value(value) -> str:
     return json.dumps(value)
 
 
+def stream_choice(
+    index: int, text: str, logprobs: dict | None, finish_reason, stop_reason, chat: bool = False
+) -> str:
+    """One choice of a streamed chunk as JSON: json.dumps's output for {"index", "text" (chat:
+    "delta": {"content"}), "logprobs", "finish_reason", "stop_reason"}, written directly (this runs for
+    every request at every step)."""
+    member = f'"delta": {{"content": {json_str(text)}}}' if chat else f'"text": {json_str(text)}'
+    lp = "null" if logprobs is None else json.dumps(logprobs)
+    return (
+        f'{{"index": {index}, {member}, "logprobs": {lp}, '
+        f'"finish_reason": {json_value(finish_reason)}, "stop_reason": {json_value(stop_reason)}}}'
+    )
+
+
 class SSEChunks:
     """The server-sent events of one streamed response: `data: {"id", "object", "created", "model",
     "choices": [...], "usage"?}` lines, byte for byte what json.dumps writes for that dict, with the
