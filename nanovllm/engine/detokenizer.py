@@ -51,7 +51,7 @@ class IncrementalDetokenizer:
         new = window[len(context) :]
         whole = not new.endswith(REPLACEMENT_CHAR)
         stable = new if whole else new.rstrip(REPLACEMENT_CHAR)
-        delta = stable[self.held :] if len(stable) > self.held else ""
+        delta = stable[self.held :]
         self.text += delta
         if whole:  # the next window starts at these tokens
             self.prefix_offset, self.read_offset, self.held = self.read_offset, len(self.token_ids), 0

@@ -248,8 +248,8 @@ def _decode_split_kernel(
     # for the second dot (which runs across tokens). The words' two halves become two dots of
     # HEAD_DIM / 2 columns. Below HEAD_DIM 32 a half is narrower than a dot allows, and V is read whole.
     # (Compiled for sm_90 at head dim 128, 128-token tiles: 2,303 PTX instructions before, 1,333 now,
-    # bf16 1,234; on the H200 the old FP8 cache ran the reference workload at 18,315 tok/s against
-    # 24,979 for bf16: most likely bound by these instructions; not profiled yet.)
+    # bf16 1,234. On the H200 the reference workload with an FP8 cache went from 18,315 tok/s, below
+    # bf16's 24,979, to 32,956 beside bf16's 25,282: benchmarks/RESULTS.md.)
     FP8: tl.constexpr = k_cache_ptr.dtype.element_ty == tl.float8e4nv
     V_WORDS: tl.constexpr = FP8 and HEAD_DIM >= 32
     FP8_DOT: tl.constexpr = tl.float32 if q_ptr.dtype.element_ty == tl.float32 else tl.float16
