@@ -85,7 +85,7 @@ for part in $parts; do
         summary+=("tests $shard: $(grep -c ' PASSED' "$log") passed, $(grep -c ' FAILED' "$log") failed, \
 $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $(tail -1 "$log")")
       done ;;
-    gemm)  # small-batch GEMMs: the skinny kernel (and its SwiGLU option) against cuBLAS
+    gemm)  # small-batch GEMMs: the skinny kernel against cuBLAS
       python3 benchmarks/bench_gemm.py --json "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" | tail -40
       summary+=("gemm: see gemm.log") ;;
     structured-mask)  # the mask kernel's GPU tests and its cost alone (no workload runs)

@@ -59,7 +59,6 @@ def _skinny_kernel(
     SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    SILU_AND_MUL: tl.constexpr,  # x rows are [gate | up], 2 K wide: the product takes silu(gate) * up
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -76,15 +75,7 @@ def _skinny_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_idx = k0 + ks
         k_mask = k_idx < k_end
-        x_mask = row_mask[:, None] & k_mask[None, :]
-        if SILU_AND_MUL:  # rounded as the unfused ops round: silu to the dtype, then the product
-            gate = tl.load(x_rows + k_idx[None, :], mask=x_mask, other=0.0)
-            up = tl.load(x_rows + K + k_idx[None, :], mask=x_mask, other=0.0)
-            g = gate.to(tl.float32)
-            act = (g / (1.0 + tl.exp(-g))).to(up.dtype)
-            x = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
-        else:
-            x = tl.load(x_rows + k_idx[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_rows + k_idx[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_rows + k_idx[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     mask = row_mask[:, None] & col_mask[None, :]
@@ -133,17 +124,12 @@ def skinny_gemm(
     weight: Tensor,
     bias: Tensor | None = None,
     num_splits: int | None = None,
-    silu_and_mul: bool = False,
 ) -> Tensor:
     """x [M, K] (M <= MAX_ROWS) times weight [N, K] transposed, plus bias [N]; the result in x's dtype.
 
-    num_splits: split-K factor (None: from the SM count and the shapes). silu_and_mul: x is a gate/up
-    projection's output [M, 2K] and the product takes silu(x[:, :K]) * x[:, K:] (SwiGLU), computed as
-    the tiles are loaded, in place of a separate activation kernel before the down projection."""
-    width = 2 * weight.shape[-1] if silu_and_mul else weight.shape[-1]
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != width:
-        gated = " (silu_and_mul: x is [M, 2K] for a weight [N, K])" if silu_and_mul else ""
-        raise ValueError(f"shapes do not multiply: x {tuple(x.shape)}, weight {tuple(weight.shape)}{gated}")
+    num_splits: split-K factor (None: from the SM count and the shapes)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"shapes do not multiply: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     m = x.shape[0]
     n, k = weight.shape
     if m > MAX_ROWS:
@@ -171,7 +157,7 @@ def skinny_gemm(
         x, weight, bias if bias is not None else x, out, part,
         m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         ROWS=16, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT=split, HAS_BIAS=bias is not None,
-        DOT_PRECISION=dot_precision, SILU_AND_MUL=silu_and_mul, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_PRECISION=dot_precision, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if split > 1:
         _reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK))](
