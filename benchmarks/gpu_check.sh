@@ -22,7 +22,8 @@
 # The tp-* parts need 2 or more GPUs: tp-small and tp-8b time bench.py at tensor_parallel_size 1, 2 (and 4
 # where there are 4 GPUs) on Qwen3-0.6B and Qwen3-8B shapes, the collectives alone (bench_allreduce.py)
 # and decode steps (profile_step.py). tp-8b first builds the 16 GB random checkpoint (about a minute).
-# `baseline` runs bench.py of an older commit in the same call, for a same-card comparison: export it
+# `baseline` runs bench.py and the single-stream latency of an older commit in the same call, for a
+# same-card comparison (run `bench` or `latency` beside it for this commit's figures): export it
 # here first with `mkdir -p .baseline && git archive REV | tar -x -C .baseline` and carry `.baseline`.
 # Results go to $OUT (the device tool's output folder) or benchmarks/results/latest; with more than 8 files there
 # (all the device tool brings back) they are packed into $OUT/results.tar.gz beside summary.txt.
@@ -151,6 +152,10 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
         PYTHONPATH="$PWD/.fa:$PWD/.baseline" python3 .baseline/bench.py --attention-backend triton \
           --json "$OUT/bench_baseline.json" 2>&1 | tee "$OUT/bench_baseline.log" | grep -E "^(Total|Floor)"
         summary+=("bench baseline (.baseline): $(grep '^Total:' "$OUT/bench_baseline.log" | tail -1)")
+        PYTHONPATH="$PWD/.fa:$PWD/.baseline" python3 .baseline/benchmarks/bench_latency.py --model qwen3-0.6b-random \
+          --prompt-len 256 --output-len 512 --json "$OUT/latency_baseline.json" 2>&1 | tee "$OUT/latency_baseline.log" \
+          | grep "^Latency"
+        summary+=("latency baseline (.baseline): $(grep "^Latency" "$OUT/latency_baseline.log")")
       else
         summary+=("baseline: no .baseline/bench.py (see the header of this script)")
       fi ;;
