@@ -19,6 +19,9 @@ class AttentionBackend(ABC):
 
     name: ClassVar[str]
     supports_cuda_graphs: ClassVar[bool] = False
+    # True where the cache is the layout `kernels/kv_store.py` writes without host synchronisation, so
+    # that a model's fused q/k-norm + rope kernel may store K/V itself in place of `store_kv`.
+    accepts_fused_kv_store: ClassVar[bool] = False
 
     def check_block_size(self, block_size: int) -> None:
         """Raise ValueError if this backend cannot use caches of `block_size` tokens per block."""

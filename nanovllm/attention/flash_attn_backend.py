@@ -17,6 +17,7 @@ def _window_size(sliding_window: int | None) -> tuple[int, int]:
 class FlashAttnBackend(AttentionBackend):
     name = "flash-attn"
     supports_cuda_graphs = True
+    accepts_fused_kv_store = True
 
     def check_dtype(self, dtype) -> None:
         if dtype not in (torch.float16, torch.bfloat16):

@@ -9,6 +9,7 @@ from nanovllm.utils.context import AttentionMetadata
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
+    accepts_fused_kv_store = True
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

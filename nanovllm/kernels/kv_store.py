@@ -55,6 +55,38 @@ def _store_kvcache_kernel(
     tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
+def check_cache_target(
+    k_cache: Tensor | None,
+    v_cache: Tensor | None,
+    slot_mapping: Tensor | None,
+    num_tokens: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> None:
+    """Raise ValueError unless the caches and slots can take `num_tokens` rows of K and V (the layout
+    `store_kvcache` writes; the fused q/k-norm + rope kernel writes it too)."""
+    if k_cache is None or v_cache is None or slot_mapping is None:
+        raise ValueError("give k_cache, v_cache and slot_mapping together")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(
+            f"k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim] of one "
+            f"dtype, got {k_cache.dtype} {tuple(k_cache.shape)} and {v_cache.dtype} {tuple(v_cache.shape)}"
+        )
+    if tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim):
+        raise ValueError(
+            f"cache heads/head_dim {tuple(k_cache.shape[2:])} do not match key {(num_kv_heads, head_dim)}"
+        )
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"slot_mapping must be int32/int64 of shape ({num_tokens},), got {slot_mapping.dtype} "
+            f"{tuple(slot_mapping.shape)}"
+        )
+
+
 def store_kvcache(
     key: Tensor,
     value: Tensor,
@@ -79,24 +111,7 @@ def store_kvcache(
             f"and {tuple(value.shape)}"
         )
     num_tokens, num_kv_heads, head_dim = key.shape
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
-            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim):
-        raise ValueError(
-            f"cache heads/head_dim {tuple(k_cache.shape[2:])} do not match key {(num_kv_heads, head_dim)}"
-        )
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
-    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"slot_mapping must be int32/int64 of shape ({num_tokens},), got {slot_mapping.dtype} "
-            f"{tuple(slot_mapping.shape)}"
-        )
+    check_cache_target(k_cache, v_cache, slot_mapping, num_tokens, num_kv_heads, head_dim)
     if num_tokens == 0:
         return
     if key.stride(-1) != 1:

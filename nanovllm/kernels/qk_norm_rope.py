@@ -1,9 +1,11 @@
-"""Triton kernel: per-head RMSNorm of q and k (Qwen3) and the rotary embedding, in place, in one launch.
+"""Triton kernel: per-head RMSNorm of q and k (Qwen3) and the rotary embedding, in place, in one launch,
+optionally writing the step's K and V into the paged KV cache as well.
 
-Unfused, a decode layer spends four small launches here (q-norm, k-norm, rope on q, rope on k), each a
-few microseconds of mostly fixed cost at small batches. This kernel does all of it in one pass over the
-q and k columns of the fused qkv projection's output, writing the results back into that buffer, so q and
-k become strided views of it (V is untouched).
+Unfused, a decode layer spends five small launches here (q-norm, k-norm, rope on q, rope on k, the KV
+store), each a few microseconds of mostly fixed cost at small batches. This kernel does all of it in one
+pass over the q and k columns of the fused qkv projection's output, writing the results back into that
+buffer, so q and k become strided views of it (V is untouched), and, given a cache, storing the rotated
+K and the V rows at each token's slot exactly as `kv_store.store_kvcache` would (FP8 caches included).
 
 Rounding follows the unfused PyTorch ops exactly, so the two paths differ only by the order of the
 sum of squares: the norm is computed in float32 and rounded to the input dtype, multiplied by the weight
@@ -14,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from nanovllm.kernels.fp8_cast import emulate_cast, to_fp8
+from nanovllm.kernels.kv_store import FP8_CACHE_DTYPE, check_cache_target
 
 # One program handles one token: all of its q and k heads as one [HEADS_PAD, HEAD_DIM / 2] tile per half.
 NUM_WARPS = 4
@@ -26,13 +31,22 @@ def _qk_norm_rope_kernel(
     cos_sin_ptr,
     q_weight_ptr,
     k_weight_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
     stride_token,
     eps,
+    k_scale_inv,
+    v_scale_inv,
     NUM_Q_HEADS: tl.constexpr,
     NUM_HEADS: tl.constexpr,  # q heads + k heads
     HEADS_PAD: tl.constexpr,
+    KV_HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    STORE_KV: tl.constexpr,
+    FP8: tl.constexpr,
+    EMULATE_CAST: tl.constexpr,
 ):
     token = tl.program_id(0)
     half: tl.constexpr = HEAD_DIM // 2
@@ -60,8 +74,34 @@ def _qk_norm_rope_kernel(
     sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + half + dims)[None, :]
     r1 = x1.to(tl.float32)
     r2 = x2.to(tl.float32)
-    tl.store(row + lo_offsets, (r1 * cos - r2 * sin).to(dtype), mask=head_mask)
-    tl.store(row + lo_offsets + half, (r2 * cos + r1 * sin).to(dtype), mask=head_mask)
+    y1 = (r1 * cos - r2 * sin).to(dtype)
+    y2 = (r2 * cos + r1 * sin).to(dtype)
+    tl.store(row + lo_offsets, y1, mask=head_mask)
+    tl.store(row + lo_offsets + half, y2, mask=head_mask)
+    if STORE_KV:
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        if slot >= 0:  # -1: a padded token, nothing to store
+            num_kv_heads: tl.constexpr = NUM_HEADS - NUM_Q_HEADS
+            slot_base = slot * (num_kv_heads * HEAD_DIM)
+            # The k heads are rows NUM_Q_HEADS.. of the tile; a slot holds them as consecutive heads.
+            is_k = (heads >= NUM_Q_HEADS)[:, None] & head_mask
+            k_offsets = slot_base + (heads[:, None] - NUM_Q_HEADS) * HEAD_DIM + dims[None, :]
+            k_offsets = tl.where(is_k, k_offsets, 0)
+            k1, k2 = y1, y2
+            if FP8:  # the same rounding as store_kvcache: the dtype value / scale, saturated
+                k1 = to_fp8(y1.to(tl.float32) * k_scale_inv, EMULATE_CAST)
+                k2 = to_fp8(y2.to(tl.float32) * k_scale_inv, EMULATE_CAST)
+            cache_dtype = k_cache_ptr.dtype.element_ty
+            tl.store(k_cache_ptr + k_offsets, k1.to(cache_dtype), mask=is_k)
+            tl.store(k_cache_ptr + k_offsets + half, k2.to(cache_dtype), mask=is_k)
+            kv_heads = tl.arange(0, KV_HEADS_PAD)
+            full_dims = tl.arange(0, HEAD_DIM)
+            v_mask = (kv_heads < num_kv_heads)[:, None]
+            v_offsets = kv_heads[:, None] * HEAD_DIM + full_dims[None, :]
+            v = tl.load(row + NUM_HEADS * HEAD_DIM + v_offsets, mask=v_mask)
+            if FP8:
+                v = to_fp8(v.to(tl.float32) * v_scale_inv, EMULATE_CAST)
+            tl.store(v_cache_ptr + slot_base + v_offsets, v.to(cache_dtype), mask=v_mask)
 
 
 def qk_norm_rope(
@@ -74,12 +114,19 @@ def qk_norm_rope(
     q_weight: Tensor | None = None,
     k_weight: Tensor | None = None,
     eps: float = 1e-6,
+    k_cache: Tensor | None = None,
+    v_cache: Tensor | None = None,
+    slot_mapping: Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Normalise (when weights are given) and rotate the q and k heads of `qkv` in place.
 
     qkv: [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim] with a contiguous last dimension, q
     columns first, then k, then v; positions: [num_tokens] int; cos_sin_cache: float32
     [max_position, 2, head_dim // 2] (cos then sin). No host synchronisation (CUDA-graph safe).
+    With `k_cache`, `v_cache` and `slot_mapping` (as `store_kvcache` takes them) the rotated K and the V
+    rows are also written into the paged cache, quantized on store for a float8_e4m3fn cache.
     """
     if qkv.dim() != 2 or qkv.stride(-1) != 1:
         raise ValueError(f"qkv must be 2-D with a contiguous last dimension, got {tuple(qkv.shape)}")
@@ -98,6 +145,9 @@ def qk_norm_rope(
         raise ValueError("give both q_weight and k_weight, or neither")
     if positions.numel() != qkv.shape[0]:
         raise ValueError(f"{positions.numel()} positions for {qkv.shape[0]} tokens")
+    store_kv = k_cache is not None or v_cache is not None or slot_mapping is not None
+    if store_kv:
+        check_cache_target(k_cache, v_cache, slot_mapping, qkv.shape[0], num_kv_heads, head_dim)
     num_tokens = qkv.shape[0]
     if num_tokens == 0:
         return
@@ -109,12 +159,21 @@ def qk_norm_rope(
         cos_sin_cache.contiguous(),
         q_weight if has_norm else qkv,
         k_weight if has_norm else qkv,
+        k_cache if store_kv else qkv,
+        v_cache if store_kv else qkv,
+        slot_mapping if store_kv else positions,
         qkv.stride(0),
         eps,
+        1.0 / k_scale,
+        1.0 / v_scale,
         NUM_Q_HEADS=num_q_heads,
         NUM_HEADS=num_heads,
         HEADS_PAD=triton.next_power_of_2(num_heads),
+        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim,
         HAS_NORM=has_norm,
+        STORE_KV=store_kv,
+        FP8=store_kv and k_cache.dtype == FP8_CACHE_DTYPE,
+        EMULATE_CAST=emulate_cast(),
         num_warps=NUM_WARPS,
     )

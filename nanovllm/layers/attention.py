@@ -32,14 +32,31 @@ class Attention(nn.Module):
             raise RuntimeError("attention layer has no backend: the model runner binds one at start-up")
         return self.forward_context.get()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def fused_store_target(self) -> dict | None:
+        """Where a fused kernel may write this step's K/V itself (as `kernels/qk_norm_rope.py` does, with
+        these keyword arguments; then call forward with `kv_stored=True`), or None: the backend stores
+        them (no cache yet, or a backend with a cache of its own)."""
+        if self.backend is None or not self.backend.accepts_fused_kv_store or self.k_cache.numel() == 0:
+            return None
+        return dict(
+            k_cache=self.k_cache,
+            v_cache=self.v_cache,
+            slot_mapping=self.step_metadata().slot_mapping,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+        )
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_stored: bool = False
+    ) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        # kv_stored: the caller's fused kernel already wrote k and v into the cache (fused_store_target).
         if self.backend is None or self.forward_context is None:
             raise RuntimeError("attention layer has no backend: the model runner binds one at start-up")
         meta = self.step_metadata()
         window = self.sliding_window
         has_cache = self.k_cache.numel() > 0
-        if has_cache:
+        if has_cache and not kv_stored:
             self.backend.store_kv(
                 k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale
             )

@@ -122,16 +122,19 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        store = None
         if qkv.is_cuda and self.fused_qk_norm_rope:
-            # One kernel for q/k-norm and rope, in place in qkv (q and k stay views of it).
+            # One kernel for q/k-norm and rope, in place in qkv (q and k stay views of it), which also
+            # writes K and V into the paged cache where the backend allows it.
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None)
+            store = self.attn.fused_store_target()
             qk_norm_rope(
                 qkv, positions, self.rotary_emb.cos_sin_cache, self.num_heads, self.num_kv_heads,
-                self.head_dim, *norm,
+                self.head_dim, *norm, **(store or {}),
             )
         else:
             q, k = self._norm_and_rotate(positions, q, k)
-        o = self.attn(q, k, v)  # [num_tokens, num_heads * head_dim]
+        o = self.attn(q, k, v, kv_stored=store is not None)  # [num_tokens, num_heads * head_dim]
         return self.o_proj(o)
 
     def _norm_and_rotate(

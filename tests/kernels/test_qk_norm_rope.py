@@ -15,7 +15,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.fl
 
 @interpreter_test
 def test_under_triton_interpreter() -> None:
-    run_file_under_interpreter(__file__, 10, exact=True)
+    run_file_under_interpreter(__file__, 20, exact=True)
 
 
 def _reference(qkv, positions, cache, heads, kv_heads, head_dim, qw, kw, eps):
@@ -65,6 +65,94 @@ def test_matches_unfused_ops(dtype, norm, shape) -> None:
     torch.testing.assert_close(k.float(), ref_k.float(), atol=atol, rtol=1e-2)
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # V untouched
     assert torch.equal(base[:, width:], padding_before)  # columns past qkv are never written
+
+
+@direct
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fp8_cache", [False, True])
+@pytest.mark.parametrize("shape", [(6, 4, 2, 16), (3, 6, 3, 32)])  # tokens, q heads, kv heads, head_dim
+def test_cache_store_equals_store_kvcache(dtype, fp8_cache, shape) -> None:
+    from nanovllm.kernels.kv_store import store_kvcache
+    from nanovllm.kernels.qk_norm_rope import qk_norm_rope
+    from nanovllm.layers.rotary_embedding import get_rope
+
+    tokens, heads, kv_heads, head_dim = shape
+    gen = torch.Generator().manual_seed(tokens * 13 + kv_heads)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = (torch.randn(tokens, width, generator=gen) * 3).to(dtype).to(DEVICE)
+    positions = torch.randint(0, 1000, (tokens,), generator=gen).to(DEVICE)
+    with torch.device(DEVICE):
+        rope = get_rope(head_dim, 1024, {"rope_theta": 1e4, "rope_type": "default"})
+    qw = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    kw = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    num_blocks, block_size = 4, 8
+    cache_dtype = torch.float8_e4m3fn if fp8_cache else dtype
+    # Distinct slots in shuffled order, one token padded (-1, not stored).
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[1] = -1
+    slots = slots.to(DEVICE)
+    scales = dict(k_scale=0.5, v_scale=2.0) if fp8_cache else {}
+
+    def caches():
+        # A filler value, so that a write to a skipped or wrong slot shows.
+        full = torch.full((num_blocks, block_size, kv_heads, head_dim), 7.0, device=DEVICE)
+        return full.to(cache_dtype), full.to(cache_dtype)
+
+    ref_qkv = qkv.clone()
+    qk_norm_rope(ref_qkv, positions, rope.cos_sin_cache, heads, kv_heads, head_dim, qw, kw, 1e-6)
+    ref_k_cache, ref_v_cache = caches()
+    k = ref_qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = ref_qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+    store_kvcache(k, v, ref_k_cache, ref_v_cache, slots, **scales)
+
+    k_cache, v_cache = caches()
+    qk_norm_rope(
+        qkv,
+        positions,
+        rope.cos_sin_cache,
+        heads,
+        kv_heads,
+        head_dim,
+        qw,
+        kw,
+        1e-6,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        slot_mapping=slots,
+        **scales,
+    )
+    assert torch.equal(qkv, ref_qkv)  # q and k in place exactly as without a cache, V untouched
+    # Bit-equal caches (compared as raw bytes: FP8 has no elementwise equality on every device).
+    assert torch.equal(k_cache.view(torch.uint8), ref_k_cache.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), ref_v_cache.view(torch.uint8))
+    assert not torch.equal(k_cache.float(), caches()[0].float())  # something was stored
+
+
+@direct
+def test_bad_cache_target_is_value_error() -> None:
+    from nanovllm.kernels.qk_norm_rope import qk_norm_rope
+
+    rope_table = torch.zeros(16, 2, 8, device=DEVICE)
+    qkv = torch.zeros(2, (2 + 2) * 16, device=DEVICE)
+    pos = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    cache = torch.zeros(2, 4, 1, 16, device=DEVICE)
+    slots = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="together"):
+        qk_norm_rope(qkv, pos, rope_table, 2, 1, 16, k_cache=cache, v_cache=cache)
+    with pytest.raises(ValueError, match="do not match"):
+        qk_norm_rope(
+            qkv,
+            pos,
+            rope_table,
+            2,
+            1,
+            16,
+            k_cache=cache[:, :, :, :8].contiguous(),
+            v_cache=cache[:, :, :, :8].contiguous(),
+            slot_mapping=slots,
+        )
+    with pytest.raises(ValueError, match="slot_mapping"):
+        qk_norm_rope(qkv, pos, rope_table, 2, 1, 16, k_cache=cache, v_cache=cache, slot_mapping=slots[:1])
 
 
 @direct
@@ -153,3 +241,28 @@ def test_fused_path_only_where_the_kernel_applies() -> None:
     assert not attn(80).fused_qk_norm_rope
     dynamic = {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
     assert not attn(128, **dynamic).fused_qk_norm_rope
+
+
+def test_fused_store_only_into_caches_the_backend_shares() -> None:
+    """The attention layer offers its cache to the fused kernel only once the cache exists and where
+    the backend's cache is the KV-store kernel's layout (Triton here; flash-attn, which needs its
+    package); the PyTorch backend and a layer before the cache is bound store K/V themselves."""
+    from nanovllm.attention.torch_backend import TorchAttentionBackend
+    from nanovllm.attention.triton_backend import TritonAttentionBackend
+    from nanovllm.layers.attention import Attention
+    from nanovllm.utils.context import AttentionMetadata, ForwardContext
+
+    layer = Attention(4, 16, 0.25, 2)
+    layer.forward_context = ForwardContext()
+    layer.backend = TritonAttentionBackend()
+    assert layer.fused_store_target() is None  # no cache yet (the warm-up pass)
+    layer.k_cache = torch.zeros(2, 8, 2, 16)
+    layer.v_cache = torch.zeros(2, 8, 2, 16)
+    slots = torch.arange(3)
+    layer.k_scale = 0.5
+    with layer.forward_context.set(AttentionMetadata(is_prefill=False, slot_mapping=slots)):
+        target = layer.fused_store_target()
+        assert target["k_cache"] is layer.k_cache and target["v_cache"] is layer.v_cache
+        assert target["slot_mapping"] is slots and (target["k_scale"], target["v_scale"]) == (0.5, 1.0)
+        layer.backend = TorchAttentionBackend()
+        assert layer.fused_store_target() is None
