@@ -8,6 +8,10 @@ so a layer runs a few hundred programs, each streaming its own [BLOCK_N, BLOCK_K
 software pipeline while the tiny x tile stays in registers. With SPLIT_K > 1 the programs write float32
 partials and a second kernel sums them in a fixed order (adds the bias, rounds once): no atomics, so the
 result is the same on every run. The launch grid depends on shapes only (CUDA-graph safe).
+
+`skinny_gemm_add_rms_norm` gives that second kernel the next step of a decoder layer too: the residual
+add and the RMSNorm that follow o_proj and down_proj, one program per row (the hidden size fits one
+tile). At batch 1 the add + norm was a launch of its own after each of the two products.
 """
 
 import torch
@@ -59,6 +63,7 @@ def _skinny_kernel(
     SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TO_PARTS: tl.constexpr,  # write float32 partials for a second kernel (always when SPLIT > 1)
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -79,7 +84,7 @@ def _skinny_kernel(
         w = tl.load(w_rows + k_idx[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     mask = row_mask[:, None] & col_mask[None, :]
-    if SPLIT == 1:
+    if not TO_PARTS:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
@@ -103,6 +108,43 @@ def _reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLIT: tl.const
     tl.store(out_ptr + row.to(tl.int64) * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _reduce_add_rms_norm_kernel(
+    part_ptr,
+    bias_ptr,
+    residual_ptr,
+    norm_weight_ptr,
+    out_ptr,
+    residual_out_ptr,
+    M,
+    N,
+    stride_rm,
+    eps,
+    SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One row: y = the partials' sum (+ bias) in the output dtype, h = y + residual (rounded, as torch's
+    # add), out = weight * (h / rms(h)) rounded as RMSNorm does (layers/layernorm.py).
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):  # the fixed order of _reduce_kernel
+        acc += tl.load(part_ptr + (s * M + row).to(tl.int64) * N + cols, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    residual = tl.load(residual_ptr + row.to(tl.int64) * stride_rm + cols, mask=mask, other=0.0)
+    h = (acc.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
+    tl.store(residual_out_ptr + row.to(tl.int64) * N + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(hf * hf, 0) / N + eps)
+    weight = tl.load(norm_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = ((hf * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype)
+    tl.store(out_ptr + row.to(tl.int64) * N + cols, normed, mask=mask)
+
+
 def prefers_skinny(x: Tensor, weight: Tensor) -> bool:
     """Whether `skinny_gemm(x, weight)` is the faster product on this input: a CUDA half-precision x of at
     most ENGINE_MAX_ROWS rows and a contiguous weight [N, K] with K >= N >= ENGINE_MIN_OUTPUTS. The choice
@@ -119,6 +161,43 @@ def prefers_skinny(x: Tensor, weight: Tensor) -> bool:
     )
 
 
+def _check_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"shapes do not multiply: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"skinny_gemm takes at most {MAX_ROWS} rows, got {x.shape[0]}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"dtype mismatch: x {x.dtype}, weight {weight.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def _launch_products(
+    x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, num_splits: int | None, to_parts: bool
+) -> tuple[Tensor, int]:
+    """Launch the split-K products of x [M, K] (contiguous rows) and weight [N, K]: into `out` (bias
+    added) when there is one split and not `to_parts`, else into float32 partials [split, M, N], which
+    are returned with the split count."""
+    m, k = x.shape
+    n = weight.shape[0]
+    split = num_splits if num_splits is not None else _num_splits(x.device, n, k)
+    if split < 1:
+        raise ValueError(f"num_splits must be >= 1, got {split}")
+    # Each split gets a whole number of BLOCK_K tiles (the last one fewer).
+    k_per_split = triton.cdiv(triton.cdiv(k, split), BLOCK_K) * BLOCK_K
+    split = triton.cdiv(k, k_per_split)
+    to_parts = to_parts or split > 1
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if to_parts else out
+    dot_precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    _skinny_kernel[(triton.cdiv(n, BLOCK_N), split)](
+        x, weight, bias if bias is not None else x, out, part,
+        m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
+        ROWS=16, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT=split, HAS_BIAS=bias is not None,
+        DOT_PRECISION=dot_precision, TO_PARTS=to_parts, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    return part, split
+
+
 def skinny_gemm(
     x: Tensor,
     weight: Tensor,
@@ -128,40 +207,58 @@ def skinny_gemm(
     """x [M, K] (M <= MAX_ROWS) times weight [N, K] transposed, plus bias [N]; the result in x's dtype.
 
     num_splits: split-K factor (None: from the SM count and the shapes)."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"shapes do not multiply: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    m = x.shape[0]
-    n, k = weight.shape
-    if m > MAX_ROWS:
-        raise ValueError(f"skinny_gemm takes at most {MAX_ROWS} rows, got {m}")
-    if x.dtype != weight.dtype:
-        raise ValueError(f"dtype mismatch: x {x.dtype}, weight {weight.dtype}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    _check_operands(x, weight, bias)
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
+    m, n = x.shape[0], weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    split = num_splits if num_splits is not None else _num_splits(x.device, n, k)
-    if split < 1:
-        raise ValueError(f"num_splits must be >= 1, got {split}")
-    # Each split gets a whole number of BLOCK_K tiles (the last one fewer).
-    k_per_split = triton.cdiv(triton.cdiv(k, split), BLOCK_K) * BLOCK_K
-    split = triton.cdiv(k, k_per_split)
-    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    dot_precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    _skinny_kernel[(triton.cdiv(n, BLOCK_N), split)](
-        x, weight, bias if bias is not None else x, out, part,
-        m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-        ROWS=16, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT=split, HAS_BIAS=bias is not None,
-        DOT_PRECISION=dot_precision, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )
+    part, split = _launch_products(x, weight, bias, out, num_splits, to_parts=False)
     if split > 1:
         _reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK))](
             part, bias if bias is not None else x, out, m, n, out.stride(0),
             SPLIT=split, HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
         )
     return out
+
+
+def skinny_gemm_add_rms_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    num_splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`RMSNorm(norm_weight, eps)(skinny_gemm(x, weight, bias), residual)`: the normalised sum and the
+    sum itself (the new residual stream), each [M, N] in x's dtype, in two launches (the products,
+    then one that reduces, adds and normalises). residual: [M, N] with a contiguous last dimension."""
+    _check_operands(x, weight, bias)
+    m, n = x.shape[0], weight.shape[0]
+    if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(-1) != 1:
+        raise ValueError(
+            f"residual must be {x.dtype} [{m}, {n}] with a contiguous last dimension, got "
+            f"{residual.dtype} {tuple(residual.shape)}"
+        )
+    if norm_weight.shape != (n,):
+        raise ValueError(f"norm_weight must be [{n}], got {tuple(norm_weight.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(out)
+    if m == 0 or n == 0:
+        return out, residual_out
+    part, split = _launch_products(x, weight, bias, out, num_splits, to_parts=True)
+    block = triton.next_power_of_2(n)
+    _reduce_add_rms_norm_kernel[(m,)](
+        part, bias if bias is not None else x, residual, norm_weight, out, residual_out,
+        m, n, residual.stride(0), eps,
+        SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)),
+    )
+    return out, residual_out

@@ -280,3 +280,15 @@ class RowParallelLinear(LinearBase):
         y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
         # This layer's own size decides: a process group another engine started is not ours.
         return all_reduce(y) if self.tp_size > 1 else y
+
+    def forward_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`norm(self(x), residual)` for an RMSNorm `norm`: the normalised sum and the new residual
+        stream. Unsharded, the quant method may do it in fewer launches (the skinny GEMM's split-K
+        reduction adds and normalises at small decode batches); otherwise the two steps."""
+        if self.tp_size == 1:
+            fused = self.quant_method.apply_add_rms_norm(self, x, self.bias, residual, norm)
+            if fused is not None:
+                return fused
+        return norm(self(x), residual)

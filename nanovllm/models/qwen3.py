@@ -116,7 +116,15 @@ class Qwen3Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        norm: RMSNorm | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The attention block's output; with `norm` and `residual`, `norm(output, residual)` instead
+        (the normalised sum and the new residual: o_proj may fuse them)."""
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
@@ -135,6 +143,8 @@ class Qwen3Attention(nn.Module):
         else:
             q, k = self._norm_and_rotate(positions, q, k)
         o = self.attn(q, k, v, kv_stored=store is not None)  # [num_tokens, num_heads * head_dim]
+        if norm is not None:
+            return self.o_proj.forward_add_rms_norm(o, residual, norm)
         return self.o_proj(o)
 
     def _norm_and_rotate(
@@ -169,8 +179,14 @@ class Qwen3MLP(nn.Module):
         )
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(
+        self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The MLP's output; with `norm` and `residual`, `norm(output, residual)` (down_proj may fuse it)."""
+        h = self.act_fn(self.gate_up_proj(x))
+        if norm is not None:
+            return self.down_proj.forward_add_rms_norm(h, residual, norm)
+        return self.down_proj(h)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -184,16 +200,19 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor, next_norm: RMSNorm
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        """hidden_states: this layer's input already normalised by its `input_layernorm` (the model, or
+        the layer before, applied it); residual: the stream that norm was taken of. Returns this
+        layer's output normalised by `next_norm` (the next layer's input_layernorm, or the model's
+        final norm) and the new residual stream. Each norm comes with the projection before it, so
+        that o_proj and down_proj can fuse the residual add and the norm into their own last launch."""
+        hidden_states, residual = self.self_attn(
+            positions, hidden_states, self.post_attention_layernorm, residual
+        )
+        if isinstance(self.mlp, Qwen3MLP):
+            return self.mlp(hidden_states, next_norm, residual)
+        return next_norm(self.mlp(hidden_states), residual)  # a mixture-of-experts block
 
 
 class Qwen3Model(nn.Module):
@@ -211,11 +230,11 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden]
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
+        residual = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        hidden_states = self.layers[0].input_layernorm(residual)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, next_norms):
+            hidden_states, residual = layer(positions, hidden_states, residual, next_norm)
         return hidden_states
 
 

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.kernels.skinny_gemm import prefers_skinny, skinny_gemm
+from nanovllm.kernels.skinny_gemm import prefers_skinny, skinny_gemm, skinny_gemm_add_rms_norm
 
 
 def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
@@ -94,6 +94,14 @@ class LinearMethodBase(QuantizeMethodBase):
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
 
+    def apply_add_rms_norm(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, norm
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`norm(apply(layer, x, bias), residual)` (an RMSNorm with a residual: the normalised sum and
+        the sum) in fewer launches than the two steps, or None where this method has no such path (the
+        caller then runs both). The default has none."""
+        return None
+
 
 class UnquantizedLinearMethod(LinearMethodBase):
     """The model dtype's `weight` [out, in] and a plain `F.linear`."""
@@ -121,6 +129,15 @@ class UnquantizedLinearMethod(LinearMethodBase):
             out = skinny_gemm(x.reshape(-1, x.shape[-1]), weight, bias)
             return out.view(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, bias)
+
+    def apply_add_rms_norm(self, layer, x, bias, residual, norm):
+        # Where the skinny GEMM runs, its split-K reduction also adds the residual and normalises.
+        weight = layer.weight
+        if x.dim() != 2 or not prefers_skinny(x, weight) or norm.weight.dtype != x.dtype:
+            return None
+        if residual.dtype != x.dtype or residual.stride(-1) != 1:
+            return None
+        return skinny_gemm_add_rms_norm(x, weight, bias, residual, norm.weight, norm.eps)
 
 
 class QuantizationConfig(ABC):

@@ -1,7 +1,8 @@
 """The split-K skinny GEMM (small decode batches) against torch's matmul in float32.
 
 On a CPU it runs under Triton's interpreter in a subprocess (TRITON_INTERPRET must be set before triton is
-imported); with CUDA the same tests run directly, in bf16 too, plus the linear layers' use of it.
+imported); with CUDA the same tests run directly, in bf16 too, plus the linear layers' use of it. The
+variant whose reduction also adds the residual and applies RMSNorm is checked against the two steps.
 """
 
 import pytest
@@ -16,7 +17,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 @interpreter_test
 def test_under_triton_interpreter() -> None:
-    run_file_under_interpreter(__file__, 21, exact=True)
+    run_file_under_interpreter(__file__, 34, exact=True)
 
 
 @direct
@@ -47,6 +48,47 @@ def test_split_results_are_the_same_every_run() -> None:
     w = torch.randn(50, 1000, device=DEVICE)
     first = skinny_gemm(x, w, num_splits=4)
     assert torch.equal(first, skinny_gemm(x, w, num_splits=4))
+
+
+@direct
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,bias", [(1, 64, 300, False), (3, 100, 512, True), (8, 128, 129, True)])
+@pytest.mark.parametrize("splits", [None, 1])
+def test_add_rms_norm_equals_the_two_steps(dtype, m, n, k, bias, splits) -> None:
+    from nanovllm.kernels.skinny_gemm import skinny_gemm, skinny_gemm_add_rms_norm
+    from nanovllm.layers.layernorm import add_rms_norm
+
+    gen = torch.Generator().manual_seed(m * 100 + n + k)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if bias else None
+    residual = torch.randn(m, n, generator=gen).to(dtype).to(DEVICE)
+    norm_weight = (torch.rand(n, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    # The same products and split order as the fused call, then RMSNorm's own ops.
+    y = skinny_gemm(x, w, b, num_splits=splits)
+    ref_out, ref_residual = add_rms_norm.fn(y, residual, norm_weight, 1e-6)
+    out, new_residual = skinny_gemm_add_rms_norm(x, w, b, residual, norm_weight, 1e-6, num_splits=splits)
+    assert out.dtype == new_residual.dtype == dtype and out.shape == new_residual.shape == (m, n)
+    torch.testing.assert_close(new_residual, ref_residual, atol=0, rtol=0)  # the same roundings
+    # The norm's sum of squares is taken in another order: a unit or two in the dtype's last place.
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol * 4, rtol=tol)
+
+
+@direct
+def test_add_rms_norm_bad_inputs_are_value_errors() -> None:
+    from nanovllm.kernels.skinny_gemm import skinny_gemm_add_rms_norm
+
+    x, w = torch.zeros(2, 16, device=DEVICE), torch.zeros(8, 16, device=DEVICE)
+    ones = torch.ones(8, device=DEVICE)
+    with pytest.raises(ValueError, match="residual"):
+        skinny_gemm_add_rms_norm(x, w, None, torch.zeros(2, 7, device=DEVICE), ones, 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        skinny_gemm_add_rms_norm(x, w, None, torch.zeros(2, 8, device=DEVICE).half(), ones, 1e-6)
+    with pytest.raises(ValueError, match="norm_weight"):
+        skinny_gemm_add_rms_norm(x, w, None, torch.zeros(2, 8, device=DEVICE), ones[:4], 1e-6)
+    with pytest.raises(ValueError, match="multiply"):
+        skinny_gemm_add_rms_norm(x[:, :15], w, None, torch.zeros(2, 8, device=DEVICE), ones, 1e-6)
 
 
 @direct
@@ -103,3 +145,27 @@ def test_cpu_inputs_stay_on_torch() -> None:
 
     x, w = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(32, 64, dtype=torch.bfloat16)
     assert not prefers_skinny(x, w)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="the engine takes this path on CUDA only")
+def test_row_parallel_layer_fuses_add_norm_where_skinny_runs() -> None:
+    """RowParallelLinear.forward_add_rms_norm equals RMSNorm after the layer, fused (o_proj shapes, one
+    row) or not (more rows than the skinny path takes; float32)."""
+    from nanovllm.kernels.skinny_gemm import ENGINE_MAX_ROWS
+    from nanovllm.layers.layernorm import RMSNorm
+    from nanovllm.layers.linear import RowParallelLinear
+
+    torch.manual_seed(5)
+    for dtype, rows in [(torch.bfloat16, 1), (torch.bfloat16, ENGINE_MAX_ROWS + 3), (torch.float32, 2)]:
+        with torch.device("cuda"):
+            layer = RowParallelLinear(2048, 1024).to(dtype)
+            norm = RMSNorm(1024).to(dtype)
+        layer.weight.data.normal_(0, 2048**-0.5)
+        norm.weight.data.uniform_(0.5, 1.5)
+        x = torch.randn(rows, 2048, device="cuda", dtype=dtype)
+        residual = torch.randn(rows, 1024, device="cuda", dtype=dtype)
+        ref_out, ref_residual = norm(layer(x), residual)
+        out, new_residual = layer.forward_add_rms_norm(x, residual, norm)
+        torch.testing.assert_close(new_residual, ref_residual, atol=0, rtol=0)
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=6e-2, rtol=1.6e-2)
