@@ -134,11 +134,11 @@ class Qwen3Attention(nn.Module):
         if qkv.is_cuda and self.fused_qk_norm_rope:
             # One kernel for q/k-norm and rope, in place in qkv (q and k stay views of it), which also
             # writes K and V into the paged cache where the backend allows it.
-            norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None)
+            qk_weights = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
             store = self.attn.fused_store_target()
             qk_norm_rope(
                 qkv, positions, self.rotary_emb.cos_sin_cache, self.num_heads, self.num_kv_heads,
-                self.head_dim, *norm, **(store or {}),
+                self.head_dim, *qk_weights, **(store or {}),
             )
         else:
             q, k = self._norm_and_rotate(positions, q, k)
