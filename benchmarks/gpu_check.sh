@@ -5,8 +5,9 @@
 #                                [int4 | int4-tests int4-bench] [int4-8b] [long] [long-vllm]   (default: tests kernels bench)
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
 #                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [fp8-8b] [gemm] [structured-mask] [int4-gemm] [compile-log]
-# `tests-shards` runs the whole GPU suite as four pytest processes at once, each verbose (a test per line, so
-# a run that TEST_TIMEOUT cuts still names what passed) and bounded by TEST_TIMEOUT seconds (default 500).
+# `tests-shards` runs the whole GPU suite as six pytest processes at once (SHARDS="engine models" picks some),
+# each verbose (a test per line, so a run that TEST_TIMEOUT cuts still names what passed) and bounded by
+# TEST_TIMEOUT seconds (default 500).
 # vLLM (a peer, never a dependency) comes from ../shared/vllm-bundle in up to three calls on a warm machine:
 # carry its parts as .vb1/ (chunk.aa), .vb2/ (chunk.ab, SHA256SUMS, install.sh) and .vbmoe/
 # (optional_moe_C.tar.xz), one or two per call, each call starting with `vllm-stage`, which keeps what
@@ -73,14 +74,23 @@ for part in $parts; do
       # tests/kernels alone outlasted the others by minutes: its slowest files (the 8B-shaped W4A16 and MoE
       # kernels, the windowed kernels) are a shard of their own
       slow=(tests/kernels/test_w4a16.py tests/kernels/test_fused_moe.py tests/kernels/test_window_kernels.py)
-      "${pt[@]}" "${slow[@]}" > "$OUT/pytest_shard_kernels_slow.log" 2>&1 &
-      "${pt[@]}" tests/kernels "${slow[@]/#/--ignore=}" > "$OUT/pytest_shard_kernels.log" 2>&1 &
-      "${pt[@]}" tests/quantization tests/layers tests/structured_output > "$OUT/pytest_shard_quant.log" 2>&1 &
-      "${pt[@]}" tests --ignore=tests/kernels --ignore=tests/quantization --ignore=tests/layers \
-        --ignore=tests/structured_output --deselect "$alone" > "$OUT/pytest_shard_rest.log" 2>&1 &
+      shards=${SHARDS:-kernels_slow kernels quant engine models rest}  # SHARDS="engine models": those only
+      declare -A args=(
+        [kernels_slow]="${slow[*]}"
+        [kernels]="tests/kernels ${slow[*]/#/--ignore=}"
+        [quant]="tests/quantization tests/layers tests/structured_output"
+        [engine]="tests/engine --deselect $alone"  # engine and models were one shard of about 400 s
+        [models]="tests/models"
+        [rest]="tests --ignore=tests/kernels --ignore=tests/quantization --ignore=tests/layers
+                --ignore=tests/structured_output --ignore=tests/engine --ignore=tests/models"
+      )
+      for shard in $shards; do
+        # shellcheck disable=SC2086  # each shard's arguments are words
+        "${pt[@]}" ${args[$shard]} > "$OUT/pytest_shard_$shard.log" 2>&1 &
+      done
       wait
       "${pt[@]}" "$alone" > "$OUT/pytest_shard_alone.log" 2>&1
-      for shard in kernels_slow kernels quant rest alone; do
+      for shard in $shards alone; do
         log="$OUT/pytest_shard_$shard.log"
         grep -E "(FAILED|ERROR)( |$)" "$log" | grep "::" | head -20
         summary+=("tests $shard: $(grep -c ' PASSED' "$log") passed, $(grep -c ' FAILED' "$log") failed, \
