@@ -175,9 +175,13 @@ def _check_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
 def _launch_products(
     x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, num_splits: int | None, to_parts: bool
 ) -> tuple[Tensor, int]:
-    """Launch the split-K products of x [M, K] (contiguous rows) and weight [N, K]: into `out` (bias
-    added) when there is one split and not `to_parts`, else into float32 partials [split, M, N], which
-    are returned with the split count."""
+    """Launch the split-K products of x [M, K] and weight [N, K]: into `out` (bias added) when there is
+    one split and not `to_parts`, else into float32 partials [split, M, N], which are returned with the
+    split count."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
     m, k = x.shape
     n = weight.shape[0]
     split = num_splits if num_splits is not None else _num_splits(x.device, n, k)
@@ -208,10 +212,6 @@ def skinny_gemm(
 
     num_splits: split-K factor (None: from the SM count and the shapes)."""
     _check_operands(x, weight, bias)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
     m, n = x.shape[0], weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -246,10 +246,6 @@ def skinny_gemm_add_rms_norm(
         )
     if norm_weight.shape != (n,):
         raise ValueError(f"norm_weight must be [{n}], got {tuple(norm_weight.shape)}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     residual_out = torch.empty_like(out)
     if m == 0 or n == 0:
