@@ -32,13 +32,24 @@ def _reference(qkv, positions, cache, heads, kv_heads, head_dim, qw, kw, eps):
     return q, k, v
 
 
+def _rope_inputs(gen, dtype, tokens, head_dim, max_position, theta, norm=True):
+    """Random positions, a default rope table and (with `norm`) q/k-norm weights, on DEVICE."""
+    from nanovllm.layers.rotary_embedding import get_rope
+
+    positions = torch.randint(0, max_position, (tokens,), generator=gen).to(DEVICE)
+    with torch.device(DEVICE):
+        rope = get_rope(head_dim, max_position, {"rope_theta": theta, "rope_type": "default"})
+    qw = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE) if norm else None
+    kw = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE) if norm else None
+    return positions, rope.cos_sin_cache, qw, kw
+
+
 @direct
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("shape", [(5, 4, 2, 16), (3, 6, 1, 32)])  # tokens, q heads, kv heads, head_dim
 def test_matches_unfused_ops(dtype, norm, shape) -> None:
     from nanovllm.kernels.qk_norm_rope import qk_norm_rope
-    from nanovllm.layers.rotary_embedding import get_rope
 
     tokens, heads, kv_heads, head_dim = shape
     gen = torch.Generator().manual_seed(tokens * 7 + head_dim)
@@ -46,17 +57,11 @@ def test_matches_unfused_ops(dtype, norm, shape) -> None:
     # A strided qkv (a wider buffer's columns), as a quantized projection's output might be.
     base = (torch.randn(tokens, width + 8, generator=gen) * 3).to(dtype).to(DEVICE)
     qkv = base[:, :width]
-    positions = torch.randint(0, 4000, (tokens,), generator=gen).to(DEVICE)
-    with torch.device(DEVICE):
-        rope = get_rope(head_dim, 4096, {"rope_theta": 1e6, "rope_type": "default"})
-    qw = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE) if norm else None
-    kw = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE) if norm else None
-    ref_q, ref_k, ref_v = _reference(
-        qkv.clone(), positions, rope.cos_sin_cache, heads, kv_heads, head_dim, qw, kw, 1e-6
-    )
+    positions, cos_sin, qw, kw = _rope_inputs(gen, dtype, tokens, head_dim, 4096, 1e6, norm)
+    ref_q, ref_k, ref_v = _reference(qkv.clone(), positions, cos_sin, heads, kv_heads, head_dim, qw, kw, 1e-6)
     v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
     padding_before = base[:, width:].clone()
-    qk_norm_rope(qkv, positions, rope.cos_sin_cache, heads, kv_heads, head_dim, qw, kw, 1e-6)
+    qk_norm_rope(qkv, positions, cos_sin, heads, kv_heads, head_dim, qw, kw, 1e-6)
     q = qkv[:, : heads * head_dim].reshape(tokens, heads, head_dim)
     k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].reshape(tokens, kv_heads, head_dim)
     # The sum of squares may round differently: at most a few units in the last place of the dtype.
@@ -74,17 +79,12 @@ def test_matches_unfused_ops(dtype, norm, shape) -> None:
 def test_cache_store_equals_store_kvcache(dtype, fp8_cache, shape) -> None:
     from nanovllm.kernels.kv_store import store_kvcache
     from nanovllm.kernels.qk_norm_rope import qk_norm_rope
-    from nanovllm.layers.rotary_embedding import get_rope
 
     tokens, heads, kv_heads, head_dim = shape
     gen = torch.Generator().manual_seed(tokens * 13 + kv_heads)
     width = (heads + 2 * kv_heads) * head_dim
     qkv = (torch.randn(tokens, width, generator=gen) * 3).to(dtype).to(DEVICE)
-    positions = torch.randint(0, 1000, (tokens,), generator=gen).to(DEVICE)
-    with torch.device(DEVICE):
-        rope = get_rope(head_dim, 1024, {"rope_theta": 1e4, "rope_type": "default"})
-    qw = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE)
-    kw = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    positions, cos_sin, qw, kw = _rope_inputs(gen, dtype, tokens, head_dim, 1024, 1e4)
     num_blocks, block_size = 4, 8
     cache_dtype = torch.float8_e4m3fn if fp8_cache else dtype
     # Distinct slots in shuffled order, one token padded (-1, not stored).
@@ -99,7 +99,7 @@ def test_cache_store_equals_store_kvcache(dtype, fp8_cache, shape) -> None:
         return full.to(cache_dtype), full.to(cache_dtype)
 
     ref_qkv = qkv.clone()
-    qk_norm_rope(ref_qkv, positions, rope.cos_sin_cache, heads, kv_heads, head_dim, qw, kw, 1e-6)
+    qk_norm_rope(ref_qkv, positions, cos_sin, heads, kv_heads, head_dim, qw, kw, 1e-6)
     ref_k_cache, ref_v_cache = caches()
     k = ref_qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     v = ref_qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
@@ -109,7 +109,7 @@ def test_cache_store_equals_store_kvcache(dtype, fp8_cache, shape) -> None:
     qk_norm_rope(
         qkv,
         positions,
-        rope.cos_sin_cache,
+        cos_sin,
         heads,
         kv_heads,
         head_dim,
