@@ -20,8 +20,12 @@ from torch import Tensor
 from nanovllm.kernels.fp8_cast import emulate_cast, to_fp8
 from nanovllm.kernels.kv_store import FP8_CACHE_DTYPE, check_cache_target
 
-# One program handles one token: all of its q and k heads as one [HEADS_PAD, HEAD_DIM / 2] tile per half.
+# One program handles one token: all of its q and k heads as one [HEADS_PAD, HEAD_DIM / 2] tile per half,
+# with up to NUM_WARPS warps, fewer where the tile has under one element per thread. (With 4 warps over
+# the 64 elements of a tiny model's tile, 8 heads of 16, the H200 wrote some tokens' K heads to the cache
+# wrongly, a few runs in ten; the interpreter and tiles of 128 or more elements never did.)
 NUM_WARPS = 4
+THREADS_PER_WARP = 32
 
 
 @triton.jit
@@ -153,6 +157,8 @@ def qk_norm_rope(
         return
     has_norm = q_weight is not None
     num_heads = num_q_heads + num_kv_heads
+    heads_pad = triton.next_power_of_2(num_heads)
+    num_warps = max(1, min(NUM_WARPS, heads_pad * (head_dim // 2) // THREADS_PER_WARP))
     _qk_norm_rope_kernel[(num_tokens,)](
         qkv,
         positions,
@@ -168,12 +174,12 @@ def qk_norm_rope(
         1.0 / v_scale,
         NUM_Q_HEADS=num_q_heads,
         NUM_HEADS=num_heads,
-        HEADS_PAD=triton.next_power_of_2(num_heads),
+        HEADS_PAD=heads_pad,
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim,
         HAS_NORM=has_norm,
         STORE_KV=store_kv,
         FP8=store_kv and k_cache.dtype == FP8_CACHE_DTYPE,
         EMULATE_CAST=emulate_cast(),
-        num_warps=NUM_WARPS,
+        num_warps=num_warps,
     )

@@ -15,7 +15,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.fl
 
 @interpreter_test
 def test_under_triton_interpreter() -> None:
-    run_file_under_interpreter(__file__, 20, exact=True)
+    run_file_under_interpreter(__file__, 28, exact=True)
 
 
 def _reference(qkv, positions, cache, heads, kv_heads, head_dim, qw, kw, eps):
@@ -75,7 +75,9 @@ def test_matches_unfused_ops(dtype, norm, shape) -> None:
 @direct
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fp8_cache", [False, True])
-@pytest.mark.parametrize("shape", [(6, 4, 2, 16), (3, 6, 3, 32)])  # tokens, q heads, kv heads, head_dim
+# tokens, q heads, kv heads, head_dim. The tiny models' 64-element tiles with hundreds of tokens: at 4 warps
+# (replicated elements) the H200 stored some K heads wrongly in a few runs of ten.
+@pytest.mark.parametrize("shape", [(6, 4, 2, 16), (3, 6, 3, 32), (160, 4, 4, 16), (96, 4, 2, 16)])
 def test_cache_store_equals_store_kvcache(dtype, fp8_cache, shape) -> None:
     from nanovllm.kernels.kv_store import store_kvcache
     from nanovllm.kernels.qk_norm_rope import qk_norm_rope
@@ -85,7 +87,8 @@ def test_cache_store_equals_store_kvcache(dtype, fp8_cache, shape) -> None:
     width = (heads + 2 * kv_heads) * head_dim
     qkv = (torch.randn(tokens, width, generator=gen) * 3).to(dtype).to(DEVICE)
     positions, cos_sin, qw, kw = _rope_inputs(gen, dtype, tokens, head_dim, 1024, 1e4)
-    num_blocks, block_size = 4, 8
+    block_size = 8
+    num_blocks = max(4, 2 * tokens // block_size)
     cache_dtype = torch.float8_e4m3fn if fp8_cache else dtype
     # Distinct slots in shuffled order, one token padded (-1, not stored).
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
