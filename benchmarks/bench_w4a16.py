@@ -3,11 +3,14 @@ against bf16 F.linear, with the bandwidth of the 4-bit bytes against the device 
 
 Usage: PYTHONPATH=. python3 benchmarks/bench_w4a16.py [--json PATH] [--sweep]
 
+From DEQUANT_MIN_M rows on the default path dequantizes and calls cuBLAS; the last column then times the
+tiled kernel at its default configuration.
+
 Weights are AWQ-like (group 128, zero points), bf16 activations. Every shape is checked against
 dequantize-then-matmul before it is timed. Times are medians of do_bench; decode launches (split-K plus
 the reduction) are replayed from a CUDA graph, as the engine runs them. The bytes a launch must move:
 qweight (K x N / 2) + scales (2 B per group and column) + zeros (0.5 B per group and column) + x and y.
-`--sweep` times a grid of launch configurations at three shapes (M 1, 16 and 2048) and prints the best (the
+`--sweep` times a grid of launch configurations at two shapes (M 1, 4, 16 and 2048) and prints the best (the
 numbers to put into the tunables at the top of nanovllm/kernels/w4a16.py).
 """
 
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from nanovllm.kernels.w4a16 import W4A16Config, default_config, w4a16_matmul
+from nanovllm.kernels.w4a16 import DEQUANT_MIN_M, W4A16Config, default_config, w4a16_matmul
 from nanovllm.quantization.int4_utils import dequantize_int4, pack_int4
 
 # Qwen3-8B: hidden 4096, intermediate 12288, 32 query heads and 8 KV heads of 128.
@@ -38,8 +41,8 @@ GROUP_SIZE = 128
 DTYPE = torch.bfloat16
 COPY_BYTES = 1 << 30
 WARMUP_MS, REP_MS = 10, 100
-SWEEP_SHAPES = ["4096x12288", "down 12288x4096", "qkv 4096x6144"]
-SWEEP_M = [1, 16]
+SWEEP_SHAPES = ["4096x12288", "down 12288x4096"]
+SWEEP_M = [1, 4, 16]
 SWEEP_PREFILL_M = 2048
 SWEEP_REP_MS = 25
 
@@ -55,6 +58,7 @@ class Row:
     frac_of_copy: float
     w4_tflops: float
     config: str
+    tiled_us: float | None  # prefill rows: the tiled kernel, against the default dequantize + cuBLAS
 
 
 def bench(fn: Callable[[], object], rep_ms: int = REP_MS) -> float:
@@ -105,22 +109,28 @@ def run_shape(name: str, m: int, layer, copy: float, gen: torch.Generator) -> Ro
     t4 = timer(lambda: w4a16_matmul(x, qweight, qzeros, scales, GROUP_SIZE, 0))
     t16 = timer(lambda: F.linear(x, weight))
     tbps = w4_bytes(m, k, n) / (t4 * 1e-6) / 1e12
-    cfg = default_config(m, n, k, DTYPE, x.device)
+    cfg = default_config(m, n, k, DTYPE, x.device, GROUP_SIZE)
+    tiled = None
+    if m >= DEQUANT_MIN_M:
+        tiled = timer(lambda: w4a16_matmul(x, qweight, qzeros, scales, GROUP_SIZE, 0, config=cfg))
     tflops = 2 * m * k * n / (t4 * 1e-6) / 1e12
-    return Row(name, m, t4, t16, t16 / t4, tbps, tbps / copy, tflops, str(asdict(cfg)))
+    return Row(name, m, t4, t16, t16 / t4, tbps, tbps / copy, tflops, str(asdict(cfg)), tiled)
 
 
 def sweep_configs(m: int, k: int) -> list[W4A16Config]:
-    """Decode: split-K grids at BLOCK_M 16; prefill: tile shapes without a split."""
+    """Decode: split-K grids, on CUDA cores (one row) and with tl.dot (BLOCK_M 16, either operand order);
+    prefill: tile shapes without a split."""
     if m > 64:
-        grid = itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4))
-        return [W4A16Config(bm, bn, 128, 1, warps, stages) for bm, bn, warps, stages in grid]
-    grid = itertools.product((32, 64, 128), (128, 256), (4, 8), (3, 4), (True, False), (2, 4, 8, 16))
-    return [
-        W4A16Config(16, bn, bk, split, warps, stages, magic)
-        for bn, bk, warps, stages, magic, split in grid
-        if k // split >= bk
-    ]
+        grid = itertools.product((64, 128), (128, 256), (64, 128), (4, 8))
+        return [W4A16Config(bm, bn, bk, 1, warps, 3) for bm, bn, bk, warps in grid]
+    configs = []
+    if m == 1:
+        for bn, bk, split in itertools.product((64, 128, 256), (64, 128), (4, 8, 16)):
+            configs.append(W4A16Config(1, bn, bk, split, 4, 2))
+    for swap, bn, bk, split in itertools.product((False, True), (64, 128), (64, 128, 256), (2, 4, 8)):
+        if m > 1 or bk == 128:
+            configs.append(W4A16Config(16, bn, bk, split, 4, 4, swap_ab=swap))
+    return [c for c in configs if k // c.split_k >= c.block_k]
 
 
 def sweep(copy: float, gen: torch.Generator) -> list[dict]:
@@ -165,7 +175,7 @@ def main() -> None:
     rows = []
     print(
         f"{'shape':>20} {'M':>5} {'w4a16 us':>9} {'bf16 us':>9} {'speedup':>8} {'w4 TB/s':>8} {'of copy':>8} "
-        f"{'TFLOP/s':>8}"
+        f"{'TFLOP/s':>8} {'tiled us':>9}"
     )
     for name, (k, n) in SHAPES.items():
         layer = make_layer(k, n, gen)
@@ -174,7 +184,8 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{name:>20} {m:>5} {row.w4_us:9.1f} {row.bf16_us:9.1f} {row.speedup:7.2f}x "
-                f"{row.w4_tbps:8.2f} {row.frac_of_copy:7.0%} {row.w4_tflops:8.1f}"
+                f"{row.w4_tbps:8.2f} {row.frac_of_copy:7.0%} {row.w4_tflops:8.1f} "
+                f"{row.tiled_us if row.tiled_us is not None else float('nan'):9.1f}"
             )
         del layer
     small = [r for r in rows if r.m <= 16 and r.shape in ("4096x12288", "down 12288x4096")]

@@ -1,32 +1,35 @@
 """Triton W4A16 GEMM: y = x W^T with W in 4 bits (the internal layout of `quantization/int4_utils.py`),
 x in fp16/bf16 (fp32 too, for tests), accumulation in fp32.
 
-The weights are dequantized in registers. A loop iteration loads BLOCK_K / 8 rows of int32 words of
-`qweight` [in / 8, out] (each word once) and runs 8 dots: dot i takes nibble i of every word, i.e. input
-rows 8r + i, against the matching (stride-8) columns of x. Scales and zeros are applied in one of three
-ways (SCALE_MODE):
+A loop iteration loads a [BLOCK_K / 8, BLOCK_N] tile of int32 words of `qweight` [in / 8, out] (each
+word once, rows of BLOCK_N contiguous words), splits every word into its 8 nibbles along a new middle
+axis and folds that axis into K, which gives the [BLOCK_K, BLOCK_N] tile of 4-bit values in input-row
+order (row 8r + i is nibble i of word row r). x is read as a plain contiguous [BLOCK_M, BLOCK_K] tile.
 
-0. the tile lies inside one group (group size a multiple of BLOCK_K, or one group per channel): the dots
-   run over the integers q_kn - z_n (-16..15, which 16-bit floats hold exactly) and the tile's sum is
-   scaled per column after: sum_k x_k (q_kn - z_n) s_n = s_n sum_k x_k (q_kn - z_n). (An earlier form
-   dotted the raw q and subtracted z_n sum_k x_k after, the row sums taken by tl.sum over the dot's x
-   operand; on the H200 it failed test_explicit_configs' [16, 32]-tile case, which the interpreter passed);
-1. groups smaller than the tile (32, 64): each word row has one group, so one [rows, BLOCK_N] block of
-   scales and zeros serves all 8 dots, w = q s - z s;
-2. GPTQ act-order rows whose groups are not contiguous: each input row's scale and zero gathered through
-   `g_idx`.
+Scales and zeros. When the K tile lies inside one group (the default configurations make BLOCK_K divide
+the group size; one group per channel always does) the tile is dequantized to the exact integers
+q - z (-16..15, which every float dtype holds), dotted with x, and the product scaled per column:
+sum_k x_k (q_kn - z_n) s_n = s_n sum_k x_k (q_kn - z_n). q - z is made without an int-to-float
+conversion: a nibble or'ed into the low mantissa bits of a power of two 2^p (2^23 in fp32, 1024 in fp16,
+128 in bf16) is the float 2^p + q, and (2^p + q) - (2^p + z) is exact. Otherwise (groups smaller than the
+tile, GPTQ act-order groups gathered through `g_idx`) every row takes its own scale and zero, and the
+dequantized weights are rounded to x's dtype before the dot.
 
-Decode batches are bandwidth-bound (4 bits a weight): few rows, so the K dimension is split over
-several programs (split-K) until the grid covers the SMs, each writes fp32 partials, and a second small
-kernel adds them (and the bias) in a fixed order. Prefill uses large tiles and no split. The launch
-configuration depends on tensor shapes only and nothing is read back to the host, so decode can be
-captured in a CUDA graph.
+Two ways to multiply. From BLOCK_M 16 (the smallest tensor-core tile) the tile goes to tl.dot. Below it
+(decode batches of one to a few rows, where a 16-row tile would mostly multiply padding) the products are
+CUDA-core multiply-adds into a [BLOCK_M, BLOCK_K, BLOCK_N] fp32 accumulator summed over K once at the end.
+
+Decode batches are bandwidth-bound (4 bits a weight): the K dimension is split over several programs
+(split-K) until the grid covers the SMs, each writes fp32 partials, and a second small kernel adds them
+(and the bias) in a fixed order. Prefill uses large tiles and no split. The launch configuration depends
+on tensor shapes only and nothing is read back to the host, so decode can be captured in a CUDA graph.
 """
 
 import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -34,10 +37,18 @@ from torch import Tensor
 # ---------------------------------------------------------------------------------------------------------
 # Tunables: first guesses for an H200 (to be tuned with benchmarks/bench_w4a16.py --sweep).
 # ---------------------------------------------------------------------------------------------------------
-# Rows of x up to which a launch is a decode launch (split-K, small BLOCK_M).
+# One row of x (a single decode stream) multiplies on CUDA cores (BLOCK_M 1); measured on the H200
+# (bench_w4a16.py --sweep, 4096x12288 and 12288x4096): 28-29 us at these tiles and about 8 splits.
+CUDA_CORE_BLOCK_N = 64
+CUDA_CORE_BLOCK_K = 128
+CUDA_CORE_PROGRAMS_PER_SM = 12
+CUDA_CORE_NUM_WARPS = 4
+CUDA_CORE_NUM_STAGES = 4
+# Rows of x up to which a launch is a decode launch (split-K, BLOCK_M the next power of two >= 16).
+# The weight tile as the dot's first operand (output columns in the MMA's M) measured 36 us against 39-55
+# for the x-first order at M 4-16.
 DECODE_MAX_M = 64
-# Decode tile: output columns and input rows per loop iteration (BLOCK_M is the next power of two >= M,
-# at least 16, the smallest tensor-core tile).
+DECODE_SWAP_AB = True
 DECODE_BLOCK_N = 64
 DECODE_BLOCK_K = 128
 DECODE_NUM_WARPS = 4
@@ -48,21 +59,29 @@ DECODE_PROGRAMS_PER_SM = 4
 DECODE_MIN_K_PER_SPLIT = 256
 # ... and use this many splits where the device has no SM count (CPU / Triton interpreter).
 DECODE_DEFAULT_SPLITS_CPU = 2
+# From this many rows on (with no explicit configuration) the weights are dequantized into a temporary
+# [N, K] tensor and multiplied by cuBLAS (as vLLM's AWQ path does at large batches): the tiled kernel's
+# dequantization inside every tile costs more than writing the weights once at these sizes.
+DEQUANT_MIN_M = 65
+DEQUANT_BLOCK_N = 64
+DEQUANT_BLOCK_K = 128
 # Prefill tiles (no split).
 PREFILL_BLOCK_M = 64
-PREFILL_BLOCK_M_LARGE = 128  # from this many rows on
+PREFILL_BLOCK_M_LARGE = 128  # from 4 x this many rows on
 PREFILL_BLOCK_N = 128
-PREFILL_BLOCK_K = 128
+PREFILL_BLOCK_K = 64
 PREFILL_NUM_WARPS = 4
 PREFILL_NUM_WARPS_LARGE = 8
 PREFILL_NUM_STAGES = 3
 # fp32 activations (tests): narrower tiles keep shared memory in bounds.
 FP32_BLOCK_N = 64
-FP32_BLOCK_K = 128
-# Nibbles to floats by the 2**23 trick (see `_nibbles`) rather than a conversion instruction.
+FP32_BLOCK_K = 64
+# q - z by the power-of-two trick (see `_centered`) rather than an int-to-float conversion.
 MAGIC_CONVERT = True
-# A tile's 8 dots each take BLOCK_K / 8 rows: tl.dot needs 16, so BLOCK_K is a multiple of this.
-MIN_BLOCK_K = 128
+# The smallest K tile: tl.dot needs 16 rows.
+MIN_BLOCK_K = 16
+# The smallest M tile of tl.dot: smaller BLOCK_M multiplies on CUDA cores.
+DOT_MIN_M = 16
 # The split-K reduction kernel: output columns per program.
 REDUCE_BLOCK_N = 256
 
@@ -71,8 +90,9 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True, slots=True)
 class W4A16Config:
-    """One launch configuration. `block_k`: input rows per loop iteration, a multiple of 128;
-    `magic`: the float conversion of `_nibbles`."""
+    """One launch configuration. `block_m` 1 multiplies on CUDA cores, 16 or more with tl.dot; `block_k`:
+    input rows per loop iteration, a power of two >= 16; `magic`: the conversion of `_centered`;
+    `swap_ab`: the dot takes the weight tile as its first operand (output columns in the MMA's M)."""
 
     block_m: int
     block_n: int
@@ -81,6 +101,7 @@ class W4A16Config:
     num_warps: int
     num_stages: int
     magic: bool = MAGIC_CONVERT
+    swap_ab: bool = False
 
 
 @functools.cache
@@ -92,54 +113,110 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def default_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> W4A16Config:
-    """The launch configuration for x [m, k] times a 4-bit [k, n] weight (shapes only)."""
-    if dtype == torch.float32:
-        block_n, block_k = FP32_BLOCK_N, FP32_BLOCK_K
-    elif m <= DECODE_MAX_M:
-        block_n, block_k = DECODE_BLOCK_N, DECODE_BLOCK_K
-    else:
-        block_n, block_k = PREFILL_BLOCK_N, PREFILL_BLOCK_K
+def _fit_group(block_k: int, group: int) -> int:
+    """The K tile, shrunk (not below MIN_BLOCK_K) until it divides the group where that is possible, so
+    that every tile lies in one group."""
+    while block_k > MIN_BLOCK_K and group % block_k:
+        block_k //= 2
+    return block_k
+
+
+def default_config(
+    m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, group: int | None = None
+) -> W4A16Config:
+    """The launch configuration for x [m, k] times a 4-bit [k, n] weight (shapes only); `group`: input
+    rows per scale group (None or k: one group)."""
+    group = k if group is None or group == -1 else group
     if m > DECODE_MAX_M:
         large = m >= 4 * PREFILL_BLOCK_M_LARGE
+        block_n, block_k = PREFILL_BLOCK_N, PREFILL_BLOCK_K
+        if dtype == torch.float32:
+            block_n, block_k = FP32_BLOCK_N, FP32_BLOCK_K
         return W4A16Config(
             block_m=PREFILL_BLOCK_M_LARGE if large else PREFILL_BLOCK_M,
             block_n=block_n,
-            block_k=block_k,
+            block_k=_fit_group(block_k, group),
             split_k=1,
             num_warps=PREFILL_NUM_WARPS_LARGE if large else PREFILL_NUM_WARPS,
             num_stages=PREFILL_NUM_STAGES,
         )
-    block_m = max(16, _next_pow2(m))
+    if m == 1:  # on CUDA cores
+        block_m, block_n, block_k, swap = 1, CUDA_CORE_BLOCK_N, CUDA_CORE_BLOCK_K, False
+        warps, stages, per_sm = CUDA_CORE_NUM_WARPS, CUDA_CORE_NUM_STAGES, CUDA_CORE_PROGRAMS_PER_SM
+    else:
+        block_m, block_n, block_k = max(DOT_MIN_M, _next_pow2(m)), DECODE_BLOCK_N, DECODE_BLOCK_K
+        if dtype == torch.float32:
+            block_n, block_k = FP32_BLOCK_N, FP32_BLOCK_K
+        warps, stages, per_sm = DECODE_NUM_WARPS, DECODE_NUM_STAGES, DECODE_PROGRAMS_PER_SM
+        swap = DECODE_SWAP_AB
+    block_k = _fit_group(block_k, group)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     if device.type == "cuda":
-        wanted = max(1, DECODE_PROGRAMS_PER_SM * _sm_count(device.index or 0) // tiles)
+        wanted = max(1, per_sm * _sm_count(device.index or 0) // tiles)
     else:
         wanted = DECODE_DEFAULT_SPLITS_CPU
     split = max(1, min(wanted, k // max(DECODE_MIN_K_PER_SPLIT, block_k)))
-    return W4A16Config(block_m, block_n, block_k, split, DECODE_NUM_WARPS, DECODE_NUM_STAGES)
+    return W4A16Config(block_m, block_n, block_k, split, warps, stages, swap_ab=swap)
 
 
 @triton.jit
-def _nibbles(words, i: tl.constexpr, dtype: tl.constexpr, MAGIC: tl.constexpr):
-    """Nibble i of every int32 word as exact values 0..15 in `dtype`. MAGIC: or the nibble into the
-    mantissa of 2**23 and subtract 2**23 in fp32 (integer and float adds; to a 16-bit dtype one packed
-    conversion per two values), else one int-to-float conversion per value."""
-    v = (words >> (4 * i)) & 0xF
+def _centered(q, z, dtype: tl.constexpr, MAGIC: tl.constexpr):
+    """q - z as exact values in `dtype`, for 4-bit values q (int32 0..15) and integer zeros z (int32
+    0..16, broadcastable to q). MAGIC: q or'ed into the mantissa of a power of two 2^p is the float
+    2^p + q (the 16-bit ones through an int16 bitcast), and 2^p + z is exact too, so is their difference."""
     if MAGIC:
-        return ((v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(dtype)
-    return v.to(dtype)
+        if dtype == tl.float32:
+            hi = (q | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q
+            return hi - (z + 8388608).to(tl.float32)
+        elif dtype == tl.float16:
+            hi = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q
+            return hi - (z + 1024).to(tl.float16)
+        else:
+            hi = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + q
+            return hi - (z + 128).to(tl.bfloat16)
+    return (q - z).to(dtype)
 
 
 @triton.jit
-def _centered_nibbles(words, i: tl.constexpr, zeros, dtype: tl.constexpr, MAGIC: tl.constexpr):
-    """Nibble i of every int32 word [rows, BLOCK_N] minus its column's integer zero `zeros` [BLOCK_N]:
-    exact values -16..15 in `dtype`. MAGIC: the zero folded into the subtracted 2**23 (exact in fp32)."""
-    v = (words >> (4 * i)) & 0xF
-    if MAGIC:
-        bias = 8388608.0 + zeros.to(tl.float32)  # [BLOCK_N], exact
-        return ((v | 0x4B000000).to(tl.float32, bitcast=True) - bias[None, :]).to(dtype)
-    return (v - zeros[None, :]).to(dtype)
+def _nibble_tile(qw_ptr, offs_n, mask_n, k0, k_end, N, BLOCK_K: tl.constexpr):
+    """The 4-bit values q[k0 : k0 + BLOCK_K, offs_n] as an int32 [BLOCK_N, BLOCK_K] tile (rows past k_end
+    0): words [BLOCK_N, BLOCK_K / 8] (columns contiguous in memory), each repeated 8 times along K inside
+    its thread, then nibble i taken from copy i (input row 8r + i)."""
+    word_rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    mask_w = mask_n[:, None] & (word_rows * 8 < k_end)[None, :]
+    words = tl.load(qw_ptr + word_rows[None, :] * N + offs_n[:, None], mask=mask_w, other=0)
+    words = tl.interleave(words, words)
+    words = tl.interleave(words, words)
+    words = tl.interleave(words, words)  # [BLOCK_N, BLOCK_K]
+    nibble_shift = (tl.arange(0, BLOCK_K) % 8) * 4
+    return (words >> nibble_shift[None, :]) & 0xF
+
+
+@triton.jit
+def _row_scales_zeros(
+    qz_ptr,
+    s_ptr,
+    gidx_ptr,
+    offs_n,
+    mask_n,
+    offs_k,
+    mask_k,
+    N,
+    group_size,
+    ZERO_OFFSET: tl.constexpr,
+    HAS_GIDX: tl.constexpr,
+):
+    """Every element's scale (fp32) and integer zero point, [BLOCK_N, BLOCK_K], its input row's group
+    read from g_idx or k // group_size."""
+    if HAS_GIDX:
+        g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)  # [BLOCK_K]
+    else:
+        g = offs_k // group_size
+    mask_nk = mask_n[:, None] & mask_k[None, :]
+    s = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=mask_nk, other=0.0).to(tl.float32)
+    zw = tl.load(qz_ptr + g[None, :] * (N // 8) + (offs_n // 8)[:, None], mask=mask_nk, other=0)
+    z = ((zw >> ((offs_n % 8) * 4)[:, None]) & 0xF) + ZERO_OFFSET
+    return s, z
 
 
 @triton.jit
@@ -148,7 +225,7 @@ def _w4a16_kernel(
     qw_ptr,  # int32 [K / 8, N]
     qz_ptr,  # int32 [G, N / 8]
     s_ptr,  # [G, N]
-    gidx_ptr,  # int32 [K] (read only with SCALE_MODE 2)
+    gidx_ptr,  # int32 [K] (read only with HAS_GIDX)
     bias_ptr,  # [N] (read only with HAS_BIAS)
     out_ptr,  # [M, N] in x's dtype, or fp32 partials [splits, M, N] with WRITE_PARTIALS
     M,
@@ -158,13 +235,15 @@ def _w4a16_kernel(
     k_per_split,
     stride_xm,
     ZERO_OFFSET: tl.constexpr,
-    SCALE_MODE: tl.constexpr,  # 0: one group per tile; 1: group (k0 + 8r) // group_size; 2: g_idx
+    ROW_GROUPS: tl.constexpr,  # every input row its own group (else a tile lies in one group)
+    HAS_GIDX: tl.constexpr,  # ... read from g_idx (else k // group_size)
     HAS_BIAS: tl.constexpr,
     WRITE_PARTIALS: tl.constexpr,
     MAGIC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # tl.dot(W tile, x^T): the output tile transposed (BLOCK_N the dot's M)
+    BLOCK_M: tl.constexpr,  # 1: CUDA-core multiply-adds; else (16 or more) tl.dot
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # a multiple of 128: 8 dots over BLOCK_K / 8 >= 16 rows each
+    BLOCK_K: tl.constexpr,  # a power of two >= 16
     DOT_PRECISION: tl.constexpr,
 ):
     pid_mn = tl.program_id(0)
@@ -172,60 +251,68 @@ def _w4a16_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid_mn // num_n
     pid_n = pid_mn % num_n
-    WORD_ROWS: tl.constexpr = BLOCK_K // 8
+    USE_DOT: tl.constexpr = BLOCK_M >= 16
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, WORD_ROWS)
     mask_m = offs_m < M
     mask_n = offs_n < N
     zero_shift = (offs_n % 8) * 4  # [BLOCK_N]: nibble of each column's zero in its qzeros word
     packed_n = N // 8
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_DOT and SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    elif USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:  # one row (BLOCK_M 1): products summed over K once, after the loop
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)  # a multiple of 8, as K is
     for k0 in range(k_begin, k_end, BLOCK_K):
-        # Word row r of the tile holds input rows 8r .. 8r + 7; the i-th dot takes rows 8r + i of
-        # every word row, so each word is loaded once and x is read with a stride of 8.
-        rows = k0 + 8 * offs_r  # [WORD_ROWS]: first input row of each word row
-        mask_r = rows < k_end
-        mask_rn = mask_r[:, None] & mask_n[None, :]
-        x_rows = x_ptr + offs_m[:, None] * stride_xm + rows[None, :]  # [BLOCK_M, WORD_ROWS]
-        mask_x = mask_m[:, None] & mask_r[None, :]
-        words = tl.load(qw_ptr + (rows // 8)[:, None] * N + offs_n[None, :], mask=mask_rn, other=0)
-        if SCALE_MODE == 0:
-            # The tile lies in one group: dots over the exact integers q - z, scaled per column after.
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        mask_x = mask_m[:, None] & mask_k[None, :]
+        q = _nibble_tile(qw_ptr, offs_n, mask_n, k0, k_end, N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+        if not ROW_GROUPS:
             g = k0 // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
             zw = tl.load(qz_ptr + g * packed_n + offs_n // 8, mask=mask_n, other=0)
             z = ((zw >> zero_shift) & 0xF) + ZERO_OFFSET  # int32 [BLOCK_N]
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for i in tl.static_range(8):
-                x = tl.load(x_rows + i, mask=mask_x, other=0.0)  # [BLOCK_M, WORD_ROWS]
-                q = _centered_nibbles(words, i, z, x.dtype, MAGIC)  # [WORD_ROWS, BLOCK_N], exact
-                part = tl.dot(x, q, part, input_precision=DOT_PRECISION)
-            acc += part * s[None, :]
-        elif SCALE_MODE == 1:
-            # A group is a whole number of word rows: one scale and zero row per word row.
-            g = rows // group_size  # [WORD_ROWS]
-            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_rn, other=0.0).to(tl.float32)
-            zw = tl.load(qz_ptr + g[:, None] * packed_n + (offs_n // 8)[None, :], mask=mask_rn, other=0)
-            zs = -(((zw >> zero_shift[None, :]) & 0xF) + ZERO_OFFSET).to(tl.float32) * s  # -zero * scale
-            for i in tl.static_range(8):
-                x = tl.load(x_rows + i, mask=mask_x, other=0.0)
-                w = (_nibbles(words, i, tl.float32, MAGIC) * s + zs).to(x.dtype)  # [WORD_ROWS, BLOCK_N]
-                acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+            if USE_DOT:
+                w = _centered(q, z[:, None], x_ptr.dtype.element_ty, MAGIC)  # [BLOCK_N, BLOCK_K], exact
+                if SWAP_AB:
+                    xt = tl.load(
+                        x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                        mask=tl.trans(mask_x),
+                        other=0.0,
+                    )
+                    acc += tl.dot(w, xt, input_precision=DOT_PRECISION) * s[:, None]
+                else:
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_x, other=0.0)
+                    acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION) * s[None, :]
+            else:
+                x = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                acc += _centered(q, z[:, None], tl.float32, MAGIC) * s[:, None] * x[None, :]
         else:
-            # Act-order: every input row's own group from g_idx.
-            for i in tl.static_range(8):
-                x = tl.load(x_rows + i, mask=mask_x, other=0.0)
-                g = tl.load(gidx_ptr + rows + i, mask=mask_r, other=0)  # [WORD_ROWS]
-                s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_rn, other=0.0).to(tl.float32)
-                zw = tl.load(qz_ptr + g[:, None] * packed_n + (offs_n // 8)[None, :], mask=mask_rn, other=0)
-                z = (((zw >> zero_shift[None, :]) & 0xF) + ZERO_OFFSET).to(tl.float32)
-                w = ((_nibbles(words, i, tl.float32, MAGIC) - z) * s).to(x.dtype)
-                acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+            s, z = _row_scales_zeros(
+                qz_ptr, s_ptr, gidx_ptr, offs_n, mask_n, offs_k, mask_k, N, group_size, ZERO_OFFSET, HAS_GIDX
+            )
+            w = (_centered(q, z, tl.float32, MAGIC) * s).to(x_ptr.dtype.element_ty)
+            if USE_DOT and SWAP_AB:
+                xt = tl.load(
+                    x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=tl.trans(mask_x), other=0.0
+                )
+                acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+            elif USE_DOT:
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_x, other=0.0)
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            else:
+                x = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                acc += w.to(tl.float32) * x[None, :]
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+    elif SWAP_AB:
+        acc = tl.trans(acc)
 
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if not WRITE_PARTIALS:
@@ -258,6 +345,35 @@ def _split_k_reduce_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequantize_kernel(
+    qw_ptr,  # int32 [K / 8, N]
+    qz_ptr,  # int32 [G, N / 8]
+    s_ptr,  # [G, N]
+    gidx_ptr,  # int32 [K] (read only with HAS_GIDX)
+    out_ptr,  # [N, K]: W, in the activations' dtype
+    N,
+    K,
+    group_size,
+    ZERO_OFFSET: tl.constexpr,
+    HAS_GIDX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    q = _nibble_tile(qw_ptr, offs_n, mask_n, k0, K, N, BLOCK_K)
+    s, z = _row_scales_zeros(
+        qz_ptr, s_ptr, gidx_ptr, offs_n, mask_n, offs_k, mask_k, N, group_size, ZERO_OFFSET, HAS_GIDX
+    )
+    w = (q - z).to(tl.float32) * s
+    out = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
 
 
 def w4a16_matmul(
@@ -294,24 +410,26 @@ def w4a16_matmul(
         raise ValueError(f"w4a16_matmul: {groups} scale groups for K={k} with group size {group_size}")
     if not (qweight.is_contiguous() and qzeros.is_contiguous() and scales.is_contiguous()):
         raise ValueError("w4a16_matmul: qweight, qzeros and scales must be contiguous")
+    if config is None and m >= DEQUANT_MIN_M:
+        w = w4a16_dequantize(qweight, qzeros, scales, group_size, zero_offset, g_idx, x.dtype)
+        return F.linear(x, w, bias)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return out
-    cfg = config or default_config(m, n, k, x.dtype, x.device)
+    cfg = config or default_config(m, n, k, x.dtype, x.device, group)
     block_k = cfg.block_k
-    if block_k % MIN_BLOCK_K or block_k & (block_k - 1):
+    if block_k < MIN_BLOCK_K or block_k & (block_k - 1):
         raise ValueError(f"w4a16_matmul: block_k must be a power of two >= {MIN_BLOCK_K}, got {block_k}")
+    if cfg.block_m != 1 and (cfg.block_m < DOT_MIN_M or cfg.block_m & (cfg.block_m - 1)):
+        raise ValueError(
+            f"w4a16_matmul: block_m must be 1 or a power of two >= {DOT_MIN_M}, got {cfg.block_m}"
+        )
     if g_idx is None and group_size != -1 and group % 8:
         raise ValueError(f"w4a16_matmul: group size {group_size} is not a multiple of 8")
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    # Mode 0 when no tile straddles a group: the group size is a multiple of the tile, or one group.
-    if g_idx is not None:
-        scale_mode = 2
-    elif group_size == -1 or group % block_k == 0:
-        scale_mode = 0
-    else:
-        scale_mode = 1
+    # A tile lies in one group when the group size is a multiple of the tile, or there is one group.
+    row_groups = g_idx is not None or (group_size != -1 and group % block_k != 0)
     dummy = qweight  # never read: a valid pointer for the unused optional arguments
     target = out if split_k == 1 else torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
@@ -330,10 +448,12 @@ def w4a16_matmul(
         k_per_split,
         x.stride(0),
         ZERO_OFFSET=zero_offset,
-        SCALE_MODE=scale_mode,
+        ROW_GROUPS=row_groups,
+        HAS_GIDX=g_idx is not None,
         HAS_BIAS=bias is not None and split_k == 1,
         WRITE_PARTIALS=split_k > 1,
         MAGIC=cfg.magic,
+        SWAP_AB=cfg.swap_ab,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=block_k,
@@ -352,4 +472,36 @@ def w4a16_matmul(
             HAS_BIAS=bias is not None,
             BLOCK_N=REDUCE_BLOCK_N,
         )
+    return out
+
+
+def w4a16_dequantize(
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    group_size: int,
+    zero_offset: int,
+    g_idx: Tensor | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """W [N, K] in `dtype` from the internal 4-bit layout (arguments as `w4a16_matmul`'s, shapes checked
+    there): (q - zero) * scale computed in fp32 and rounded once."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    group = k if group_size == -1 else group_size
+    out = torch.empty(n, k, device=qweight.device, dtype=dtype)
+    grid = (triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k, DEQUANT_BLOCK_K))
+    _dequantize_kernel[grid](
+        qweight,
+        qzeros,
+        scales,
+        g_idx if g_idx is not None else qweight,
+        out,
+        n,
+        k,
+        group,
+        ZERO_OFFSET=zero_offset,
+        HAS_GIDX=g_idx is not None,
+        BLOCK_N=DEQUANT_BLOCK_N,
+        BLOCK_K=DEQUANT_BLOCK_K,
+    )
     return out

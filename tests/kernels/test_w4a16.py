@@ -28,7 +28,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 @interpreter_test
 def test_w4a16_under_triton_interpreter() -> None:
-    run_file_under_interpreter(__file__, 20, timeout=600)
+    run_file_under_interpreter(__file__, 26, timeout=600)
 
 
 def make_weights(k: int, n: int, group_size: int, act_order: bool, seed: int = 0):
@@ -127,6 +127,37 @@ def test_explicit_configs(split_k, magic):
 
 
 @direct
+@pytest.mark.parametrize("block_m,swap_ab", [(1, False), (16, True), (32, True)])
+def test_cuda_core_and_swapped_configs(block_m, swap_ab):
+    """BLOCK_M 1 multiplies on CUDA cores, swap_ab dots the weight tile first: several row tiles
+    (M > BLOCK_M), uneven splits, a K tile inside one group and one straddling groups, act-order, fp32 and
+    a bias after the reduction."""
+    from nanovllm.kernels.w4a16 import W4A16Config
+
+    cfg = W4A16Config(block_m, block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2, swap_ab=swap_ab)
+    check(5, 384, 40, 64, torch.float16, config=cfg, bias=True)
+    check(3, 384, 40, 32, torch.float16, config=cfg, zero_offset=0)
+    check(2, 384, 40, 32, torch.float16, config=cfg, act_order=True)
+    check(1, 384, 48, -1, torch.float32, config=cfg)
+
+
+@direct
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_tiled_prefill_kernel(group_size):
+    """Prefill rows multiply in the tiled kernel when its configuration is asked for (by default they
+    dequantize and call cuBLAS, which test_matches_dequantized_matmul's m=70 checks)."""
+    from nanovllm.kernels.w4a16 import default_config
+
+    k, n = SMALL["k"], SMALL["n"]
+    for dtype in (torch.float16, torch.float32):
+        cfg = default_config(70, n, k, dtype, torch.device(DEVICE), group_size)
+        assert cfg.block_m >= 64 and cfg.split_k == 1
+        check(70, k, n, group_size, dtype, config=cfg, bias=True)
+    if group_size == 32:
+        check(70, k, n, 32, torch.float16, act_order=True, config=cfg)
+
+
+@direct
 def test_ragged_shapes():
     """N not a multiple of the tile, K not a multiple of the tile (per-channel group), M between
     tiles."""
@@ -146,24 +177,47 @@ def test_empty_batch():
 
 @pytest.mark.skipif(INTERPRET, reason="compiles for sm_90; run in the parent session")
 @pytest.mark.parametrize("magic", [True, False])
-@pytest.mark.parametrize("scale_mode", [0, 1, 2])
-def test_sm90_lowering_keeps_words_out_of_dot_operand_layout(scale_mode, magic):
+@pytest.mark.parametrize("row_groups", [False, True])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_sm90_lowering_keeps_words_out_of_dot_operand_layout(block_m, row_groups, magic):
     """Compiled for an H200 (no GPU needed): no int32 tensor goes from shared memory straight into a
-    dot-operand layout. The first mode-0 kernel (raw nibbles dotted, zeros subtracted after) lowered
-    the qweight words that way ([16, 32] tiles gave 35% errors on the H200 while the interpreter
-    passed); the other modes never did, and passed."""
+    dot-operand layout, and the 16-bit magic conversion lowers to byte permutes, not int-to-float
+    conversions. An earlier kernel (raw nibbles dotted, zeros subtracted after) lowered the qweight
+    words into a dot operand ([16, 32] tiles gave 35% errors on the H200 while the interpreter passed)."""
     from nanovllm.kernels.w4a16 import _w4a16_kernel as fn
 
-    pointers = dict(x_ptr="*fp16", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", gidx_ptr="*i32")
-    pointers.update(bias_ptr="*fp16", out_ptr="*fp16")
+    pointers = dict(x_ptr="*bf16", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", gidx_ptr="*i32")
+    pointers.update(bias_ptr="*bf16", out_ptr="*bf16")
     ints = {name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")}
-    constants = dict(ZERO_OFFSET=1, SCALE_MODE=scale_mode, HAS_BIAS=True, WRITE_PARTIALS=False)
-    constants.update(MAGIC=magic, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, DOT_PRECISION="tf32")
-    ttgir = compile_for_sm90(fn, {**pointers, **ints}, constants)["ttgir"]
-    assert "tt.dot" in ttgir
+    constants = dict(
+        ZERO_OFFSET=1, ROW_GROUPS=row_groups, HAS_GIDX=False, HAS_BIAS=True, WRITE_PARTIALS=False
+    )
+    constants.update(
+        MAGIC=magic, SWAP_AB=False, BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=128, DOT_PRECISION="tf32"
+    )
+    asm = compile_for_sm90(fn, {**pointers, **ints}, constants)
+    ttgir = asm["ttgir"]
+    assert "tt.dot" in ttgir or "warp_group_dot" in ttgir  # mma.sync at 16 rows, wgmma at 64
     loads = [line for line in ttgir.splitlines() if "ttg.local_load" in line]
     bad = [line.strip() for line in loads if "xi32" in line and "dot_op" in line.split("->")[-1]]
     assert not bad, bad
+    if magic and not row_groups:  # the tile becomes bf16 by or + bitcast + subtract, no cvt from s32
+        assert "cvt.rn.bf16.s32" not in asm["ptx"] and "tt.bitcast" in ttgir
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles for sm_90; run in the parent session")
+def test_sm90_one_row_multiplies_on_cuda_cores():
+    """BLOCK_M 1 (a single decode stream) compiles to fused multiply-adds, no tensor-core instruction."""
+    from nanovllm.kernels.w4a16 import _w4a16_kernel as fn
+
+    pointers = dict(x_ptr="*bf16", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", gidx_ptr="*i32")
+    pointers.update(bias_ptr="*bf16", out_ptr="*fp32")
+    ints = {name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")}
+    constants = dict(ZERO_OFFSET=0, ROW_GROUPS=False, HAS_GIDX=False, HAS_BIAS=False, WRITE_PARTIALS=True)
+    constants.update(MAGIC=True, SWAP_AB=False, BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, DOT_PRECISION="tf32")
+    asm = compile_for_sm90(fn, {**pointers, **ints}, constants)
+    assert "tt.dot" not in asm["ttgir"] and "mma" not in asm["ptx"]
+    assert "fma.rn.f32" in asm["ptx"]
 
 
 def test_refuses_mismatched_shapes():
@@ -182,7 +236,9 @@ def test_refuses_mismatched_shapes():
     from nanovllm.kernels.w4a16 import W4A16Config
 
     with pytest.raises(ValueError, match="block_k"):
-        w4a16_matmul(x, qweight, qzeros, scales, 32, 1, config=W4A16Config(16, 32, 64, 1, 4, 2))
+        w4a16_matmul(x, qweight, qzeros, scales, 32, 1, config=W4A16Config(16, 32, 48, 1, 4, 2))
+    with pytest.raises(ValueError, match="block_m"):
+        w4a16_matmul(x, qweight, qzeros, scales, 32, 1, config=W4A16Config(4, 32, 64, 1, 4, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------
