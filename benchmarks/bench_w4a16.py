@@ -125,21 +125,21 @@ def sweep_configs(m: int, k: int) -> list[W4A16Config]:
         return [W4A16Config(bm, bn, bk, 1, warps, 3) for bm, bn, bk, warps in grid]
     configs = []
     if m == 1:
-        for bn, bk, split in itertools.product((64, 128, 256), (64, 128), (4, 8, 16)):
-            configs.append(W4A16Config(1, bn, bk, split, 4, 2))
+        for bn, bk, split, stages in itertools.product((64, 128), (64, 128), (4, 8, 16), (2, 3, 4)):
+            configs.append(W4A16Config(1, bn, bk, split, 4, stages))
     for swap, bn, bk, split in itertools.product((False, True), (64, 128), (64, 128, 256), (2, 4, 8)):
         if m > 1 or bk == 128:
             configs.append(W4A16Config(16, bn, bk, split, 4, 4, swap_ab=swap))
     return [c for c in configs if k // c.split_k >= c.block_k]
 
 
-def sweep(copy: float, gen: torch.Generator) -> list[dict]:
+def sweep(copy: float, gen: torch.Generator, rows: list[int]) -> list[dict]:
     """Time a grid of configurations at the decode shapes; print the best few per shape."""
     results = []
     for name in SWEEP_SHAPES:
         k, n = SHAPES[name]
         qweight, qzeros, scales, _ = make_layer(k, n, gen)
-        for m in SWEEP_M + [SWEEP_PREFILL_M]:
+        for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen)
             timings = []
             for cfg in sweep_configs(m, k):
@@ -166,6 +166,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations")
+    parser.add_argument(
+        "--sweep-m", default=",".join(map(str, SWEEP_M + [SWEEP_PREFILL_M])), help="rows the sweep times"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_w4a16.py needs a CUDA GPU")
@@ -194,7 +197,7 @@ def main() -> None:
         f"goal (>= 75% of copy at M 1-16, 4096x12288 and 12288x4096): worst {worst.frac_of_copy:.0%} "
         f"({worst.shape}, M={worst.m})"
     )
-    sweep_rows = sweep(copy, gen) if args.sweep else []
+    sweep_rows = sweep(copy, gen, [int(m) for m in args.sweep_m.split(",")]) if args.sweep else []
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -37,11 +37,12 @@ from torch import Tensor
 # ---------------------------------------------------------------------------------------------------------
 # Tunables: first guesses for an H200 (to be tuned with benchmarks/bench_w4a16.py --sweep).
 # ---------------------------------------------------------------------------------------------------------
-# One row of x (a single decode stream) multiplies on CUDA cores (BLOCK_M 1); measured on the H200
-# (bench_w4a16.py --sweep, 4096x12288 and 12288x4096): 28-29 us at these tiles and about 8 splits.
+# One row of x (a single decode stream) multiplies on CUDA cores (BLOCK_M 1), its loads pipelined over
+# NUM_STAGES; measured on the H200 (bench_w4a16.py --sweep --sweep-m 1, 4096x12288 and 12288x4096): 26.8
+# and 27.5 us at these tiles with 4-16 splits, against 28-30 us at BLOCK_K 128 or without pipelining.
 CUDA_CORE_BLOCK_N = 64
-CUDA_CORE_BLOCK_K = 128
-CUDA_CORE_PROGRAMS_PER_SM = 12
+CUDA_CORE_BLOCK_K = 64
+CUDA_CORE_PROGRAMS_PER_SM = 8
 CUDA_CORE_NUM_WARPS = 4
 CUDA_CORE_NUM_STAGES = 4
 # Rows of x up to which a launch is a decode launch (split-K, BLOCK_M the next power of two >= 16).
@@ -245,6 +246,7 @@ def _w4a16_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a power of two >= 16
     DOT_PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # loads in flight: the loop is software-pipelined on CUDA cores too
 ):
     pid_mn = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -268,7 +270,7 @@ def _w4a16_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)  # a multiple of 8, as K is
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         mask_x = mask_m[:, None] & mask_k[None, :]
@@ -458,6 +460,7 @@ def w4a16_matmul(
         BLOCK_N=cfg.block_n,
         BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

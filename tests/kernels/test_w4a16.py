@@ -193,7 +193,13 @@ def test_sm90_lowering_keeps_words_out_of_dot_operand_layout(block_m, row_groups
         ZERO_OFFSET=1, ROW_GROUPS=row_groups, HAS_GIDX=False, HAS_BIAS=True, WRITE_PARTIALS=False
     )
     constants.update(
-        MAGIC=magic, SWAP_AB=False, BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=128, DOT_PRECISION="tf32"
+        MAGIC=magic,
+        SWAP_AB=False,
+        BLOCK_M=block_m,
+        BLOCK_N=32,
+        BLOCK_K=128,
+        DOT_PRECISION="tf32",
+        NUM_STAGES=2,
     )
     asm = compile_for_sm90(fn, {**pointers, **ints}, constants)
     ttgir = asm["ttgir"]
@@ -207,17 +213,21 @@ def test_sm90_lowering_keeps_words_out_of_dot_operand_layout(block_m, row_groups
 
 @pytest.mark.skipif(INTERPRET, reason="compiles for sm_90; run in the parent session")
 def test_sm90_one_row_multiplies_on_cuda_cores():
-    """BLOCK_M 1 (a single decode stream) compiles to fused multiply-adds, no tensor-core instruction."""
+    """BLOCK_M 1 (a single decode stream) compiles to fused multiply-adds, no tensor-core instruction,
+    with the weight loads software-pipelined (a plain `range` loop without a dot is not)."""
     from nanovllm.kernels.w4a16 import _w4a16_kernel as fn
 
     pointers = dict(x_ptr="*bf16", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", gidx_ptr="*i32")
     pointers.update(bias_ptr="*bf16", out_ptr="*fp32")
     ints = {name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")}
     constants = dict(ZERO_OFFSET=0, ROW_GROUPS=False, HAS_GIDX=False, HAS_BIAS=False, WRITE_PARTIALS=True)
-    constants.update(MAGIC=True, SWAP_AB=False, BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, DOT_PRECISION="tf32")
+    constants.update(
+        MAGIC=True, SWAP_AB=False, BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, DOT_PRECISION="tf32", NUM_STAGES=3
+    )
     asm = compile_for_sm90(fn, {**pointers, **ints}, constants)
     assert "tt.dot" not in asm["ttgir"] and "mma" not in asm["ptx"]
     assert "fma.rn.f32" in asm["ptx"]
+    assert "async_copy_global_to_local" in asm["ttgir"]  # tl.range's stages pipeline the weight loads
 
 
 def test_refuses_mismatched_shapes():
