@@ -109,8 +109,8 @@ def test_zero_offset_and_bias(m, zero_offset):
 @pytest.mark.parametrize("split_k", [1, 3, 8])
 def test_explicit_configs(split_k, magic):
     """Uneven K splits (more splits asked than tiles), tiles wider than N, a K tile larger than the
-    group (mode 1) and than K, tiles inside one group (mode 0: per channel, and groups of one tile),
-    both nibble conversions. (Mode 0 at these [16, 32] tiles once failed compiled, not interpreted.)"""
+    group (per-row scales) and than K, tiles inside one group (per channel, and groups of one tile),
+    both nibble conversions. (An earlier kernel failed at these [16, 32] tiles compiled, not interpreted.)"""
     from nanovllm.kernels.w4a16 import W4A16Config
 
     cfg = W4A16Config(
