@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from nanovllm.kernels.w4a16 import DEQUANT_MIN_M, W4A16Config, default_config, w4a16_matmul
+from nanovllm.kernels.w4a16 import DECODE_MAX_M, DEQUANT_MIN_M, W4A16Config, default_config, w4a16_matmul
 from nanovllm.quantization.int4_utils import dequantize_int4, pack_int4
 
 # Qwen3-8B: hidden 4096, intermediate 12288, 32 query heads and 8 KV heads of 128.
@@ -120,7 +120,7 @@ def run_shape(name: str, m: int, layer, copy: float, gen: torch.Generator) -> Ro
 def sweep_configs(m: int, k: int) -> list[W4A16Config]:
     """Decode: split-K grids, on CUDA cores (one row) and with tl.dot (BLOCK_M 16, either operand order);
     prefill: tile shapes without a split."""
-    if m > 64:
+    if m > DECODE_MAX_M:
         grid = itertools.product((64, 128), (128, 256), (64, 128), (4, 8))
         return [W4A16Config(bm, bn, bk, 1, warps, 3) for bm, bn, bk, warps in grid]
     configs = []
