@@ -13,8 +13,14 @@
 # typing-inspection typing-extensions prometheus_client prometheus-fastapi-instrumentator aiohttp
 # aiohappyeyeballs aiosignal frozenlist multidict yarl propcache attrs python-multipart setproctitle httpx
 # httpcore jiter certifi watchfiles model-hosting-container-standards jmespath cloudpickle py-cpuinfo einops
-# (13 MB; the last six are for `vllm serve`: watchfiles and model_hosting_container_standards stopped it
-# on 2026-12-02, the rest were found missing by reading its imports, untested there yet).
+# (38 wheels, 13 MB). watchfiles and model_hosting_container_standards stopped `vllm serve` on 2026-12-02;
+# the list was then checked on the CPU machine (2026-12-02): with Python 3.12 each package in these wheels
+# and in the bundle's imports from /tmp/vsite:/tmp/serve_site, and, since no CPU torch for cp312 is at hand
+# there, with Python 3.11 + torch 2.13 CPU and the same versions for cp311, `api_server --help`, build_app,
+# init_app_state (mock engine) and uvicorn serving /v1/models ran, and `python3 -m vllm.entrypoints.openai
+# .api_server` went through its engine and worker processes to the CPU worker's missing vllm._C (a CPU
+# machine's failure), with no other module missing. Pillow, which vLLM also needs, is on the GPU image; so
+# are cloudpickle, py-cpuinfo, einops and the aiohttp/httpx stack (carried copies shadow them, same API).
 set -uo pipefail
 OUT=${1:-benchmarks/results/latest}
 mkdir -p "$OUT"
