@@ -5,6 +5,7 @@
 #                                [int4 | int4-tests int4-bench] [int4-8b] [long] [long-vllm]   (default: tests kernels bench)
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
 #                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [fp8-8b] [gemm] [structured-mask] [int4-gemm] [compile-log]
+#                                [tune-prefill]
 # `tests-shards` runs the whole GPU suite as six pytest processes at once (SHARDS="engine models" picks some),
 # each verbose (a test per line, so a run that TEST_TIMEOUT cuts still names what passed) and bounded by
 # TEST_TIMEOUT seconds (default 500).
@@ -235,9 +236,15 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
         | grep -v "Loading weights" | tee "$OUT/long_context.log" | tail -12
       summary+=("long: $(grep -E '^(long|batch|decode kernel 1 x 131072)' "$OUT/long_context.log" | paste -sd';')") ;;
     long-vllm)  # the same long/batch parts through vLLM (install the bundle first, see its README)
-      vllm_env python3 benchmarks/bench_long_context.py --engine vllm --parts long,batch --json "$OUT/long_context_vllm.json" \
-        2>&1 | grep -vE "Loading weights|INFO|WARNING" | tee "$OUT/long_context_vllm.log" | tail -6
-      summary+=("long vllm: $(grep -E '^(long|batch)' "$OUT/long_context_vllm.log" | paste -sd';')") ;;
+      # One process per part: vLLM's engine core keeps its GPU memory until its process ends, so a second
+      # LLM in the same process would find the card full. A limit above the checkpoint's
+      # max_position_embeddings is what yarn is for; vLLM asks for this variable to accept one.
+      for vpart in long batch; do
+        VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 vllm_env python3 benchmarks/bench_long_context.py --engine vllm \
+          --parts $vpart --json "$OUT/long_context_vllm_$vpart.json" 2>&1 | grep -vE "Loading weights|INFO|WARNING" \
+          | tee "$OUT/long_context_vllm_$vpart.log" | tail -6
+        summary+=("long vllm $vpart: $(grep -E '^(long|batch)' "$OUT/long_context_vllm_$vpart.log" | paste -sd';')")
+      done ;;
     ray)  # Ray replicas: their tests (CPU replicas) and bench_ray.py, plain engine vs one Ray replica on one GPU
       # Ray is not on the GPU machine: carry .raywheel/ray312_site.tar.xz (Ray 2.60 for cp312, 39 MB, unpacked
       # onto PYTHONPATH after the machine's own packages). Build it here: `pip download --no-deps
@@ -293,6 +300,9 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
           | grep -E "^(Floor|Total)"
         summary+=("bench vllm $opts: $(grep -E '^(Total|Floor)' "$OUT/bench_$name.log" | paste -sd';')")
       done ;;
+    tune-prefill)  # the prefill attention's tunables at the engine's prefill shapes (tune_prefill.py, ~3 min)
+      python3 benchmarks/tune_prefill.py --json "$OUT/tune_prefill.json" 2>&1 | tee "$OUT/tune_prefill.log" | tail -40
+      summary+=("tune prefill: $(grep -E '^(whole|best)' "$OUT/tune_prefill.log" | paste -sd';')") ;;
     peers)  # about 4 minutes: transformers' continuous batching on the same workload
       python3 bench.py --engine hf --json "$OUT/bench_hf.json" 2>&1 | tee "$OUT/bench_hf.log" | tail -3
       summary+=("bench hf: $(grep '^Total:' "$OUT/bench_hf.log" | tail -1)") ;;
