@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from nanovllm.kernels.device import compute_capability, interpreting, sm_count
-from nanovllm.kernels.tuning import decode_config
+from nanovllm.kernels.tuning import decode_config, prefill_config
 
 LOG2E = 1.4426950408889634
 # The window argument meaning "no sliding window": more positions than any context (int32-safe).
@@ -155,8 +155,16 @@ def _decode_launch(
     return tile, warps, stages
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a prefill launch."""
+def _prefill_config(
+    head_dim: int, dtype: torch.dtype, device: torch.device | None = None
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a prefill launch: the table measured for this GPU
+    model (nanovllm/kernels/tuning.py; 16-bit queries at head_dim 128, where it was measured), else the
+    defaults above."""
+    if device is not None and dtype != torch.float32 and head_dim == 128:
+        tuned = prefill_config(device)
+        if tuned is not None:
+            return tuple(tuned)
     if dtype == torch.float32:
         block_m, block_n, stages = PREFILL_BLOCK_M_FP32, PREFILL_BLOCK_N_FP32, PREFILL_NUM_STAGES_FP32
     else:
@@ -552,7 +560,14 @@ def _prefill_attend(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n  # [BLOCK_N] key positions in the sequence
         in_range = (pos < end) & (pos >= lo)
-        if PAGED:
+        if PAGED and BLOCK_SIZE % BLOCK_N == 0:
+            # Tiles start at multiples of BLOCK_N (every caller's start is one), which divides BLOCK_SIZE:
+            # the whole tile lies in one block, whose id is one load, and its rows are consecutive slots.
+            block = tl.load(block_table_row + n0 // BLOCK_SIZE).to(tl.int64)
+            token_in_block = n0 % BLOCK_SIZE + offs_n
+            k_rows = block * stride_k_block + token_in_block * stride_k_token + k_head
+            v_rows = block * stride_v_block + token_in_block * stride_v_token + v_head
+        elif PAGED:
             # Per-token gather through the block table, so a tile may cross block boundaries.
             if CAUSAL_MASK:
                 block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
@@ -787,7 +802,7 @@ def prefill_attention(
     window = _window_arg(sliding_window)
 
     group = num_heads // num_kv_heads
-    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype)
+    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype, q.device)
     block_m = max(block_m, triton.next_power_of_2(group))  # at least one query token per tile
     tokens_per_tile = block_m // group
     grid = (num_kv_heads, num_seqs, triton.cdiv(max_seqlen_q, tokens_per_tile))

@@ -28,6 +28,29 @@ DECODE_CONFIGS: dict[str, tuple[tuple[int, DecodeConfig], ...]] = {
 }
 
 
+class PrefillConfig(NamedTuple):
+    block_m: int  # query rows per program (query tokens x the query heads of one KV head)
+    block_n: int  # keys per loop iteration
+    num_warps: int
+    num_stages: int
+
+
+# benchmarks/tune_prefill.py on an H200, 2026-12-02 (results/2026-12-02f_h200_tune_prefill_be30b26.json):
+# bf16, head_dim 128, block 256. 4 warps and 2 stages beat the defaults (8 warps, 3 stages) on every shape:
+# 16 prompts of 100-1024 tokens 185 -> 202 TFLOP/s, a 16K chunk after 57K or 114K cached tokens 295 -> 365
+# (1.24x), the first 16K chunk 395 -> 401. 128 x 128 tiles at 8 warps and 2 stages are 2% faster on
+# the cached chunks but 12% slower on the batch of short prompts.
+PREFILL_CONFIGS: dict[str, PrefillConfig] = {"H200": PrefillConfig(128, 64, 4, 2)}
+
+
+def prefill_config(device: torch.device) -> PrefillConfig | None:
+    """The measured prefill-attention configuration for this device, or None (the kernel's defaults)."""
+    if device.type != "cuda":
+        return None
+    name = device_name(device)
+    return next((cfg for key, cfg in PREFILL_CONFIGS.items() if key in name), None)
+
+
 def decode_config(device: torch.device, batch: int) -> DecodeConfig | None:
     """The measured decode-attention configuration for this device and batch, or None (defaults)."""
     if device.type != "cuda":

@@ -27,3 +27,26 @@ def test_decode_launch_falls_back_where_the_table_does_not_apply(monkeypatch) ->
     assert pa._decode_launch(cuda, torch.bfloat16, 256, 256, 64) == defaults  # measured at head_dim 128 only
     fp32 = pa._decode_launch(cuda, torch.float32, 256, 256, 128)
     assert fp32 == (pa.DECODE_TILE_N_FP32, pa.DECODE_NUM_WARPS, pa.DECODE_NUM_STAGES_FP32)
+
+
+def test_prefill_config_by_device_name_and_its_fallbacks(monkeypatch) -> None:
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA H200")
+    assert tuning.prefill_config(cuda) == tuning.PrefillConfig(128, 64, 4, 2)
+    assert pa._prefill_config(128, torch.bfloat16, cuda) == (128, 64, 4, 2)
+    assert pa._prefill_config(128, torch.float16, cuda) == (128, 64, 4, 2)
+    defaults_64 = (pa.PREFILL_BLOCK_M, pa.PREFILL_BLOCK_N, pa.PREFILL_NUM_WARPS[64], pa.PREFILL_NUM_STAGES)
+    assert pa._prefill_config(64, torch.bfloat16, cuda) == defaults_64  # measured at head_dim 128 only
+    fp32 = (
+        pa.PREFILL_BLOCK_M_FP32,
+        pa.PREFILL_BLOCK_N_FP32,
+        pa.PREFILL_NUM_WARPS[128],
+        pa.PREFILL_NUM_STAGES_FP32,
+    )
+    assert pa._prefill_config(128, torch.float32, cuda) == fp32
+    defaults_128 = (pa.PREFILL_BLOCK_M, pa.PREFILL_BLOCK_N, pa.PREFILL_NUM_WARPS[128], pa.PREFILL_NUM_STAGES)
+    assert pa._prefill_config(128, torch.bfloat16) == defaults_128  # no device given
+    assert pa._prefill_config(128, torch.bfloat16, torch.device("cpu")) == defaults_128
+    monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    assert tuning.prefill_config(cuda) is None
+    assert pa._prefill_config(128, torch.bfloat16, cuda) == defaults_128
