@@ -560,15 +560,10 @@ def _prefill_attend(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n  # [BLOCK_N] key positions in the sequence
         in_range = (pos < end) & (pos >= lo)
-        if PAGED and BLOCK_SIZE % BLOCK_N == 0:
-            # Tiles start at multiples of BLOCK_N (every caller's start is one), which divides BLOCK_SIZE:
-            # the whole tile lies in one block, whose id is one load, and its rows are consecutive slots.
-            block = tl.load(block_table_row + n0 // BLOCK_SIZE).to(tl.int64)
-            token_in_block = n0 % BLOCK_SIZE + offs_n
-            k_rows = block * stride_k_block + token_in_block * stride_k_token + k_head
-            v_rows = block * stride_v_block + token_in_block * stride_v_token + v_head
-        elif PAGED:
-            # Per-token gather through the block table, so a tile may cross block boundaries.
+        if PAGED:
+            # Per-token gather through the block table, so a tile may cross block boundaries. (One load of
+            # the block id per tile, where a tile lies in one block, measured no faster on the H200 at the
+            # tuned launch: 346 against 355 TFLOP/s over a 128K prompt's chunks, RESULTS.md.)
             if CAUSAL_MASK:
                 block = tl.load(block_table_row + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
             else:
