@@ -10,7 +10,8 @@ Parts (all by default; --parts picks):
   against the floor: weights + every cached token read per step over the copy bandwidth), the same
   prompt again with a new last block (prefix cache hit: only the tail is computed), and peak memory;
 - `batch`: 16 requests of 32,768-token prompts + 512 outputs: output tokens/s against the limit (prefill
-  FLOPs at the matmul rate plus decode bytes at the copy bandwidth);
+  FLOPs at the matmul rate plus decode bytes at the copy bandwidth), split into prefill (16 other prompts
+  of that length prefilled alone first) and decode (the rest);
 - `window`: a sliding-window variant (every layer windowed at 4,096) decoding one long sequence: KV
   blocks held against its length, beside the same model without the window.
 `--engine vllm` runs `long` and `batch` through vLLM instead (the bundle in ../shared/vllm-bundle/).
@@ -278,6 +279,11 @@ def part_batch(args, path: str, s: dict, bandwidth, tflops) -> dict:
     llm = make_engine(args, path, plen + outputs)
     try:
         timed_generate(llm, args, [random_prompt(64, 99, args.id_high)], 4)
+        # Prefill alone first, on prompts of the same length that share nothing with the timed ones (no
+        # prefix-cache hits): the timed run's time less this one is its decode's.
+        prefill_s, _ = timed_generate(
+            llm, args, [random_prompt(plen, 1000 + i, args.id_high) for i in range(num)], 1
+        )
         seconds, made = timed_generate(
             llm, args, [random_prompt(plen, 10 + i, args.id_high) for i in range(num)], outputs
         )
@@ -291,12 +297,18 @@ def part_batch(args, path: str, s: dict, bandwidth, tflops) -> dict:
         )
         limit_s = prefill + decode
     row = dict(requests=num, prompt_tokens=plen, output_tokens=made, seconds=seconds, tok_s=made / seconds)
+    row |= dict(prefill_s=prefill_s, decode_s=seconds - prefill_s)
     if limit_s:
         row |= dict(limit_s=limit_s, limit_tok_s=made / limit_s, frac_of_limit=limit_s / seconds)
+        row |= dict(prefill_floor_s=prefill, decode_floor_s=decode)
     versus = f" (limit {row['limit_tok_s']:.0f}, {row['frac_of_limit']:.0%})" if limit_s else ""
+    split = f"; prefill {prefill_s:.2f} s, decode {seconds - prefill_s:.2f} s"
+    if limit_s:
+        split += f" (at matmul rate / copy bandwidth: {prefill:.2f} s / {decode:.2f} s)"
     print(
         f"batch ({args.engine}): {num} x {plen} + {outputs}: {seconds:.2f} s, {row['tok_s']:.0f} tok/s"
         + versus
+        + split
     )
     return row
 
