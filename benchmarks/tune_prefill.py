@@ -187,7 +187,12 @@ def main() -> None:
     if args.quick:
         configs = [defaults] + ([table] if table and table != defaults else [])
     if args.configs:
-        configs = [dict(zip(GRID, map(int, c.split(",")))) for c in args.configs.split()]
+        configs = []
+        for text in args.configs.split():
+            values = text.split(",")
+            if len(values) != len(GRID) or not all(v.isdigit() for v in values):
+                p.error(f"--configs: {text!r} is not BLOCK_M,BLOCK_N,num_warps,num_stages (four integers)")
+            configs.append(dict(zip(GRID, map(int, values))))
     rows = []
     print(
         f"{'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} " + " ".join(f"{n:>14s}" for n in cases),
@@ -222,13 +227,18 @@ def main() -> None:
     result = {"defaults": defaults, "table": table, "rows": rows, "best": best, "best_batch": best_batch}
     timed = []
     candidates = [("default", defaults), ("table", table), ("best", {k: best[k] for k in GRID})]
-    candidates += [("listed", cfg) for cfg in configs] if args.configs else []
+    ran = [{k: r[k] for k in GRID} for r in ok]
+    candidates += [("listed", cfg) for cfg in configs if cfg in ran] if args.configs else []
     for label, cfg in candidates:
         if cfg is None or cfg in timed:  # no table row for this card, or a configuration timed already
             continue
         timed.append(cfg)
         apply(cfg)
-        seconds, rate = whole_prompt_s(gen, rng)
+        try:
+            seconds, rate = whole_prompt_s(gen, rng)
+        except Exception as exc:  # noqa: BLE001 - e.g. a default that no longer fits: keep the sweep's results
+            print(f"whole {LONG_PROMPT}-token prompt, {label} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
         result.setdefault("whole_prompt", []).append(
             {"label": label, "config": cfg, "s_per_layer": seconds, "tflops": rate}
         )
