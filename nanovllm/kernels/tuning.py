@@ -1,8 +1,9 @@
 """Launch configurations measured per GPU model, for kernels whose best tiles differ between cards.
 
-Each table maps a device-name key (a substring of `torch.cuda.get_device_name`, e.g. "H200") to rows of
-(largest batch the row applies to, configuration); the first row whose bound holds is used. A device with
-no entry keeps the kernel's own defaults (first guesses for an H100). Values come from the sweeps in
+Each table maps a device-name key (a substring of `torch.cuda.get_device_name`, e.g. "H200") to that
+card's configuration, or, where it depends on the batch, to rows of (largest batch the row applies to,
+configuration), the first row whose bound holds being used. A device with no entry keeps the kernel's
+own defaults (first guesses for an H100). Values come from the sweeps in
 `benchmarks/` (each table says which), and RESULTS.md records the runs.
 """
 
@@ -43,20 +44,20 @@ class PrefillConfig(NamedTuple):
 PREFILL_CONFIGS: dict[str, PrefillConfig] = {"H200": PrefillConfig(128, 64, 4, 2)}
 
 
-def prefill_config(device: torch.device) -> PrefillConfig | None:
-    """The measured prefill-attention configuration for this device, or None (the kernel's defaults)."""
+def _entry(table: dict, device: torch.device):
+    """The value of the first key of `table` in this CUDA device's name, or None."""
     if device.type != "cuda":
         return None
     name = device_name(device)
-    return next((cfg for key, cfg in PREFILL_CONFIGS.items() if key in name), None)
+    return next((value for key, value in table.items() if key in name), None)
+
+
+def prefill_config(device: torch.device) -> PrefillConfig | None:
+    """The measured prefill-attention configuration for this device, or None (the kernel's defaults)."""
+    return _entry(PREFILL_CONFIGS, device)
 
 
 def decode_config(device: torch.device, batch: int) -> DecodeConfig | None:
     """The measured decode-attention configuration for this device and batch, or None (defaults)."""
-    if device.type != "cuda":
-        return None
-    name = device_name(device)
-    for key, rows in DECODE_CONFIGS.items():
-        if key in name:
-            return next((cfg for bound, cfg in rows if batch <= bound), None)
-    return None
+    rows = _entry(DECODE_CONFIGS, device)
+    return None if rows is None else next((cfg for bound, cfg in rows if batch <= bound), None)
