@@ -306,7 +306,7 @@ def part_batch(args, path: str, s: dict, bandwidth, tflops) -> dict:
         row |= dict(limit_s=limit_s, limit_tok_s=made / limit_s, frac_of_limit=limit_s / seconds)
         row |= dict(prefill_floor_s=prefill, decode_floor_s=decode)
     versus = f" (limit {row['limit_tok_s']:.0f}, {row['frac_of_limit']:.0%})" if limit_s else ""
-    split = f"; prefill {prefill_s:.2f} s, decode {seconds - prefill_s:.2f} s"
+    split = f"; prefill {prefill_s:.2f} s, decode {row['decode_s']:.2f} s"
     if limit_s:
         split += f" (at matmul rate / copy bandwidth: {prefill:.2f} s / {decode:.2f} s)"
     print(

@@ -57,7 +57,7 @@ def batch_case(gen: torch.Generator, rng: random.Random) -> dict:
         "max_q": max(lens),
         "tables": None,
         "pairs": pairs,
-        "check": (lens[-1], lens[-1]),
+        "last_kv": (k[total - lens[-1] :], v[total - lens[-1] :]),  # the checked sequence's keys and values
     }
 
 
@@ -74,9 +74,7 @@ def chunk_case(prefix: int, gen: torch.Generator, rng: random.Random) -> dict:
         "max_q": CHUNK,
         "cu_k": torch.tensor([0, k_len], dtype=torch.int32, device="cuda"),
         "pairs": pairs,
-        "check": (CHUNK, k_len),
-        "k_flat": k,
-        "v_flat": v,
+        "last_kv": (k, v),
     }
     if prefix == 0:
         return case | {"k": k, "v": v, "tables": None}
@@ -109,15 +107,10 @@ def run(case: dict) -> torch.Tensor:
 
 def check_error(case: dict, out: torch.Tensor) -> float:
     """Max abs error of the last CHECK_ROWS query tokens of the last sequence against fp32 attention."""
-    q_len, k_len = case["check"]
     q_end = out.shape[0]
-    if case["tables"] is None and "k_flat" not in case:
-        k_src, v_src, k_end = case["k"], case["v"], q_end
-    else:
-        k_src, v_src, k_end = case["k_flat"], case["v_flat"], k_len
     group = NUM_HEADS // NUM_KV_HEADS
-    k = k_src[k_end - k_len : k_end].float().repeat_interleave(group, 1)  # [k_len, heads, dim]
-    v = v_src[k_end - k_len : k_end].float().repeat_interleave(group, 1)
+    k, v = (t.float().repeat_interleave(group, 1) for t in case["last_kv"])  # [k_len, heads, dim]
+    k_len = k.shape[0]
     q = case["q"][q_end - CHECK_ROWS : q_end].float()  # [rows, heads, dim]
     s = torch.einsum("rhd,nhd->hrn", q, k) * HEAD_DIM**-0.5
     pos = torch.arange(k_len, device="cuda")
@@ -131,8 +124,9 @@ def time_ms(case: dict) -> float:
     return triton.testing.do_bench(lambda: run(case), warmup=3, rep=200, return_mode="median")
 
 
-def tflops(case: dict, ms: float) -> float:
-    return 4 * HEAD_DIM * NUM_HEADS * case["pairs"] / ms / 1e9
+def tflops(pairs: int, ms: float) -> float:
+    """The causal attention's matmul rate: 4 x head_dim x heads FLOPs per visible query-key pair."""
+    return 4 * HEAD_DIM * NUM_HEADS * pairs / ms / 1e9
 
 
 def apply(cfg: dict) -> None:
@@ -158,7 +152,7 @@ def whole_prompt_s(gen: torch.Generator, rng: random.Random) -> tuple[float, flo
         total_ms += time_ms(case)
         pairs += case["pairs"]
         del case
-    return total_ms / 1e3, 4 * HEAD_DIM * NUM_HEADS * pairs / total_ms / 1e9
+    return total_ms / 1e3, tflops(pairs, total_ms)
 
 
 def main() -> None:
@@ -206,7 +200,7 @@ def main() -> None:
             for name, case in cases.items():
                 err = check_error(case, run(case))
                 ms = time_ms(case)
-                row[name] = {"ms": ms, "tflops": tflops(case, ms), "err": err}
+                row[name] = {"ms": ms, "tflops": tflops(case["pairs"], ms), "err": err}
         except Exception as exc:  # noqa: BLE001 - an out-of-resources config is a result, not a crash
             row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
             print(f"{values}: {row['error']}", flush=True)
