@@ -118,18 +118,21 @@ def run_shape(name: str, m: int, layer, copy: float, gen: torch.Generator) -> Ro
 
 
 def sweep_configs(m: int, k: int) -> list[W4A16Config]:
-    """Decode: split-K grids, on CUDA cores (one row) and with tl.dot (BLOCK_M 16, either operand order);
-    prefill: tile shapes without a split."""
+    """Decode: split-K grids, on CUDA cores (one row) and with tl.dot (BLOCK_M 16 or more, the weight
+    tile as the first operand, the packed dequantization; the unpacked one at DECODE_BLOCK_N x
+    DECODE_BLOCK_K for comparison); prefill: tile shapes without a split."""
     if m > DECODE_MAX_M:
         grid = itertools.product((64, 128), (128, 256), (64, 128), (4, 8))
         return [W4A16Config(bm, bn, bk, 1, warps, 3) for bm, bn, bk, warps in grid]
     configs = []
+    block_m = max(16, triton.next_power_of_2(m))
     if m == 1:
-        for bn, bk, split, stages in itertools.product((64, 128), (64, 128), (4, 8, 16), (2, 3, 4)):
-            configs.append(W4A16Config(1, bn, bk, split, 4, stages))
-    for swap, bn, bk, split in itertools.product((False, True), (64, 128), (64, 128, 256), (2, 4, 8)):
-        if m > 1 or bk == 128:
-            configs.append(W4A16Config(16, bn, bk, split, 4, 4, swap_ab=swap))
+        for bn, bk, split in itertools.product((64, 128), (64, 128), (4, 8, 16)):
+            configs.append(W4A16Config(1, bn, bk, split, 4, 4))
+    for split in (2, 4, 8):
+        configs.append(W4A16Config(block_m, 64, 128, split, 4, 4, swap_ab=True, packed=False))
+    for bn, bk, split, stages in itertools.product((64, 128), (64, 128, 256), (1, 2, 4, 8, 16), (2, 3, 4)):
+        configs.append(W4A16Config(block_m, bn, bk, split, 4, stages, swap_ab=True, packed=True))
     return [c for c in configs if k // c.split_k >= c.block_k]
 
 
@@ -138,9 +141,10 @@ def sweep(copy: float, gen: torch.Generator, rows: list[int]) -> list[dict]:
     results = []
     for name in SWEEP_SHAPES:
         k, n = SHAPES[name]
-        qweight, qzeros, scales, _ = make_layer(k, n, gen)
+        qweight, qzeros, scales, weight = make_layer(k, n, gen)
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen)
+            want = x.float() @ weight.float().t()
             timings = []
             for cfg in sweep_configs(m, k):
 
@@ -148,6 +152,10 @@ def sweep(copy: float, gen: torch.Generator, rows: list[int]) -> list[dict]:
                     return w4a16_matmul(x, *layer, GROUP_SIZE, 0, config=cfg)
 
                 try:
+                    err = ((launch().float() - want).abs().max() / want.abs().max()).item()
+                    if err > 2e-2:  # checked before it is timed, as every default launch
+                        print(f"  WRONG (relative error {err:.2e}) {cfg}")
+                        continue
                     t = bench_graph(launch, SWEEP_REP_MS)
                 except Exception as e:  # noqa: BLE001 - out of shared memory etc.: skip the config
                     print(f"  skip {cfg}: {type(e).__name__}")
@@ -155,9 +163,20 @@ def sweep(copy: float, gen: torch.Generator, rows: list[int]) -> list[dict]:
                 timings.append((t, cfg))
             timings.sort(key=lambda r: r[0])
             print(f"sweep {name} m={m}: best of {len(timings)}")
-            for t, cfg in timings[:5]:
+            families = {
+                "cuda cores": lambda c: c.block_m == 1,
+                "unpacked": lambda c: c.block_m > 1 and not c.packed,
+            }
+            shown = timings[:5] + [next((r for r in timings if f(r[1])), None) for f in families.values()]
+            for i, row in enumerate(shown):
+                if row is None or (i >= 5 and row in timings[:5]):
+                    continue
+                t, cfg = row
                 tbps = w4_bytes(m, k, n) / (t * 1e-6) / 1e12
-                print(f"  {t:8.1f} us {tbps:5.2f} TB/s ({tbps / copy:4.0%} of copy)  {cfg}")
+                label = "" if i < 5 else f" (best {list(families)[i - 5]})"
+                print(f"  {t:8.1f} us {tbps:5.2f} TB/s ({tbps / copy:4.0%} of copy)  {cfg}{label}")
+            for t, cfg in timings:
+                tbps = w4_bytes(m, k, n) / (t * 1e-6) / 1e12
                 results.append({"shape": name, "m": m, "us": t, "tbps": tbps, "config": asdict(cfg)})
     return results
 

@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from nanovllm.kernels.device import interpreting
+
 # ---------------------------------------------------------------------------------------------------------
 # Tunables: first guesses for an H200 (to be tuned with benchmarks/bench_w4a16.py --sweep).
 # ---------------------------------------------------------------------------------------------------------
@@ -85,6 +87,8 @@ FP32_BLOCK_N = 64
 FP32_BLOCK_K = 64
 # q - z by the power-of-two trick (see `_centered`) rather than an int-to-float conversion.
 MAGIC_CONVERT = True
+# ... and, on a CUDA device, two values at a time in inline PTX (see `_centered_words`).
+PACKED_DEQUANT = True
 # The smallest K tile: tl.dot needs 16 rows.
 MIN_BLOCK_K = 16
 # The smallest M tile of tl.dot: smaller BLOCK_M multiplies on CUDA cores.
@@ -99,7 +103,9 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class W4A16Config:
     """One launch configuration. `block_m` 1 multiplies on CUDA cores, 16 or more with tl.dot; `block_k`:
     input rows per loop iteration, a power of two >= 16; `magic`: the conversion of `_centered`;
-    `swap_ab`: the dot takes the weight tile as its first operand (output columns in the MMA's M)."""
+    `swap_ab`: the dot takes the weight tile as its first operand (output columns in the MMA's M);
+    `packed`: `_centered_words` dequantizes two values per instruction in inline PTX where it can (a
+    CUDA device, 16-bit activations, a tile in one group, tl.dot)."""
 
     block_m: int
     block_n: int
@@ -109,6 +115,7 @@ class W4A16Config:
     num_stages: int
     magic: bool = MAGIC_CONVERT
     swap_ab: bool = False
+    packed: bool = PACKED_DEQUANT
 
 
 @functools.cache
@@ -184,14 +191,75 @@ def _centered(q, z, dtype: tl.constexpr, MAGIC: tl.constexpr):
     return (q - z).to(dtype)
 
 
+def _dequant_asm(magic: int, one: int, fma: str) -> str:
+    """The PTX of `_centered_words` for one 16-bit type: its 2^p and 1 (bit patterns) and packed FMA."""
+    lines = [f"mov.b32 one, {one * 0x10001:#x};"]
+    lines += [f"shr.u32 t{i}, $8, {4 * i};" for i in (1, 2, 3)]
+    lines += [
+        f"lop3.b32 t{i}, {'$8' if i == 0 else f't{i}'}, 0x000F000F, {magic * 0x10001:#x}, 0xEA;"
+        for i in range(4)
+    ]
+    lines += [f"{fma} t{i}, t{i}, one, $9;" for i in range(4)]
+    lines += [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, t{i};" for i in range(4)]
+    return "{\n.reg .b32 t0, t1, t2, t3, one;\n" + "\n".join(lines) + "\n}"
+
+
+_DEQUANT_BF16 = tl.constexpr(_dequant_asm(0x4300, 0x3F80, "fma.rn.bf16x2"))  # 128 and 1.0 in bf16
+_DEQUANT_FP16 = tl.constexpr(_dequant_asm(0x6400, 0x3C00, "fma.rn.f16x2"))  # 1024 and 1.0 in fp16
+
+
+@triton.jit
+def _centered_words(words, z, dtype: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The exact q - z in `dtype` (fp16 or bf16) of int32 words [BLOCK_N, BLOCK_K / 8] (8 nibbles each,
+    nibble i input row 8r + i) with integer zeros z (int32 [BLOCK_N, 1], 0..16), as a [BLOCK_N, BLOCK_K]
+    tile in input-row order, two values per instruction in inline PTX (a CUDA device only).
+
+    A word and 0x000F000F keeps nibbles 0 and 4 in the low bits of its two halves; or'ed (one lop3) with
+    the bit pattern of 2^p twice (0x4300 is bf16's 128, 0x6400 fp16's 1024) the halves are 2^p + q, and
+    one packed fused multiply-add by 1 with -(2^p + z) in both halves leaves q - z exactly. The word
+    shifted by 4, 8 and 12 gives nibbles 1 and 5, 2 and 6, 3 and 7: 3 shifts, 4 lop3 and 4 packed FMAs
+    make 8 values, where one value at a time takes about 4 instructions."""
+    if dtype == tl.bfloat16:
+        neg = z * 65537 - 1023360256  # -(128 + z) in both bf16 halves: 0xC300C300 + z * 0x10001
+        n0, n4, n1, n5, n2, n6, n3, n7 = _packed_dequant(words, neg, dtype, _DEQUANT_BF16)
+    else:
+        neg = z * 65537 - 469703680  # -(1024 + z) in both fp16 halves: 0xE400E400 + z * 0x10001
+        n0, n4, n1, n5, n2, n6, n3, n7 = _packed_dequant(words, neg, dtype, _DEQUANT_FP16)
+    # join stacks along a new last axis: [..., 2, 2, 2] indexed 4c + 2b + a holds nibble 4c + 2b + a
+    low = tl.join(tl.join(n0, n1), tl.join(n2, n3))
+    high = tl.join(tl.join(n4, n5), tl.join(n6, n7))
+    return tl.reshape(tl.join(low, high), (words.shape[0], BLOCK_K))
+
+
+@triton.jit
+def _packed_dequant(words, neg, dtype: tl.constexpr, ASM: tl.constexpr):
+    """`ASM` (of `_dequant_asm`) on every word: its 8 values, in the order nibble 0, 4, 1, 5, 2, 6, 3, 7."""
+    neg = tl.broadcast_to(neg, words.shape)
+    if dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, neg], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, neg], dtype=(tl.float16,) * 8, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def _nibble_words(qw_ptr, offs_n, mask_n, k0, k_end, N, BLOCK_K: tl.constexpr):
+    """The words of q[k0 : k0 + BLOCK_K, offs_n] as an int32 [BLOCK_N, BLOCK_K / 8] tile (word rows at
+    or past k_end 0; the BLOCK_N words of a row are contiguous in memory)."""
+    word_rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    mask_w = mask_n[:, None] & (word_rows * 8 < k_end)[None, :]
+    return tl.load(qw_ptr + word_rows[None, :] * N + offs_n[:, None], mask=mask_w, other=0)
+
+
 @triton.jit
 def _nibble_tile(qw_ptr, offs_n, mask_n, k0, k_end, N, BLOCK_K: tl.constexpr):
     """The 4-bit values q[k0 : k0 + BLOCK_K, offs_n] as an int32 [BLOCK_N, BLOCK_K] tile (rows past k_end
     0): words [BLOCK_N, BLOCK_K / 8] (columns contiguous in memory), each repeated 8 times along K inside
     its thread, then nibble i taken from copy i (input row 8r + i)."""
-    word_rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    mask_w = mask_n[:, None] & (word_rows * 8 < k_end)[None, :]
-    words = tl.load(qw_ptr + word_rows[None, :] * N + offs_n[:, None], mask=mask_w, other=0)
+    words = _nibble_words(qw_ptr, offs_n, mask_n, k0, k_end, N, BLOCK_K)
     words = tl.interleave(words, words)
     words = tl.interleave(words, words)
     words = tl.interleave(words, words)  # [BLOCK_N, BLOCK_K]
@@ -247,6 +315,7 @@ def _w4a16_kernel(
     HAS_BIAS: tl.constexpr,
     WRITE_PARTIALS: tl.constexpr,
     MAGIC: tl.constexpr,
+    PACKED: tl.constexpr,  # `_centered_words` (only with tl.dot, 16-bit x, a tile in one group, CUDA)
     SWAP_AB: tl.constexpr,  # tl.dot(W tile, x^T): the output tile transposed (BLOCK_N the dot's M)
     BLOCK_M: tl.constexpr,  # 1: CUDA-core multiply-adds; else (16 or more) tl.dot
     BLOCK_N: tl.constexpr,
@@ -280,14 +349,19 @@ def _w4a16_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         mask_x = mask_m[:, None] & mask_k[None, :]
-        q = _nibble_tile(qw_ptr, offs_n, mask_n, k0, k_end, N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+        if not PACKED:
+            q = _nibble_tile(qw_ptr, offs_n, mask_n, k0, k_end, N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         if not ROW_GROUPS:
             g = k0 // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
             zw = tl.load(qz_ptr + g * packed_n + offs_n // 8, mask=mask_n, other=0)
             z = ((zw >> zero_shift) & 0xF) + ZERO_OFFSET  # int32 [BLOCK_N]
             if USE_DOT:
-                w = _centered(q, z[:, None], x_ptr.dtype.element_ty, MAGIC)  # [BLOCK_N, BLOCK_K], exact
+                if PACKED:
+                    words = _nibble_words(qw_ptr, offs_n, mask_n, k0, k_end, N, BLOCK_K)
+                    w = _centered_words(words, z[:, None], x_ptr.dtype.element_ty, BLOCK_K)
+                else:
+                    w = _centered(q, z[:, None], x_ptr.dtype.element_ty, MAGIC)  # [BLOCK_N, BLOCK_K], exact
                 if SWAP_AB:
                     xt = tl.load(
                         x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
@@ -438,6 +512,14 @@ def w4a16_matmul(
     split_k = triton.cdiv(k, k_per_split)
     # A tile lies in one group when the group size is a multiple of the tile, or there is one group.
     row_groups = g_idx is not None or (group_size != -1 and group % block_k != 0)
+    packed = (
+        cfg.packed
+        and cfg.block_m >= DOT_MIN_M
+        and not row_groups
+        and x.dtype != torch.float32
+        and x.is_cuda
+        and not interpreting()
+    )
     dummy = qweight  # never read: a valid pointer for the unused optional arguments
     target = out if split_k == 1 else torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
@@ -461,6 +543,7 @@ def w4a16_matmul(
         HAS_BIAS=bias is not None and split_k == 1,
         WRITE_PARTIALS=split_k > 1,
         MAGIC=cfg.magic,
+        PACKED=packed,
         SWAP_AB=cfg.swap_ab,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,

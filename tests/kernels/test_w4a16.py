@@ -194,6 +194,7 @@ def test_sm90_lowering_keeps_words_out_of_dot_operand_layout(block_m, row_groups
     )
     constants.update(
         MAGIC=magic,
+        PACKED=False,
         SWAP_AB=False,
         BLOCK_M=block_m,
         BLOCK_N=32,
@@ -222,12 +223,52 @@ def test_sm90_one_row_multiplies_on_cuda_cores():
     ints = {name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")}
     constants = dict(ZERO_OFFSET=0, ROW_GROUPS=False, HAS_GIDX=False, HAS_BIAS=False, WRITE_PARTIALS=True)
     constants.update(
-        MAGIC=True, SWAP_AB=False, BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, DOT_PRECISION="tf32", NUM_STAGES=3
+        MAGIC=True,
+        PACKED=False,
+        SWAP_AB=False,
+        BLOCK_M=1,
+        BLOCK_N=64,
+        BLOCK_K=64,
+        DOT_PRECISION="tf32",
+        NUM_STAGES=3,
     )
     asm = compile_for_sm90(fn, {**pointers, **ints}, constants)
     assert "tt.dot" not in asm["ttgir"] and "mma" not in asm["ptx"]
     assert "fma.rn.f32" in asm["ptx"]
     assert "async_copy_global_to_local" in asm["ttgir"]  # tl.range's stages pipeline the weight loads
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles for sm_90; run in the parent session")
+@pytest.mark.parametrize("dtype,fma", [("bf16", "fma.rn.bf16x2"), ("fp16", "fma.rn.f16x2")])
+@pytest.mark.parametrize("swap_ab", [True, False])
+def test_sm90_packed_dequantization_lowering(swap_ab, dtype, fma):
+    """The packed path compiled for an H200: every word becomes its 8 values in the inline PTX (4 lop3
+    and 4 packed FMAs), none of the one-value-at-a-time conversion is left, and the words stay out of
+    the dot-operand layout (as above)."""
+    from nanovllm.kernels.w4a16 import _w4a16_kernel as fn
+
+    pointers = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", gidx_ptr="*i32")
+    pointers.update(bias_ptr=f"*{dtype}", out_ptr="*fp32")
+    ints = {name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")}
+    constants = dict(ZERO_OFFSET=1, ROW_GROUPS=False, HAS_GIDX=False, HAS_BIAS=False, WRITE_PARTIALS=True)
+    constants.update(
+        MAGIC=True,
+        PACKED=True,
+        SWAP_AB=swap_ab,
+        BLOCK_M=16,
+        BLOCK_N=64,
+        BLOCK_K=128,
+        DOT_PRECISION="tf32",
+        NUM_STAGES=3,
+    )
+    asm = compile_for_sm90(fn, {**pointers, **ints}, constants)
+    ptx, ttgir = asm["ptx"], asm["ttgir"]
+    assert fma in ptx and "lop3.b32" in ptx
+    # 4 packed FMAs per word, [64, 16] words over 128 threads (a pipelined loop may be peeled: multiples)
+    assert ptx.count(fma) % (8 * 4) == 0, ptx.count(fma)
+    assert "cvt.rn.bf16.s32" not in ptx and "tt.bitcast" not in ttgir
+    loads = [line for line in ttgir.splitlines() if "ttg.local_load" in line]
+    assert not [line for line in loads if "xi32" in line and "dot_op" in line.split("->")[-1]]
 
 
 def test_refuses_mismatched_shapes():
@@ -261,6 +302,22 @@ def test_refuses_mismatched_shapes():
 def test_8b_shapes_gpu(m, k, n):
     check(m, k, n, 128, torch.bfloat16)
     check(m, k, n, 128, torch.float16, act_order=m in (1, 1024))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_n,block_k,swap_ab", [(64, 128, True), (128, 64, True), (64, 256, False)])
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_packed_dequantization_gpu(m, block_n, block_k, swap_ab, dtype):
+    """The inline-PTX dequantization (only on a GPU) at several tiles, one K split and three, with zero
+    points stored plain and minus one."""
+    from nanovllm.kernels.w4a16 import W4A16Config
+
+    block_m = max(16, 1 << (m - 1).bit_length())
+    for split, zero_offset in ((1, 0), (3, 1)):
+        cfg = W4A16Config(block_m, block_n, block_k, split, 4, 3, swap_ab=swap_ab, packed=True)
+        check(m, 2560, 640, 256, dtype, zero_offset=zero_offset, config=cfg, seed=split)
 
 
 @pytest.mark.cuda
