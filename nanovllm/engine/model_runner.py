@@ -33,6 +33,13 @@ logger = logging.getLogger(__name__)
 # entry on the device while it lives: 1.4 MB at 151,936 tokens).
 MAX_PROCESSED_SEQS = 1 << 16
 
+# Prefill block tables are padded with -1 to a multiple of this many columns. Triton specializes an integer
+# argument on being 1 and on being divisible by 16, and the table's row stride (its width) is an argument
+# of the paged prefill kernel: unpadded, widths 1, 2-15 and multiples of 16 would be three compiled
+# variants, each compiled by the first step that meets it (seconds on a cold Triton cache, inside a timed
+# run). Padded, every width is one variant, which start-up compiles (`_warmup_cache_reads`).
+PREFILL_TABLE_COLUMNS = 16
+
 
 @dataclass(slots=True)
 class TokenLogprobs:
@@ -188,6 +195,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._warmup()
         self._allocate_kv_cache()
+        if self.device.type == "cuda":
+            self._warmup_cache_reads()
         if self.device.type == "cuda" and not config.enforce_eager:
             if self.backend.supports_cuda_graphs:
                 from nanovllm.engine.cuda_graph import CUDAGraphRunner
@@ -234,6 +243,25 @@ class ModelRunner:
         # memory still held in PyTorch's cache would be counted twice, as used and as peak.
         del hidden, logits
         torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def _warmup_cache_reads(self) -> None:
+        """Run one prefill step through the KV cache, so that the kernel variants only such a step uses
+        are compiled at start-up, not by the first step that needs them: `_warmup` runs before the cache
+        exists, so its prefill neither stores K/V (the cache-storing q/k-norm + rope) nor reads them back
+        (the paged prefill attention, which every prefill with an FP8 cache and every chunk after a
+        cached prefix runs). One sequence of two tokens in block 0, the first taken as cached; the
+        block is zeroed again afterwards."""
+        if self.config.max_model_len < 2 or self.kv_cache.numel() == 0:
+            return
+        from nanovllm.sampling_params import SamplingParams
+
+        seq = Sequence(-1, [0, 0], SamplingParams(), self.block_size)
+        seq.block_table = [0]
+        seq.num_computed_tokens = 1
+        self.run(ScheduledBatch("prefill", [seq], [1]))
+        cache = self.kv_cache.view(torch.uint8) if self.kv_cache.element_size() == 1 else self.kv_cache
+        cache[:, :, 0].zero_()
 
     def _bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
@@ -362,12 +390,17 @@ class ModelRunner:
             cu_seqlens_k=self._to_device(cu_k, torch.int32),
             max_seqlen_q=max(seqlens_q),
             max_seqlen_k=max(seqlens_k),
-            block_tables=self.block_tables_tensor(batch.seqs) if reads_cache else None,
+            block_tables=self._prefill_block_tables(batch.seqs) if reads_cache else None,
             seqlens_q=seqlens_q,
             seqlens_k=seqlens_k,
             rope_lengths=self._to_device(lengths, torch.int64) if self.rope_needs_lengths else None,
         )
         return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), meta
+
+    def _prefill_block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The block tables of a prefill step, -1 padded to a multiple of PREFILL_TABLE_COLUMNS columns."""
+        width = max(len(seq.block_table) for seq in seqs)
+        return self.block_tables_tensor(seqs, -(-width // PREFILL_TABLE_COLUMNS) * PREFILL_TABLE_COLUMNS)
 
     def _prefill_reads_cache(self) -> bool:
         """An FP8 cache is read back in every prefill (not only with a cached prefix), so a prompt's
