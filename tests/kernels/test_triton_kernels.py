@@ -439,6 +439,17 @@ def test_prefill_matches_decode_for_last_token() -> None:
     torch.testing.assert_close(out[last], decoded, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.125])
+def test_prefill_refuses_a_scale_that_is_not_positive(scale: float) -> None:
+    """The kernel takes its row maxima of the unscaled scores, which only a positive scale preserves."""
+    from nanovllm.kernels.paged_attention import prefill_attention
+
+    q = k = v = torch.zeros(4, 2, 64, device=DEVICE)
+    cu = cu_seqlens([4])
+    with pytest.raises(ValueError, match="must be positive"):
+        prefill_attention(q, k, v, cu, cu, 4, 4, scale)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Truncation thresholds (top-k, top-p, min-p without a sort)
 # ---------------------------------------------------------------------------------------------------------
