@@ -225,10 +225,11 @@ def _centered_words(words, z, dtype: tl.constexpr, BLOCK_K: tl.constexpr):
     else:
         neg = z * 65537 - 469703680  # -(1024 + z) in both fp16 halves: 0xE400E400 + z * 0x10001
         n0, n4, n1, n5, n2, n6, n3, n7 = _packed_dequant(words, neg, dtype, _DEQUANT_FP16)
-    # join stacks along a new last axis: [..., 2, 2, 2] indexed 4c + 2b + a holds nibble 4c + 2b + a
-    low = tl.join(tl.join(n0, n1), tl.join(n2, n3))
-    high = tl.join(tl.join(n4, n5), tl.join(n6, n7))
-    return tl.reshape(tl.join(low, high), (words.shape[0], BLOCK_K))
+    # join(a, b) stacks along a new last axis, so the outermost join picks the lowest bit of the position
+    # in [..., 2, 2, 2]: even nibbles first, then bit 1, and the innermost join (the asm's pairs) bit 2.
+    even = tl.join(tl.join(n0, n4), tl.join(n2, n6))
+    odd = tl.join(tl.join(n1, n5), tl.join(n3, n7))
+    return tl.reshape(tl.join(even, odd), (words.shape[0], BLOCK_K))
 
 
 @triton.jit
