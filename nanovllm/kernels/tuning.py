@@ -36,12 +36,13 @@ class PrefillConfig(NamedTuple):
     num_stages: int
 
 
-# benchmarks/tune_prefill.py on an H200, 2026-12-02 (results/2026-12-02f_h200_tune_prefill_be30b26.json):
-# bf16, head_dim 128, block 256. 4 warps and 2 stages beat the defaults (8 warps, 3 stages) on every shape:
-# 16 prompts of 100-1024 tokens 185 -> 202 TFLOP/s, a 16K chunk after 57K or 114K cached tokens 295 -> 365
-# (1.24x), the first 16K chunk 395 -> 401. 128 x 128 tiles at 8 warps and 2 stages are 2% faster on
-# the cached chunks but 12% slower on the batch of short prompts.
-PREFILL_CONFIGS: dict[str, PrefillConfig] = {"H200": PrefillConfig(128, 64, 4, 2)}
+# benchmarks/tune_prefill.py on an H200 (results/2026-12-03_h200_tune_prefill.txt): bf16, head_dim 128,
+# block 256. With the loop of b3040b2 (raw-score row max, tile pointers), 128 x 128 tiles at 8 warps and
+# 2 stages beat the earlier row (128 x 64, 4 warps, 2 stages: 203 / 402 / 371 TFLOP/s on 16 short prompts
+# / the first 16K chunk / a 16K chunk after 57K cached, with the old loop) at 194 / 456 / 388; a whole
+# 128K prompt's attention 195 -> 179 ms a layer. The new loop at 4 warps spills on contiguous keys (92 /
+# 152 / 350).
+PREFILL_CONFIGS: dict[str, PrefillConfig] = {"H200": PrefillConfig(128, 128, 8, 2)}
 
 
 def _entry(table: dict, device: torch.device):

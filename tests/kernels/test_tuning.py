@@ -32,9 +32,9 @@ def test_decode_launch_falls_back_where_the_table_does_not_apply(monkeypatch) ->
 def test_prefill_config_by_device_name_and_its_fallbacks(monkeypatch) -> None:
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA H200")
-    assert tuning.prefill_config(cuda) == tuning.PrefillConfig(128, 64, 4, 2)
-    assert pa._prefill_config(128, torch.bfloat16, cuda) == (128, 64, 4, 2)
-    assert pa._prefill_config(128, torch.float16, cuda) == (128, 64, 4, 2)
+    assert tuning.prefill_config(cuda) == tuning.PrefillConfig(128, 128, 8, 2)
+    assert pa._prefill_config(128, torch.bfloat16, cuda) == (128, 128, 8, 2)
+    assert pa._prefill_config(128, torch.float16, cuda) == (128, 128, 8, 2)
     defaults_64 = (pa.PREFILL_BLOCK_M, pa.PREFILL_BLOCK_N, pa.PREFILL_NUM_WARPS[64], pa.PREFILL_NUM_STAGES)
     assert pa._prefill_config(64, torch.bfloat16, cuda) == defaults_64  # measured at head_dim 128 only
     fp32 = (
