@@ -175,6 +175,21 @@ def test_empty_batch():
     assert y.shape == (0, 16)
 
 
+def compile_w4a16_for_sm90(x="bf16", out="bf16", **constants) -> dict:
+    """`_w4a16_kernel` compiled for an H200 (see compile_for_sm90) with activations of type `x`, output
+    (or fp32 partials) of type `out` and these constexprs (defaults: one group per tile, no g_idx, no
+    bias, no partials, the magic conversion unpacked, BLOCK_M 16, BLOCK_N 32, BLOCK_K 128, 2 stages)."""
+    from nanovllm.kernels.w4a16 import _w4a16_kernel
+
+    signature = dict(x_ptr=f"*{x}", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", gidx_ptr="*i32")
+    signature.update(bias_ptr=f"*{x}", out_ptr=f"*{out}")
+    signature.update({name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")})
+    defaults = dict(ZERO_OFFSET=1, ROW_GROUPS=False, HAS_GIDX=False, HAS_BIAS=False, WRITE_PARTIALS=False)
+    defaults.update(MAGIC=True, PACKED=False, SWAP_AB=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
+    defaults.update(DOT_PRECISION="tf32", NUM_STAGES=2)
+    return compile_for_sm90(_w4a16_kernel, signature, {**defaults, **constants})
+
+
 @pytest.mark.skipif(INTERPRET, reason="compiles for sm_90; run in the parent session")
 @pytest.mark.parametrize("magic", [True, False])
 @pytest.mark.parametrize("row_groups", [False, True])
@@ -184,55 +199,27 @@ def test_sm90_lowering_keeps_words_out_of_dot_operand_layout(block_m, row_groups
     dot-operand layout, and the 16-bit magic conversion lowers to byte permutes, not int-to-float
     conversions. An earlier kernel (raw nibbles dotted, zeros subtracted after) lowered the qweight
     words into a dot operand ([16, 32] tiles gave 35% errors on the H200 while the interpreter passed)."""
-    from nanovllm.kernels.w4a16 import _w4a16_kernel as fn
-
-    pointers = dict(x_ptr="*bf16", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", gidx_ptr="*i32")
-    pointers.update(bias_ptr="*bf16", out_ptr="*bf16")
-    ints = {name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")}
-    constants = dict(
-        ZERO_OFFSET=1, ROW_GROUPS=row_groups, HAS_GIDX=False, HAS_BIAS=True, WRITE_PARTIALS=False
-    )
-    constants.update(
-        MAGIC=magic,
-        PACKED=False,
-        SWAP_AB=False,
-        BLOCK_M=block_m,
-        BLOCK_N=32,
-        BLOCK_K=128,
-        DOT_PRECISION="tf32",
-        NUM_STAGES=2,
-    )
-    asm = compile_for_sm90(fn, {**pointers, **ints}, constants)
+    asm = compile_w4a16_for_sm90(ROW_GROUPS=row_groups, HAS_BIAS=True, MAGIC=magic, BLOCK_M=block_m)
     ttgir = asm["ttgir"]
     assert "tt.dot" in ttgir or "warp_group_dot" in ttgir  # mma.sync at 16 rows, wgmma at 64
-    loads = [line for line in ttgir.splitlines() if "ttg.local_load" in line]
-    bad = [line.strip() for line in loads if "xi32" in line and "dot_op" in line.split("->")[-1]]
-    assert not bad, bad
+    assert not words_in_dot_operand_layout(ttgir)
     if magic and not row_groups:  # the tile becomes bf16 by or + bitcast + subtract, no cvt from s32
         assert "cvt.rn.bf16.s32" not in asm["ptx"] and "tt.bitcast" in ttgir
+
+
+def words_in_dot_operand_layout(ttgir: str) -> list[str]:
+    """The shared-memory loads of int32 tensors straight into a dot-operand layout."""
+    loads = [line.strip() for line in ttgir.splitlines() if "ttg.local_load" in line]
+    return [line for line in loads if "xi32" in line and "dot_op" in line.split("->")[-1]]
 
 
 @pytest.mark.skipif(INTERPRET, reason="compiles for sm_90; run in the parent session")
 def test_sm90_one_row_multiplies_on_cuda_cores():
     """BLOCK_M 1 (a single decode stream) compiles to fused multiply-adds, no tensor-core instruction,
     with the weight loads software-pipelined (a plain `range` loop without a dot is not)."""
-    from nanovllm.kernels.w4a16 import _w4a16_kernel as fn
-
-    pointers = dict(x_ptr="*bf16", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", gidx_ptr="*i32")
-    pointers.update(bias_ptr="*bf16", out_ptr="*fp32")
-    ints = {name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")}
-    constants = dict(ZERO_OFFSET=0, ROW_GROUPS=False, HAS_GIDX=False, HAS_BIAS=False, WRITE_PARTIALS=True)
-    constants.update(
-        MAGIC=True,
-        PACKED=False,
-        SWAP_AB=False,
-        BLOCK_M=1,
-        BLOCK_N=64,
-        BLOCK_K=64,
-        DOT_PRECISION="tf32",
-        NUM_STAGES=3,
+    asm = compile_w4a16_for_sm90(
+        out="fp32", ZERO_OFFSET=0, WRITE_PARTIALS=True, BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, NUM_STAGES=3
     )
-    asm = compile_for_sm90(fn, {**pointers, **ints}, constants)
     assert "tt.dot" not in asm["ttgir"] and "mma" not in asm["ptx"]
     assert "fma.rn.f32" in asm["ptx"]
     assert "async_copy_global_to_local" in asm["ttgir"]  # tl.range's stages pipeline the weight loads
@@ -245,30 +232,15 @@ def test_sm90_packed_dequantization_lowering(swap_ab, dtype, fma):
     """The packed path compiled for an H200: every word becomes its 8 values in the inline PTX (4 lop3
     and 4 packed FMAs), none of the one-value-at-a-time conversion is left, and the words stay out of
     the dot-operand layout (as above)."""
-    from nanovllm.kernels.w4a16 import _w4a16_kernel as fn
-
-    pointers = dict(x_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", gidx_ptr="*i32")
-    pointers.update(bias_ptr=f"*{dtype}", out_ptr="*fp32")
-    ints = {name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")}
-    constants = dict(ZERO_OFFSET=1, ROW_GROUPS=False, HAS_GIDX=False, HAS_BIAS=False, WRITE_PARTIALS=True)
-    constants.update(
-        MAGIC=True,
-        PACKED=True,
-        SWAP_AB=swap_ab,
-        BLOCK_M=16,
-        BLOCK_N=64,
-        BLOCK_K=128,
-        DOT_PRECISION="tf32",
-        NUM_STAGES=3,
+    asm = compile_w4a16_for_sm90(
+        x=dtype, out="fp32", WRITE_PARTIALS=True, PACKED=True, SWAP_AB=swap_ab, BLOCK_N=64, NUM_STAGES=3
     )
-    asm = compile_for_sm90(fn, {**pointers, **ints}, constants)
     ptx, ttgir = asm["ptx"], asm["ttgir"]
     assert fma in ptx and "lop3.b32" in ptx
     # 4 packed FMAs per word, [64, 16] words over 128 threads (a pipelined loop may be peeled: multiples)
     assert ptx.count(fma) % (8 * 4) == 0, ptx.count(fma)
     assert "cvt.rn.bf16.s32" not in ptx and "tt.bitcast" not in ttgir
-    loads = [line for line in ttgir.splitlines() if "ttg.local_load" in line]
-    assert not [line for line in loads if "xi32" in line and "dot_op" in line.split("->")[-1]]
+    assert not words_in_dot_operand_layout(ttgir)
 
 
 def test_refuses_mismatched_shapes():
