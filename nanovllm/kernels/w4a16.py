@@ -14,7 +14,8 @@ the group size; one group per channel always does) the tile is dequantized to th
 q - z (-16..15, which every float dtype holds), dotted with x, and the product scaled per column:
 sum_k x_k (q_kn - z_n) s_n = s_n sum_k x_k (q_kn - z_n). q - z is made without an int-to-float
 conversion: a nibble or'ed into the low mantissa bits of a power of two 2^p (2^23 in fp32, 1024 in fp16,
-128 in bf16) is the float 2^p + q, and (2^p + q) - (2^p + z) is exact. Otherwise (groups smaller than the
+128 in bf16) is the float 2^p + q, and (2^p + q) - (2^p + z) is exact. On a CUDA device the tl.dot path
+does this two values per instruction in inline PTX (`_centered_words`). Otherwise (groups smaller than the
 tile, GPTQ act-order groups gathered through `g_idx`) every row takes its own scale and zero, and the
 dequantized weights are rounded to x's dtype before the dot.
 
