@@ -207,6 +207,9 @@ def _dequant_asm(magic: int, one: int, fma: str) -> str:
 
 _DEQUANT_BF16 = tl.constexpr(_dequant_asm(0x4300, 0x3F80, "fma.rn.bf16x2"))  # 128 and 1.0 in bf16
 _DEQUANT_FP16 = tl.constexpr(_dequant_asm(0x6400, 0x3C00, "fma.rn.f16x2"))  # 1024 and 1.0 in fp16
+# Its operands: the 8 values out (nibbles 0, 4, 1, 5, 2, 6, 3, 7: the halves of the 4 packed results),
+# the word and -(2^p + z) in both halves in.
+_DEQUANT_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r")
 
 
 @triton.jit
@@ -221,30 +224,24 @@ def _centered_words(words, z, dtype: tl.constexpr, BLOCK_K: tl.constexpr):
     shifted by 4, 8 and 12 gives nibbles 1 and 5, 2 and 6, 3 and 7: 3 shifts, 4 lop3 and 4 packed FMAs
     make 8 values, where one value at a time takes about 4 instructions."""
     if dtype == tl.bfloat16:
-        neg = z * 65537 - 1023360256  # -(128 + z) in both bf16 halves: 0xC300C300 + z * 0x10001
-        n0, n4, n1, n5, n2, n6, n3, n7 = _packed_dequant(words, neg, dtype, _DEQUANT_BF16)
+        neg = tl.broadcast_to(
+            z * 65537 - 1023360256, words.shape
+        )  # -(128 + z) twice: 0xC300C300 + z * 0x10001
+        n0, n4, n1, n5, n2, n6, n3, n7 = tl.inline_asm_elementwise(
+            _DEQUANT_BF16, _DEQUANT_CONSTRAINTS, [words, neg], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
+        )
     else:
-        neg = z * 65537 - 469703680  # -(1024 + z) in both fp16 halves: 0xE400E400 + z * 0x10001
-        n0, n4, n1, n5, n2, n6, n3, n7 = _packed_dequant(words, neg, dtype, _DEQUANT_FP16)
+        neg = tl.broadcast_to(
+            z * 65537 - 469703680, words.shape
+        )  # -(1024 + z) twice: 0xE400E400 + z * 0x10001
+        n0, n4, n1, n5, n2, n6, n3, n7 = tl.inline_asm_elementwise(
+            _DEQUANT_FP16, _DEQUANT_CONSTRAINTS, [words, neg], dtype=(tl.float16,) * 8, is_pure=True, pack=1
+        )
     # join(a, b) stacks along a new last axis, so the outermost join picks the lowest bit of the position
     # in [..., 2, 2, 2]: even nibbles first, then bit 1, and the innermost join (the asm's pairs) bit 2.
     even = tl.join(tl.join(n0, n4), tl.join(n2, n6))
     odd = tl.join(tl.join(n1, n5), tl.join(n3, n7))
     return tl.reshape(tl.join(even, odd), (words.shape[0], BLOCK_K))
-
-
-@triton.jit
-def _packed_dequant(words, neg, dtype: tl.constexpr, ASM: tl.constexpr):
-    """`ASM` (of `_dequant_asm`) on every word: its 8 values, in the order nibble 0, 4, 1, 5, 2, 6, 3, 7."""
-    neg = tl.broadcast_to(neg, words.shape)
-    if dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise(
-            ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, neg], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
-        )
-    else:
-        return tl.inline_asm_elementwise(
-            ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, neg], dtype=(tl.float16,) * 8, is_pure=True, pack=1
-        )
 
 
 @triton.jit
