@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from nanovllm.kernels.w4a16 import DECODE_MAX_M, DEQUANT_MIN_M, W4A16Config, default_config, w4a16_matmul
+from nanovllm.kernels.w4a16 import (
+    DECODE_MAX_M,
+    DEQUANT_MIN_M,
+    GEMV_MAX_M,
+    W4A16Config,
+    default_config,
+    w4a16_matmul,
+)
 from nanovllm.quantization.int4_utils import dequantize_int4, pack_int4
 
 # Qwen3-8B: hidden 4096, intermediate 12288, 32 query heads and 8 KV heads of 128.
@@ -117,14 +124,24 @@ def run_shape(name: str, m: int, layer, copy: float, gen: torch.Generator) -> Ro
     return Row(name, m, t4, t16, t16 / t4, tbps, tbps / copy, tflops, str(asdict(cfg)), tiled)
 
 
-def sweep_configs(m: int, k: int) -> list[W4A16Config]:
-    """Decode: split-K grids, on CUDA cores (one row) and with tl.dot (BLOCK_M 16 or more, the weight
-    tile as the first operand, the packed dequantization; the unpacked one at DECODE_BLOCK_N x
-    DECODE_BLOCK_K for comparison); prefill: tile shapes without a split."""
+def gemv_configs(m: int) -> list[W4A16Config]:
+    """The CUDA-core GEMV's split-K grid at m rows (1, 2 or 4 a program)."""
+    rows = 1 if m == 1 else (2 if m == 2 else 4)
+    grid = itertools.product((128, 256, 512), (32, 64, 128), (1, 4, 8, 16), (1, 2))
+    return [W4A16Config(rows, bn, bk, split, 4, stages, gemv=True) for bn, bk, split, stages in grid]
+
+
+def sweep_configs(m: int, k: int, families: str = "all") -> list[W4A16Config]:
+    """Decode: split-K grids, the GEMV (up to GEMV_MAX_M rows), on CUDA cores in the tiled kernel (one
+    row) and with tl.dot (BLOCK_M 16 or more, the weight tile as the first operand, the packed
+    dequantization; the unpacked one at DECODE_BLOCK_N x DECODE_BLOCK_K for comparison); prefill: tile
+    shapes without a split. `families` "gemv": the GEMV's grid only."""
     if m > DECODE_MAX_M:
         grid = itertools.product((64, 128), (128, 256), (64, 128), (4, 8))
         return [W4A16Config(bm, bn, bk, 1, warps, 3) for bm, bn, bk, warps in grid]
-    configs = []
+    configs = gemv_configs(m) if m <= GEMV_MAX_M else []
+    if families == "gemv":
+        return [c for c in configs if k // c.split_k >= c.block_k]
     block_m = max(16, triton.next_power_of_2(m))
     if m == 1:
         for bn, bk, split in itertools.product((64, 128), (64, 128), (4, 8, 16)):
@@ -136,7 +153,7 @@ def sweep_configs(m: int, k: int) -> list[W4A16Config]:
     return [c for c in configs if k // c.split_k >= c.block_k]
 
 
-def sweep(copy: float, gen: torch.Generator, rows: list[int]) -> list[dict]:
+def sweep(copy: float, gen: torch.Generator, rows: list[int], families: str = "all") -> list[dict]:
     """Time a grid of configurations at the decode shapes; print the best few per shape."""
     results = []
     for name in SWEEP_SHAPES:
@@ -146,7 +163,7 @@ def sweep(copy: float, gen: torch.Generator, rows: list[int]) -> list[dict]:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen)
             want = x.float() @ weight.float().t()
             timings = []
-            for cfg in sweep_configs(m, k):
+            for cfg in sweep_configs(m, k, families):
 
                 def launch(cfg=cfg, x=x, layer=(qweight, qzeros, scales)):
                     return w4a16_matmul(x, *layer, GROUP_SIZE, 0, config=cfg)
@@ -164,8 +181,9 @@ def sweep(copy: float, gen: torch.Generator, rows: list[int]) -> list[dict]:
             timings.sort(key=lambda r: r[0])
             print(f"sweep {name} m={m}: best of {len(timings)}")
             families = {
-                "cuda cores": lambda c: c.block_m == 1,
-                "unpacked": lambda c: c.block_m > 1 and not c.packed,
+                "gemv": lambda c: c.gemv,
+                "cuda cores": lambda c: c.block_m == 1 and not c.gemv,
+                "unpacked": lambda c: c.block_m > 1 and not c.packed and not c.gemv,
             }
             shown = timings[:5] + [next((r for r in timings if f(r[1])), None) for f in families.values()]
             for i, row in enumerate(shown):
@@ -188,6 +206,7 @@ def main() -> None:
     parser.add_argument(
         "--sweep-m", default=",".join(map(str, SWEEP_M + [SWEEP_PREFILL_M])), help="rows the sweep times"
     )
+    parser.add_argument("--sweep-family", default="all", choices=("all", "gemv"), help="configurations swept")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_w4a16.py needs a CUDA GPU")
@@ -216,7 +235,9 @@ def main() -> None:
         f"goal (>= 75% of copy at M 1-16, 4096x12288 and 12288x4096): worst {worst.frac_of_copy:.0%} "
         f"({worst.shape}, M={worst.m})"
     )
-    sweep_rows = sweep(copy, gen, [int(m) for m in args.sweep_m.split(",")]) if args.sweep else []
+    sweep_rows = (
+        sweep(copy, gen, [int(m) for m in args.sweep_m.split(",")], args.sweep_family) if args.sweep else []
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -54,6 +54,16 @@ CUDA_CORE_BLOCK_K = 64
 CUDA_CORE_PROGRAMS_PER_SM = 8
 CUDA_CORE_NUM_WARPS = 4
 CUDA_CORE_NUM_STAGES = 4
+# Up to GEMV_MAX_M rows (a tile in one group, no act-order g_idx) the CUDA-core GEMV `_w4a16_gemv_kernel`
+# runs instead: words straight into registers (no shared-memory staging), 2 instructions per weight to
+# make q - z, one fused multiply-add per weight and row. Rows per program by batch: GEMV_ROWS.
+GEMV_MAX_M = 4
+GEMV_BLOCK_N = 512
+GEMV_BLOCK_R = {1: 16, 2: 8, 4: 4}  # word rows per loop iteration (8 input rows each), by rows per program
+GEMV_NUM_WARPS = 4
+GEMV_NUM_STAGES = 1
+GEMV_PROGRAMS_PER_SM = 4
+GEMV_MIN_K_PER_SPLIT = 256
 # Rows of x up to which a launch is a decode launch (split-K, BLOCK_M the next power of two >= 16).
 # The weight tile as the dot's first operand (output columns in the MMA's M) measured 36 us against 39-55
 # for the x-first order at M 4-16.
@@ -106,7 +116,8 @@ class W4A16Config:
     input rows per loop iteration, a power of two >= 16; `magic`: the conversion of `_centered`;
     `swap_ab`: the dot takes the weight tile as its first operand (output columns in the MMA's M);
     `packed`: `_centered_words` dequantizes two values per instruction in inline PTX where it can (a
-    CUDA device, 16-bit activations, a tile in one group, tl.dot)."""
+    CUDA device, 16-bit activations, a tile in one group, tl.dot); `gemv`: `_w4a16_gemv_kernel`
+    (`block_m` 1, 2 or 4 rows per program, `block_k` a power of two >= 8 inside one group)."""
 
     block_m: int
     block_n: int
@@ -117,6 +128,7 @@ class W4A16Config:
     magic: bool = MAGIC_CONVERT
     swap_ab: bool = False
     packed: bool = PACKED_DEQUANT
+    gemv: bool = False
 
 
 @functools.cache
@@ -128,20 +140,41 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _fit_group(block_k: int, group: int) -> int:
-    """The K tile, shrunk (not below MIN_BLOCK_K) until it divides the group where that is possible, so
+def _fit_group(block_k: int, group: int, smallest: int = MIN_BLOCK_K) -> int:
+    """The K tile, shrunk (not below `smallest`) until it divides the group where that is possible, so
     that every tile lies in one group."""
-    while block_k > MIN_BLOCK_K and group % block_k:
+    while block_k > smallest and group % block_k:
         block_k //= 2
     return block_k
 
 
+def _splits(tiles: int, per_sm: int, k: int, min_k: int, device: torch.device) -> int:
+    """Split-K: enough programs for `per_sm` on every SM, each with at least `min_k` input rows."""
+    if device.type == "cuda":
+        wanted = max(1, per_sm * _sm_count(device.index or 0) // tiles)
+    else:
+        wanted = DECODE_DEFAULT_SPLITS_CPU
+    return max(1, min(wanted, k // min_k))
+
+
 def default_config(
-    m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, group: int | None = None
+    m: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    group: int | None = None,
+    act_order: bool = False,
 ) -> W4A16Config:
     """The launch configuration for x [m, k] times a 4-bit [k, n] weight (shapes only); `group`: input
-    rows per scale group (None or k: one group)."""
+    rows per scale group (None or k: one group); `act_order`: groups read from g_idx."""
     group = k if group is None or group == -1 else group
+    if m <= GEMV_MAX_M and not act_order:
+        rows = 1 if m == 1 else (2 if m == 2 else 4)
+        block_k = _fit_group(8 * GEMV_BLOCK_R[rows], group, smallest=8)
+        tiles = triton.cdiv(n, GEMV_BLOCK_N) * triton.cdiv(m, rows)
+        split = _splits(tiles, GEMV_PROGRAMS_PER_SM, k, max(GEMV_MIN_K_PER_SPLIT, block_k), device)
+        return W4A16Config(rows, GEMV_BLOCK_N, block_k, split, GEMV_NUM_WARPS, GEMV_NUM_STAGES, gemv=True)
     if m > DECODE_MAX_M:
         large = m >= 4 * PREFILL_BLOCK_M_LARGE
         block_n, block_k = PREFILL_BLOCK_N, PREFILL_BLOCK_K
@@ -166,11 +199,7 @@ def default_config(
         swap = DECODE_SWAP_AB
     block_k = _fit_group(block_k, group)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    if device.type == "cuda":
-        wanted = max(1, per_sm * _sm_count(device.index or 0) // tiles)
-    else:
-        wanted = DECODE_DEFAULT_SPLITS_CPU
-    split = max(1, min(wanted, k // max(DECODE_MIN_K_PER_SPLIT, block_k)))
+    split = _splits(tiles, per_sm, k, max(DECODE_MIN_K_PER_SPLIT, block_k), device)
     return W4A16Config(block_m, block_n, block_k, split, warps, stages, swap_ab=swap)
 
 
@@ -407,6 +436,128 @@ def _w4a16_kernel(
 
 
 @triton.jit
+def _nibble_minus_zero(words, i: tl.constexpr, z):
+    """q_i - z exactly in fp32 for nibble i of every int32 word (z: fp32 zero points, broadcastable).
+
+    The nibble is masked in place and or'ed into the bits of 2^23 (one lop3): the float 2^23 + q 2^e,
+    e = 4i (nibbles 0-4 lie inside the 23-bit mantissa; 5-7 after one shift of the word by 12, at e 8-16),
+    and one fma by 2^-e with -(2^(23-e) + z) leaves q - z (every step exact)."""
+    if i < 5:
+        bits = (words & (0xF << (4 * i))) | 0x4B000000
+        inv = 1.0 / (1 << (4 * i))
+    else:
+        bits = ((words >> 12) & (0xF << (4 * (i - 3)))) | 0x4B000000
+        inv = 1.0 / (1 << (4 * (i - 3)))
+    return bits.to(tl.float32, bitcast=True) * inv - (8388608.0 * inv + z)
+
+
+@triton.jit
+def _gemv_products(w, x_row, k0, rows, i: tl.constexpr, mask_r, EVEN_K: tl.constexpr):
+    """w [BLOCK_R, BLOCK_N] times x[k0 + 8r + i] along its rows (fp32)."""
+    if EVEN_K:
+        xi = tl.load(x_row + k0 + 8 * rows + i)
+    else:
+        xi = tl.load(x_row + k0 + 8 * rows + i, mask=mask_r, other=0.0)
+    return w * xi.to(tl.float32)[:, None]
+
+
+@triton.jit
+def _gemv_store(out_ptr, acc, bias_ptr, row, M, N, offs_n, mask_n, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    mask = mask_n & (tl.full(offs_n.shape, row, tl.int32) < M)
+    tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr,  # [M, K], rows stride_xm apart
+    qw_ptr,  # int32 [K / 8, N]
+    qz_ptr,  # int32 [G, N / 8]
+    s_ptr,  # [G, N]
+    bias_ptr,  # [N] (read only with HAS_BIAS)
+    out_ptr,  # [M, N] in x's dtype, or fp32 partials [splits, M, N] with WRITE_PARTIALS
+    M,
+    N,
+    K,
+    group_size,
+    k_per_split,
+    stride_xm,
+    ZERO_OFFSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WRITE_PARTIALS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no row masks
+    BLOCK_M: tl.constexpr,  # rows of x per program: 1, 2 or 4
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # word rows per iteration (BLOCK_K = 8 BLOCK_R inside one group)
+    NUM_STAGES: tl.constexpr,
+):
+    """A few rows of x on CUDA cores. Every thread holds whole columns of the [BLOCK_R, BLOCK_N] word tile
+    (the columns contiguous in memory, loaded straight into registers), so the products of all 8 nibbles
+    accumulate in place and the sum over the tile's rows stays inside the thread; the group's scale
+    multiplies that sum once per iteration (the tile lies in one group). One accumulator per row of x,
+    written out (the rows past M read row M - 1 and are not stored)."""
+    pid_mn = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid_mn // num_n
+    pid_n = pid_mn % num_n
+    BLOCK_K: tl.constexpr = 8 * BLOCK_R
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.arange(0, BLOCK_R)
+    zero_shift = (offs_n % 8) * 4
+    row0 = pid_m * BLOCK_M
+    x0 = x_ptr + row0 * stride_xm
+    x1 = x_ptr + tl.minimum(row0 + 1, M - 1) * stride_xm
+    x2 = x_ptr + tl.minimum(row0 + 2, M - 1) * stride_xm
+    x3 = x_ptr + tl.minimum(row0 + 3, M - 1) * stride_xm
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        word_rows = k0 // 8 + rows
+        mask_r = word_rows * 8 < k_end
+        if EVEN_K:
+            mask_w = mask_n[None, :]
+        else:
+            mask_w = mask_r[:, None] & mask_n[None, :]
+        words = tl.load(qw_ptr + word_rows[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+        g = k0 // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        zw = tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=mask_n, other=0)
+        z = (((zw >> zero_shift) & 0xF) + ZERO_OFFSET).to(tl.float32)[None, :]
+        p0 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        p1 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        p2 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        p3 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for i in tl.static_range(8):
+            w = _nibble_minus_zero(words, i, z)  # [BLOCK_R, BLOCK_N]
+            p0 += _gemv_products(w, x0, k0, rows, i, mask_r, EVEN_K)
+            if BLOCK_M > 1:
+                p1 += _gemv_products(w, x1, k0, rows, i, mask_r, EVEN_K)
+            if BLOCK_M > 2:
+                p2 += _gemv_products(w, x2, k0, rows, i, mask_r, EVEN_K)
+                p3 += _gemv_products(w, x3, k0, rows, i, mask_r, EVEN_K)
+        acc0 += tl.sum(p0, axis=0) * s
+        if BLOCK_M > 1:
+            acc1 += tl.sum(p1, axis=0) * s
+        if BLOCK_M > 2:
+            acc2 += tl.sum(p2, axis=0) * s
+            acc3 += tl.sum(p3, axis=0) * s
+    out = out_ptr + pid_k * M * N if WRITE_PARTIALS else out_ptr
+    _gemv_store(out, acc0, bias_ptr, row0, M, N, offs_n, mask_n, HAS_BIAS)
+    if BLOCK_M > 1:
+        _gemv_store(out, acc1, bias_ptr, row0 + 1, M, N, offs_n, mask_n, HAS_BIAS)
+    if BLOCK_M > 2:
+        _gemv_store(out, acc2, bias_ptr, row0 + 2, M, N, offs_n, mask_n, HAS_BIAS)
+        _gemv_store(out, acc3, bias_ptr, row0 + 3, M, N, offs_n, mask_n, HAS_BIAS)
+
+
+@triton.jit
 def _split_k_reduce_kernel(
     part_ptr,  # fp32 [splits, M, N]
     bias_ptr,  # [N]
@@ -497,16 +648,18 @@ def w4a16_matmul(
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return out
-    cfg = config or default_config(m, n, k, x.dtype, x.device, group)
+    cfg = config or default_config(m, n, k, x.dtype, x.device, group, act_order=g_idx is not None)
     block_k = cfg.block_k
+    if g_idx is None and group_size != -1 and group % 8:
+        raise ValueError(f"w4a16_matmul: group size {group_size} is not a multiple of 8")
+    if cfg.gemv:
+        return _gemv(x, qweight, qzeros, scales, group, zero_offset, g_idx, bias, cfg, out)
     if block_k < MIN_BLOCK_K or block_k & (block_k - 1):
         raise ValueError(f"w4a16_matmul: block_k must be a power of two >= {MIN_BLOCK_K}, got {block_k}")
     if cfg.block_m != 1 and (cfg.block_m < DOT_MIN_M or cfg.block_m & (cfg.block_m - 1)):
         raise ValueError(
             f"w4a16_matmul: block_m must be 1 or a power of two >= {DOT_MIN_M}, got {cfg.block_m}"
         )
-    if g_idx is None and group_size != -1 and group % 8:
-        raise ValueError(f"w4a16_matmul: group size {group_size} is not a multiple of 8")
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
     # A tile lies in one group when the group size is a multiple of the tile, or there is one group.
@@ -553,16 +706,79 @@ def w4a16_matmul(
         num_stages=cfg.num_stages,
     )
     if split_k > 1:
-        _split_k_reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK_N))](
-            target,
-            bias if bias is not None else dummy,
-            out,
-            m,
-            n,
-            split_k,
-            HAS_BIAS=bias is not None,
-            BLOCK_N=REDUCE_BLOCK_N,
+        _reduce_splits(target, bias, out)
+    return out
+
+
+def _reduce_splits(partials: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """out = the sum of fp32 partials [splits, M, N] in a fixed order (+ bias)."""
+    splits, m, n = partials.shape
+    _split_k_reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK_N))](
+        partials,
+        bias if bias is not None else partials,
+        out,
+        m,
+        n,
+        splits,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=REDUCE_BLOCK_N,
+    )
+
+
+def _gemv(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    group: int,
+    zero_offset: int,
+    g_idx: Tensor | None,
+    bias: Tensor | None,
+    cfg: W4A16Config,
+    out: Tensor,
+) -> Tensor:
+    """`w4a16_matmul` through `_w4a16_gemv_kernel` (shapes checked there; `group`: rows per group)."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    if g_idx is not None:
+        raise ValueError("w4a16_matmul: the gemv configuration cannot read act-order groups (g_idx)")
+    if cfg.block_m not in (1, 2, 4):
+        raise ValueError(f"w4a16_matmul: a gemv configuration takes 1, 2 or 4 rows, got {cfg.block_m}")
+    if cfg.block_k < 8 or cfg.block_k & (cfg.block_k - 1) or group % cfg.block_k:
+        raise ValueError(
+            f"w4a16_matmul: a gemv block_k must be a power of two >= 8 dividing the group ({group}), "
+            f"got {cfg.block_k}"
         )
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    target = out if split_k == 1 else torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+    _w4a16_gemv_kernel[grid](
+        x,
+        qweight,
+        qzeros,
+        scales,
+        bias if bias is not None else qweight,
+        target,
+        m,
+        n,
+        k,
+        group,
+        k_per_split,
+        x.stride(0),
+        ZERO_OFFSET=zero_offset,
+        HAS_BIAS=bias is not None and split_k == 1,
+        WRITE_PARTIALS=split_k > 1,
+        EVEN_K=k % cfg.block_k == 0,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_R=cfg.block_k // 8,
+        NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if split_k > 1:
+        _reduce_splits(target, bias, out)
     return out
 
 

@@ -28,7 +28,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 @interpreter_test
 def test_w4a16_under_triton_interpreter() -> None:
-    run_file_under_interpreter(__file__, 26, timeout=600)
+    run_file_under_interpreter(__file__, 57, timeout=600)
 
 
 def make_weights(k: int, n: int, group_size: int, act_order: bool, seed: int = 0):
@@ -142,6 +142,41 @@ def test_cuda_core_and_swapped_configs(block_m, swap_ab):
 
 
 @direct
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemv_configs(rows, split_k):
+    """The CUDA-core GEMV at 1, 2 and 4 rows a program: several row tiles and a partial one (M not a
+    multiple of the rows), tiles wider than N, uneven splits, K not a multiple of the tile (a per-channel
+    group of 200 rows: 8-row tiles), both zero-point offsets, a bias in the tile or after the reduction,
+    fp32 activations."""
+    from nanovllm.kernels.w4a16 import W4A16Config
+
+    cfg = W4A16Config(rows, 64, 32, split_k, 4, 1, gemv=True)
+    check(2 * rows + 1, 384, 40, 32, torch.float16, config=cfg, bias=True)
+    check(rows, 384, 48, 64, torch.float16, config=cfg, zero_offset=0)
+    check(rows, 384, 40, 128, torch.float32, config=cfg)
+    narrow = W4A16Config(rows, 32, 8, split_k, 4, 2, gemv=True)
+    check(rows + 1, 200, 24, -1, torch.float16, config=narrow, bias=True)
+
+
+@direct
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_decode_defaults_take_the_gemv(m):
+    """Up to GEMV_MAX_M rows the default configuration is the GEMV (one group per tile), act-order
+    weights keep the tiled kernel's per-row groups."""
+    from nanovllm.kernels.w4a16 import GEMV_MAX_M, default_config
+
+    assert m <= GEMV_MAX_M
+    k, n = SMALL["k"], SMALL["n"]
+    cfg = default_config(m, n, k, torch.float16, torch.device(DEVICE), 32)
+    assert cfg.gemv and cfg.block_m >= m or m == 3 and cfg.block_m == 4
+    assert 32 % cfg.block_k == 0
+    assert not default_config(m, n, k, torch.float16, torch.device(DEVICE), 32, act_order=True).gemv
+    check(m, k, n, 32, torch.float16, zero_offset=0, bias=True)
+    check(m, k, n, 32, torch.float16, act_order=True)
+
+
+@direct
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 def test_tiled_prefill_kernel(group_size):
     """Prefill rows multiply in the tiled kernel when its configuration is asked for (by default they
@@ -243,6 +278,31 @@ def test_sm90_packed_dequantization_lowering(swap_ab, dtype, fma):
     assert not words_in_dot_operand_layout(ttgir)
 
 
+@pytest.mark.skipif(INTERPRET, reason="compiles for sm_90; run in the parent session")
+@pytest.mark.parametrize("rows", [1, 4])
+def test_sm90_gemv_keeps_words_in_registers(rows):
+    """The GEMV compiled for an H200: nothing goes through shared memory (each thread's columns of the
+    word tile are loaded, dequantized and multiplied in its registers, and the sum over the tile's rows
+    stays in the thread), q - z is made without int-to-float conversions (the few left convert the zero
+    points and the group index), and there are fused multiply-adds for every weight's dequantization and
+    for its product with each row of x ([16 or 8, 512] words over 128 threads: 512 or 256 weights a
+    thread; the first product into a zero accumulator may be a mul)."""
+    from nanovllm.kernels.w4a16 import _w4a16_gemv_kernel
+
+    signature = dict(x_ptr="*bf16", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", bias_ptr="*bf16")
+    signature.update(out_ptr="*fp32")
+    signature.update({name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")})
+    block_r = 16 if rows == 1 else 8
+    constants = dict(ZERO_OFFSET=0, HAS_BIAS=False, WRITE_PARTIALS=True, EVEN_K=True, BLOCK_M=rows)
+    constants.update(BLOCK_N=512, BLOCK_R=block_r, NUM_STAGES=1)
+    asm = compile_for_sm90(_w4a16_gemv_kernel, signature, constants, num_stages=1)
+    ptx = asm["ptx"]
+    assert ".shared" not in ptx and "ttg.local_alloc" not in asm["ttgir"]
+    weights = 8 * block_r * 4  # a thread's weights per iteration
+    assert ptx.count("cvt.rn.f32.s32") + ptx.count("cvt.rn.f32.u32") <= 32  # against 256-512 weights
+    assert ptx.count("fma.rn.f32") >= weights + rows * (weights - weights // 8)
+
+
 def test_refuses_mismatched_shapes():
     from nanovllm.kernels.w4a16 import w4a16_matmul
 
@@ -262,6 +322,16 @@ def test_refuses_mismatched_shapes():
         w4a16_matmul(x, qweight, qzeros, scales, 32, 1, config=W4A16Config(16, 32, 48, 1, 4, 2))
     with pytest.raises(ValueError, match="block_m"):
         w4a16_matmul(x, qweight, qzeros, scales, 32, 1, config=W4A16Config(4, 32, 64, 1, 4, 2))
+    gemv = W4A16Config(3, 32, 16, 1, 4, 1, gemv=True)
+    with pytest.raises(ValueError, match="1, 2 or 4 rows"):
+        w4a16_matmul(x, qweight, qzeros, scales, 32, 1, config=gemv)
+    with pytest.raises(ValueError, match="dividing the group"):
+        w4a16_matmul(x, qweight, qzeros, scales, 32, 1, config=W4A16Config(1, 32, 64, 1, 4, 1, gemv=True))
+    _, _, _, g_idx = make_weights(64, 16, 32, True)
+    with pytest.raises(ValueError, match="g_idx"):
+        w4a16_matmul(
+            x, qweight, qzeros, scales, 32, 1, g_idx=g_idx, config=W4A16Config(1, 32, 16, 1, 4, 1, gemv=True)
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
