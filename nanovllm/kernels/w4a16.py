@@ -19,8 +19,12 @@ does this two values per instruction in inline PTX (`_centered_words`). Otherwis
 tile, GPTQ act-order groups gathered through `g_idx`) every row takes its own scale and zero, and the
 dequantized weights are rounded to x's dtype before the dot.
 
-How rows are multiplied. One row of x (BLOCK_M 1, a single decode stream) on CUDA cores: products
-accumulated in a [BLOCK_N, BLOCK_K] fp32 tile, summed over K once after the loop. From 16 rows (the
+How rows are multiplied. Up to GEMV_MAX_M rows (decode batches of 1-2 streams) with no act-order
+groups: `_w4a16_gemv_kernel`, on CUDA cores, each thread holding whole columns of a [rows, columns] word
+tile loaded straight into registers; q - z in fp32 by one lop3 and one fma per weight (`_nibble_minus_zero`),
+one fma per weight and row of x, the sum over the tile's rows inside the thread. Otherwise one row of x
+(BLOCK_M 1) on CUDA cores in the tiled kernel: products accumulated in a [BLOCK_N, BLOCK_K] fp32 tile,
+summed over K once after the loop. From 16 rows (the
 smallest tensor-core tile) with tl.dot, by default with the weight tile as the first operand (`swap_ab`:
 output columns in the MMA's M, the few rows of x in its N). The K loop is a `tl.range` with the
 configuration's stages, so the weight loads are software-pipelined on either path. Decode batches (up to
@@ -56,14 +60,18 @@ CUDA_CORE_NUM_WARPS = 4
 CUDA_CORE_NUM_STAGES = 4
 # Up to GEMV_MAX_M rows (a tile in one group, no act-order g_idx) the CUDA-core GEMV `_w4a16_gemv_kernel`
 # runs instead: words straight into registers (no shared-memory staging), 2 instructions per weight to
-# make q - z, one fused multiply-add per weight and row. Rows per program by batch: GEMV_ROWS.
-GEMV_MAX_M = 4
-GEMV_BLOCK_N = 512
-GEMV_BLOCK_R = {1: 16, 2: 8, 4: 4}  # word rows per loop iteration (8 input rows each), by rows per program
+# make q - z, one fused multiply-add per weight and row. Measured on the H200 (bench_w4a16.py --sweep
+# --sweep-family gemv, 4096x12288 / 12288x4096, graph replays after do_bench's L2 flush): one row 23.3 /
+# 27.0 us at these tiles with 16 splits (the tiled kernel's CUDA-core path 27.8 / 29.6), two rows 29.2 /
+# 32.2 (tl.dot at 16 rows 33-35); at four rows tl.dot leads (32.9 / 33.2 against 34.1 / 48.0).
+GEMV_MAX_M = 2
+GEMV_BLOCK_N = 256
+GEMV_BLOCK_K = 128  # 16 word rows per loop iteration
 GEMV_NUM_WARPS = 4
 GEMV_NUM_STAGES = 1
-GEMV_PROGRAMS_PER_SM = 4
+GEMV_PROGRAMS_PER_SM = 6
 GEMV_MIN_K_PER_SPLIT = 256
+GEMV_MAX_SPLITS = 16
 # Rows of x up to which a launch is a decode launch (split-K, BLOCK_M the next power of two >= 16).
 # The weight tile as the dot's first operand (output columns in the MMA's M) measured 36 us against 39-55
 # for the x-first order at M 4-16.
@@ -170,10 +178,11 @@ def default_config(
     rows per scale group (None or k: one group); `act_order`: groups read from g_idx."""
     group = k if group is None or group == -1 else group
     if m <= GEMV_MAX_M and not act_order:
-        rows = 1 if m == 1 else (2 if m == 2 else 4)
-        block_k = _fit_group(8 * GEMV_BLOCK_R[rows], group, smallest=8)
+        rows = min(_next_pow2(m), 4)
+        block_k = _fit_group(GEMV_BLOCK_K, group, smallest=8)
         tiles = triton.cdiv(n, GEMV_BLOCK_N) * triton.cdiv(m, rows)
         split = _splits(tiles, GEMV_PROGRAMS_PER_SM, k, max(GEMV_MIN_K_PER_SPLIT, block_k), device)
+        split = min(split, GEMV_MAX_SPLITS)
         return W4A16Config(rows, GEMV_BLOCK_N, block_k, split, GEMV_NUM_WARPS, GEMV_NUM_STAGES, gemv=True)
     if m > DECODE_MAX_M:
         large = m >= 4 * PREFILL_BLOCK_M_LARGE

@@ -28,7 +28,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 @interpreter_test
 def test_w4a16_under_triton_interpreter() -> None:
-    run_file_under_interpreter(__file__, 57, timeout=600)
+    run_file_under_interpreter(__file__, 56, timeout=600)
 
 
 def make_weights(k: int, n: int, group_size: int, act_order: bool, seed: int = 0):
@@ -160,17 +160,17 @@ def test_gemv_configs(rows, split_k):
 
 
 @direct
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3])
 def test_decode_defaults_take_the_gemv(m):
-    """Up to GEMV_MAX_M rows the default configuration is the GEMV (one group per tile), act-order
-    weights keep the tiled kernel's per-row groups."""
+    """Up to GEMV_MAX_M rows the default configuration is the GEMV (one group per tile), past it the
+    split-K tl.dot launch; act-order weights keep the tiled kernel's per-row groups."""
     from nanovllm.kernels.w4a16 import GEMV_MAX_M, default_config
 
-    assert m <= GEMV_MAX_M
     k, n = SMALL["k"], SMALL["n"]
     cfg = default_config(m, n, k, torch.float16, torch.device(DEVICE), 32)
-    assert cfg.gemv and cfg.block_m >= m or m == 3 and cfg.block_m == 4
-    assert 32 % cfg.block_k == 0
+    assert cfg.gemv == (m <= GEMV_MAX_M)
+    if cfg.gemv:
+        assert cfg.block_m >= m and 32 % cfg.block_k == 0
     assert not default_config(m, n, k, torch.float16, torch.device(DEVICE), 32, act_order=True).gemv
     check(m, k, n, 32, torch.float16, zero_offset=0, bias=True)
     check(m, k, n, 32, torch.float16, act_order=True)
