@@ -61,9 +61,9 @@ CUDA_CORE_NUM_STAGES = 4
 # Up to GEMV_MAX_M rows (a tile in one group, no act-order g_idx) the CUDA-core GEMV `_w4a16_gemv_kernel`
 # runs instead: words straight into registers (no shared-memory staging), 2 instructions per weight to
 # make q - z, one fused multiply-add per weight and row. Measured on the H200 (bench_w4a16.py --sweep
-# --sweep-family gemv, 4096x12288 / 12288x4096, graph replays after do_bench's L2 flush): one row 23.3 /
-# 27.0 us at these tiles with 16 splits (the tiled kernel's CUDA-core path 27.8 / 29.6), two rows 29.2 /
-# 32.2 (tl.dot at 16 rows 33-35); at four rows tl.dot leads (32.9 / 33.2 against 34.1 / 48.0).
+# --sweep-family gemv, 4096x12288 / 12288x4096, graph replays after do_bench's L2 flush): one row 24.0 /
+# 27.0 us at these tiles with 16 splits (the tiled kernel's CUDA-core path 27.8 / 29.6), two rows 29.4 /
+# 32.4 (tl.dot at 16 rows 33-35); at four rows tl.dot leads (32.9 / 33.2 against 34.1 / 48.0).
 GEMV_MAX_M = 2
 GEMV_BLOCK_N = 256
 GEMV_BLOCK_K = 128  # 16 word rows per loop iteration
