@@ -669,8 +669,7 @@ def w4a16_matmul(
         raise ValueError(
             f"w4a16_matmul: block_m must be 1 or a power of two >= {DOT_MIN_M}, got {cfg.block_m}"
         )
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
+    k_per_split, split_k, target, grid = _split_launch(x, n, cfg, out)
     # A tile lies in one group when the group size is a multiple of the tile, or there is one group.
     row_groups = g_idx is not None or (group_size != -1 and group % block_k != 0)
     packed = (
@@ -682,8 +681,6 @@ def w4a16_matmul(
         and not interpreting()
     )
     dummy = qweight  # never read: a valid pointer for the unused optional arguments
-    target = out if split_k == 1 else torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
     _w4a16_kernel[grid](
         x,
         qweight,
@@ -717,6 +714,19 @@ def w4a16_matmul(
     if split_k > 1:
         _reduce_splits(target, bias, out)
     return out
+
+
+def _split_launch(
+    x: Tensor, n: int, cfg: W4A16Config, out: Tensor
+) -> tuple[int, int, Tensor, tuple[int, int]]:
+    """Input rows per split (a multiple of the K tile), the splits that leaves, where the kernel writes
+    (`out`, or fp32 partials [splits, M, N]) and the grid (row tiles x column tiles, splits)."""
+    m, k = x.shape
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    target = out if split_k == 1 else torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+    return k_per_split, split_k, target, grid
 
 
 def _reduce_splits(partials: Tensor, bias: Tensor | None, out: Tensor) -> None:
@@ -758,10 +768,7 @@ def _gemv(
             f"w4a16_matmul: a gemv block_k must be a power of two >= 8 dividing the group ({group}), "
             f"got {cfg.block_k}"
         )
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    split_k = triton.cdiv(k, k_per_split)
-    target = out if split_k == 1 else torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+    k_per_split, split_k, target, grid = _split_launch(x, n, cfg, out)
     _w4a16_gemv_kernel[grid](
         x,
         qweight,
