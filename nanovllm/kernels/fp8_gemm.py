@@ -10,8 +10,9 @@
   registers (per-element group scales) and multiplied in x's 16-bit dtype (`block_gemm_plan`).
 - `w8a8_channel_matmul`: one weight scale per output channel, one activation scale per token
   (vLLM's online FP8). `per_token_quant` writes x in FP8 with its scales (one Triton pass); the GEMM is
-  `torch._scaled_mm` (cuBLASLt row-wise scaling on sm_89+/sm_90) where it applies (bf16 output,
-  K and N multiples of 16), else our Triton kernel.
+  our Triton kernel (split-K where its tiles would not fill the GPU) up to CHANNEL_TRITON_MAX_M rows,
+  and above that `torch._scaled_mm` (cuBLASLt row-wise scaling on sm_89+/sm_90) where it applies
+  (bf16 output, K and N multiples of 16).
 
 The fp32 -> e4m3 cast is `fp8_cast.to_fp8` (round to nearest, also under TRITON_INTERPRET=1).
 """
@@ -26,9 +27,15 @@ from nanovllm.kernels.fp8_cast import emulate_cast, to_fp8
 
 FP8_DTYPE = torch.float8_e4m3fn
 # From this many rows on, the block GEMM takes x quantized by `per_token_group_quant` first instead of
-# quantizing each tile itself (every N tile would repeat that work): a first guess for prefill, to be
-# tuned with benchmarks/bench_fp8.py (its block_triton and block_triton_prequant columns).
-PREQUANTIZE_MIN_M = 1024
+# quantizing each tile itself (every N tile repeats that work). On the H200 (bench_fp8.py gemm,
+# results/2026-12-02c_h200_fp8_195107a.log) quantizing first was faster at every M of the Qwen3-8B
+# shapes (e.g. qkv 4096x6144 at M = 1: 14.2 against 19.9 us; down 12288x4096 at M = 2048: 434 against
+# 847 us) and at M >= 32 of the 0.6B shapes; at M <= 8 of those it lost at most 0.8 us (8%).
+PREQUANTIZE_MIN_M = 1
+# Up to this many rows the per-channel GEMM is our Triton kernel, above it torch._scaled_mm: on the
+# H200 (same log) the Triton kernel was as fast or faster at every M <= 64 of both models' shapes (8B
+# gate/up at M = 1: 29.9 against 46.7 us), cuBLASLt faster from M = 128 (8B qkv: 15.8 against 21.7 us).
+CHANNEL_TRITON_MAX_M = 64
 # In the kernels: scale = max(amax, 1e-10) / 448 (an all-zero group gets a tiny scale and zeros).
 # The smallest K of an FP8 tl.dot on sm_90 (wgmma: 32 bytes of K), and of M and N for any tl.dot.
 FP8_DOT_MIN_K = 32
@@ -37,6 +44,11 @@ DOT_MIN_MN = 16
 FUSED_MAX_GROUP_K = 256
 # The K tile of the dequantizing kernel (16-bit dot: K >= 16).
 DEQUANT_BLOCK_K = 64
+# Arguments of the GEMM kernels that vary with the row count (M; K tiles a split, from the split-K),
+# kept out of Triton's specialization (on a value of 1 and on divisibility by 16): otherwise a prefill
+# of a new length class compiles a variant of its own in the step that first needs it (seconds), where
+# start-up's warm-up prefill compiled the same tiles already. They are only compared and looped over.
+ROW_COUNT_ARGS = ("M", "k_tiles_per_split")
 # The dequantizing kernel's dot dtype for each x dtype (its DOT_KIND).
 DOT_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
@@ -46,7 +58,7 @@ DOT_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 # ---------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_ARGS)
 def _block_gemm_kernel(
     a_ptr,
     as_ptr,
@@ -136,11 +148,20 @@ def _block_gemm_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def fill_split(tiles: int, k_tiles: int, num_sms: int) -> int:
+    """Split-K factor that brings a grid of `tiles` output tiles to about two programs per SM (at most
+    one K tile a split). Decode GEMMs are bound by reading the weight, which a grid of fewer programs
+    than SMs cannot do at speed: at 128 rows the 8B shapes' 128 x 128 tiles made 32-48 programs, and
+    the GEMM took 2-4x its 64-row time (before this applied beyond 64 rows)."""
+    return max(1, min(k_tiles, (2 * num_sms) // max(tiles, 1)))
+
+
 def block_gemm_config(m: int, n: int, k_tiles: int, num_sms: int, dequant: bool = False) -> dict:
     """Tile sizes and split-K for an [m, n] output: small m (decode) is bound by reading the weight,
-    so the K loop is split until the grid covers the SMs about twice; large m uses bigger tiles.
-    `dequant` (the dequantizing kernel: fp32 operand tiles and per-element scales in flight): at most
-    64 x 64 tiles and 2 stages, so that registers and shared memory suffice (not tuned)."""
+    so the K loop is split until the grid covers the SMs about twice (`fill_split`); large m uses
+    bigger tiles. `dequant` (the dequantizing kernel: fp32 operand tiles and per-element scales in
+    flight): at most 64 x 64 tiles and 2 stages, so that registers and shared memory suffice (not
+    tuned)."""
     if m <= 16:
         block_m, block_n, warps, stages = 16, 64, 4, 4
     elif m <= 64 or dequant:
@@ -149,8 +170,7 @@ def block_gemm_config(m: int, n: int, k_tiles: int, num_sms: int, dequant: bool 
         block_m, block_n, warps, stages = 128, 128, 8, 3
     if dequant:
         stages = 2
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split = max(1, min(k_tiles, (2 * num_sms) // max(tiles, 1))) if m <= 64 else 1
+    split = fill_split(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k_tiles, num_sms)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, split_k=split)
 
 
@@ -240,14 +260,9 @@ def w8a8_block_matmul(
         raise ValueError("weight and weight_scale must be row-contiguous")
     launch = block_gemm_launch(m, n, k, block, config, prequantize, sm_count(x.device, cpu_default=4))
     split, per_split = launch.pop("split"), launch.pop("per_split")
-    if split == 1:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        stride_cs = 0
-    else:
-        out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)  # [split, m, n] partial sums
-        stride_cs = out.stride(0)
+    out = _split_output(split, m, n, x.dtype, x.device)
     if m == 0:
-        return out if split == 1 else out.sum(0).to(x.dtype)
+        return _sum_splits(out, x.dtype)
     grid = (triton.cdiv(m, launch["BLOCK_M"]), triton.cdiv(n, launch["BLOCK_N"]), split)
     out_dtype = x.dtype
     if launch["A_FP8"]:
@@ -267,7 +282,7 @@ def w8a8_block_matmul(
         x_scale.stride(0),
         weight.stride(0),
         weight_scale.stride(0),
-        stride_cs,
+        out.stride(0) if split > 1 else 0,
         n,
         per_split,
         GROUP_N=block_n,
@@ -276,9 +291,20 @@ def w8a8_block_matmul(
         EMULATE_CAST=emulate_cast(),
         **launch,
     )
+    return _sum_splits(out, out_dtype)
+
+
+def _split_output(split: int, m: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Where a split-K GEMM writes: [m, n] in the output dtype without a split, else [split, m, n]
+    fp32 partial sums (the kernels' split stride is the first dimension's)."""
     if split == 1:
-        return out
-    return out.sum(0).to(out_dtype)  # [m, n]
+        return torch.empty(m, n, dtype=dtype, device=device)
+    return torch.empty(split, m, n, dtype=torch.float32, device=device)
+
+
+def _sum_splits(out: Tensor, dtype: torch.dtype) -> Tensor:
+    """The [m, n] result of `_split_output`'s buffer once the GEMM has written it."""
+    return out if out.dim() == 2 else out.sum(0).to(dtype)
 
 
 @triton.jit
@@ -376,7 +402,7 @@ def per_token_quant(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_ARGS)
 def _channel_gemm_kernel(
     a_ptr,
     as_ptr,
@@ -388,21 +414,28 @@ def _channel_gemm_kernel(
     K,
     stride_am,
     stride_bn,
+    stride_cs,
     stride_cm,
+    k_tiles_per_split,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """One [BLOCK_M, BLOCK_N] tile over split program_id(2)'s K tiles; a split's partial sum is
+    scaled too (the scales are constant along K), so the splits' sum is the product."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    split = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
+    first = split * k_tiles_per_split
+    last = tl.minimum(first + k_tiles_per_split, tl.cdiv(K, BLOCK_K))
+    for kt in range(first, last):
+        k = kt * BLOCK_K + offs_k
         a = tl.load(
             a_ptr + offs_m[:, None].to(tl.int64) * stride_am + k[None, :],
             mask=mask_m[:, None] & (k < K)[None, :],
@@ -417,19 +450,17 @@ def _channel_gemm_kernel(
     a_scale = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
     b_scale = tl.load(bs_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * a_scale[:, None] * b_scale[None, :]
-    c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    c = c_ptr + split * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def channel_gemm_triton(
     q: Tensor, q_scale: Tensor, weight: Tensor, weight_scale: Tensor, out_dtype: torch.dtype, config=None
 ) -> Tensor:
-    """y [m, n] = (q * q_scale) (weight * weight_scale[:, None])^T with fp32 accumulation."""
+    """y [m, n] = (q * q_scale) (weight * weight_scale[:, None])^T with fp32 accumulation. `config`:
+    tile sizes, warps, stages and `split_k` (default: by m, split-K from `fill_split`)."""
     m, k = q.shape
     n = weight.shape[0]
-    out = torch.empty(m, n, dtype=out_dtype, device=q.device)
-    if m == 0:
-        return out
     if config is None:
         if m <= 16:
             config = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
@@ -437,11 +468,35 @@ def channel_gemm_triton(
             config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
         else:
             config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
-    grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
+        tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
+        config["split_k"] = fill_split(
+            tiles, triton.cdiv(k, config["BLOCK_K"]), sm_count(q.device, cpu_default=4)
+        )
+    config = dict(config)
+    k_tiles = triton.cdiv(k, config["BLOCK_K"])
+    per_split = triton.cdiv(k_tiles, max(1, min(int(config.pop("split_k", 1)), k_tiles)))
+    split = triton.cdiv(k_tiles, per_split)  # no empty split
+    out = _split_output(split, m, n, out_dtype, q.device)
+    if m == 0:
+        return _sum_splits(out, out_dtype)
+    grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), split)
     _channel_gemm_kernel[grid](
-        q, q_scale, weight, weight_scale, out, m, n, k, q.stride(0), weight.stride(0), out.stride(0), **config
+        q,
+        q_scale,
+        weight,
+        weight_scale,
+        out,
+        m,
+        n,
+        k,
+        q.stride(0),
+        weight.stride(0),
+        out.stride(0) if split > 1 else 0,
+        n,
+        per_split,
+        **config,
     )
-    return out
+    return _sum_splits(out, out_dtype)
 
 
 def scaled_mm_applies(x: Tensor, weight: Tensor) -> bool:
@@ -458,14 +513,15 @@ def w8a8_channel_matmul(
     x: Tensor, weight: Tensor, weight_scale: Tensor, use_scaled_mm: bool | None = None
 ) -> Tensor:
     """y [m, n] = x [m, k] W^T, W = weight [n, k] (e4m3) * weight_scale [n] (fp32); x quantized per
-    token. `use_scaled_mm`: None picks torch._scaled_mm where it applies."""
+    token. `use_scaled_mm`: None picks torch._scaled_mm above CHANNEL_TRITON_MAX_M rows where it
+    applies, else the Triton kernel."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"x [m, k] and weight [n, k] expected, got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
     q, q_scale = per_token_quant(x)
     if use_scaled_mm is None:
-        use_scaled_mm = scaled_mm_applies(x, weight)
+        use_scaled_mm = x.shape[0] > CHANNEL_TRITON_MAX_M and scaled_mm_applies(x, weight)
     if use_scaled_mm:
         return torch._scaled_mm(
             q,

@@ -111,6 +111,19 @@ def test_block_launch_tiles_meet_the_dot_minimums(block):
                 )
 
 
+@pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (4096, 1024)])
+def test_decode_launches_fill_the_gpu(n, k):
+    """Qwen3-8B's and 0.6B's projections at decode batches: the default launch has at least one
+    program per SM (split-K where the output tiles are fewer), unless every K tile is a split already."""
+    from nanovllm.kernels.fp8_gemm import block_gemm_launch
+
+    sms = 132
+    for m in (1, 16, 64, 65, 128, 256):
+        launch = block_gemm_launch(m, n, k, [128, 128], num_sms=sms)
+        programs = -(-m // launch["BLOCK_M"]) * -(-n // launch["BLOCK_N"]) * launch["split"]
+        assert programs >= sms or launch["per_split"] == 1, (m, launch)
+
+
 def test_block_launch_refuses_tiles_below_the_dot_minimums():
     from nanovllm.kernels.fp8_gemm import block_gemm_launch
 
@@ -196,3 +209,55 @@ def test_channel_matmul_against_reference(m, n, k, use_scaled_mm):
     out = w8a8_channel_matmul(x, w, scale, use_scaled_mm=use_scaled_mm)
     ref = quantize_groups(x, k) @ (w.float() * scale[:, None]).t()
     _close(out, ref, dtype)
+
+
+@direct
+@pytest.mark.parametrize("split", [1, 3, 7])
+def test_channel_matmul_split_k(split):
+    """The per-channel Triton kernel's split-K (each split's partial scaled, the splits summed) against
+    the reference, with a short last split (7 K tiles in 3 splits) and one tile a split."""
+    from nanovllm.kernels.fp8_gemm import channel_gemm_triton, per_token_quant
+
+    gen = torch.Generator().manual_seed(split)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    m, n, k = 5, 48, 400  # 7 K tiles of 64, the last partial
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) * 2).to(FP8).to(DEVICE)
+    scale = (torch.rand(n, generator=gen) * 0.02 + 0.001).to(DEVICE)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1, split_k=split)
+    out = channel_gemm_triton(*per_token_quant(x), w, scale, dtype, config)
+    assert out.dtype == dtype and out.shape == (m, n)
+    _close(out, quantize_groups(x, k) @ (w.float() * scale[:, None]).t(), dtype)
+
+
+@pytest.mark.cuda
+def test_prefill_lengths_reuse_one_compile(monkeypatch):
+    """Row counts that share a launch configuration (128-row tiles, quantized first) share one compiled
+    kernel, whatever their divisibility or split-K: a prefill of a new length compiles nothing once a
+    long prefill (the engine's warm-up) has run."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from triton.runtime.jit import JITFunction
+
+    from nanovllm.kernels.fp8_gemm import _block_gemm_kernel, block_gemm_launch, w8a8_block_matmul
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 4096, 4096
+    w, scale = random_block_weight(n, k, (128, 128), gen)
+    x = torch.randn(2048, k, generator=gen).to("cuda", torch.bfloat16)
+    w8a8_block_matmul(x, w, scale, [128, 128])  # the warm-up's long prefill
+    compiles = []
+    compile_once = JITFunction._do_compile
+
+    def counted(self, *args, **kwargs):
+        compiles.append(self.__name__)
+        return compile_once(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "_do_compile", counted)
+    rows = (198, 333, 77, 1000, 129)
+    launches = [block_gemm_launch(m, n, k, [128, 128], num_sms=132) for m in rows]
+    assert len({launch["per_split"] for launch in launches}) > 2  # several split-K factors among them
+    for m in rows:
+        out = w8a8_block_matmul(x[:m], w, scale, [128, 128])
+        _close(out, quantize_groups(x[:m], 128) @ dequant_block(w, scale, (128, 128)).t(), torch.bfloat16)
+    assert _block_gemm_kernel.__name__ not in compiles, compiles
