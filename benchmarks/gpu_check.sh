@@ -5,7 +5,7 @@
 #                                [int4 | int4-tests int4-bench] [int4-8b] [long] [long-vllm]   (default: tests kernels bench)
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
 #                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [fp8-8b] [gemm] [structured-mask] [int4-gemm] [compile-log]
-#                                [tune-prefill]
+#                                [tune-prefill] [tune-attention] [profile-fp8] [quant-8b]
 # `tests-shards` runs the whole GPU suite as six pytest processes at once (SHARDS="engine models" picks some),
 # each verbose (a test per line, so a run that TEST_TIMEOUT cuts still names what passed) and bounded by
 # TEST_TIMEOUT seconds (default 500).
@@ -303,6 +303,39 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
     tune-prefill)  # the prefill attention's tunables at the engine's prefill shapes (tune_prefill.py, ~3 min)
       python3 benchmarks/tune_prefill.py --json "$OUT/tune_prefill.json" 2>&1 | tee "$OUT/tune_prefill.log" | tail -40
       summary+=("tune prefill: $(grep -E '^(whole|best)' "$OUT/tune_prefill.log" | paste -sd';')") ;;
+    tune-attention)  # the decode attention's kernel configurations with an FP8 cache (TUNE_KV=auto: bf16), ~3 min
+      python3 benchmarks/tune_attention.py --kernel-only --kv-cache-dtype "${TUNE_KV:-fp8}" \
+        --json "$OUT/tune_attention_${TUNE_KV:-fp8}.json" 2>&1 | tee "$OUT/tune_attention.log" | tail -8
+      summary+=("tune attention ${TUNE_KV:-fp8}: see tune_attention.log") ;;
+    profile-fp8)  # decode steps at batch 256, FP8 cache then bf16, with the kernels of 5 steps listed
+      for kv in fp8 auto; do
+        python3 benchmarks/profile_step.py --attention-backend triton --kv-cache-dtype $kv --steps 30 \
+          --torch-profile /tmp/trace_$kv.json --top-kernels 12 2>&1 | grep -vi warn | tee "$OUT/profile_b256_$kv.log" \
+          | grep -E "^(Decode|step wall|forward|bandwidth|_decode|_store)"
+        summary+=("decode step b256 kv $kv: $(grep -E '^(forward|bandwidth)' "$OUT/profile_b256_$kv.log" | tr -s ' ' | paste -sd';')")
+      done ;;
+    quant-8b)  # Qwen3-8B shapes: bench.py and single stream in bf16, AWQ, online FP8 + FP8 KV, block FP8 + FP8 KV
+      # (QUANT_RUNS="bf16 fp8block" picks some)
+      runs=()
+      for run in "bf16|--model qwen3-8b-random" "awq|--model qwen3-8b-awq-random" \
+          "fp8online|--model qwen3-8b-random --quantization fp8 --kv-cache-dtype fp8" \
+          "fp8block|--model /tmp/qwen3-8b-fp8-block --kv-cache-dtype fp8"; do
+        [[ " ${QUANT_RUNS:-bf16 awq fp8online fp8block} " == *" ${run%%|*} "* ]] && runs+=("$run")
+      done
+      [[ " ${runs[*]} " == *fp8-block* ]] \
+        && python3 benchmarks/bench_fp8.py --make-block-checkpoint /tmp/qwen3-8b-fp8-block --from qwen3-8b-random
+      for run in "${runs[@]}"; do
+        tag=${run%%|*}; opts=${run#*|}
+        python3 bench.py --attention-backend triton $opts --num-seqs 1 --max-input-len 256 --max-output-len 512 \
+          --no-breakdown 2>&1 | tee "$OUT/bench_8b_${tag}_single.log" | grep -E "^Total"
+        summary+=("single stream 8b $tag: $(grep '^Total' "$OUT/bench_8b_${tag}_single.log")")
+      done
+      for run in "${runs[@]}"; do
+        tag=${run%%|*}; opts=${run#*|}
+        python3 bench.py --attention-backend triton $opts --json "$OUT/bench_8b_$tag.json" 2>&1 \
+          | tee "$OUT/bench_8b_$tag.log" | grep -E "^(Decode must|Floor|Total|Breakdown)"
+        summary+=("bench 8b $tag: $(grep -E '^(Total|Floor)' "$OUT/bench_8b_$tag.log" | paste -sd';')")
+      done ;;
     peers)  # about 4 minutes: transformers' continuous batching on the same workload
       python3 bench.py --engine hf --json "$OUT/bench_hf.json" 2>&1 | tee "$OUT/bench_hf.log" | tail -3
       summary+=("bench hf: $(grep '^Total:' "$OUT/bench_hf.log" | tail -1)") ;;
