@@ -3,8 +3,8 @@
 Usage: PYTHONPATH=. python3 benchmarks/tune_attention.py [--json PATH] [--quick] [--kv-cache-dtype fp8]
                                                         [--kernel-only]
 
-Stage 1 times every (TILE_N, num_warps, num_stages) kernel configuration with the automatic split count;
-stage 2 takes the best kernel configuration of each shape and sweeps the split-count rule
+Stage 1 times every (TILE_N, num_warps, num_stages, launch order) kernel configuration with the automatic
+split count; stage 2 takes the best kernel configuration of each shape and sweeps the split-count rule
 (DECODE_PROGRAMS_PER_SM, DECODE_MIN_TOKENS_PER_SPLIT; --kernel-only skips it). Shapes are Qwen3-0.6B
 heads (16 query, 8 KV, head_dim 128), bf16 queries, a bf16 or (--kv-cache-dtype fp8) e4m3 cache, block
 size 256, a block table as wide as max_model_len 4096 (the engine's width), context lengths drawn per
@@ -41,6 +41,7 @@ KERNEL_GRID = {
     "DECODE_TILE_N": (32, 64, 128, 256),
     "DECODE_NUM_WARPS": (2, 4, 8),
     "DECODE_NUM_STAGES": (2, 3, 4),
+    "DECODE_HEADS_FIRST": (False, True),  # the launch order (see paged_attention.py)
 }
 SPLIT_GRID = {"DECODE_PROGRAMS_PER_SM": (1, 2, 4, 8, 16), "DECODE_MIN_TOKENS_PER_SPLIT": (64, 128, 256, 512)}
 

@@ -39,6 +39,13 @@ DECODE_NUM_WARPS = 4
 # K/V tiles in flight per decode program (software pipelining depth): the main lever for bandwidth.
 DECODE_NUM_STAGES = 3
 DECODE_NUM_STAGES_FP32 = 2
+# Launch order of the decode programs. False: the grid's first axis is the sequence, so programs that
+# run at the same time read one KV head of neighbouring sequences, a head_dim-wide row (128 bytes with
+# an FP8 cache, 256 in bf16) out of every token's num_kv_heads rows. True: the first axis is the KV
+# head, so they read neighbouring heads of the same tokens, whose rows are adjacent in the cache. (An
+# experiment for the FP8 cache, whose best launches all stop near 3.25 TB/s on the H200 where bf16
+# reaches 4.0: to be measured with benchmarks/tune_attention.py, which sweeps it.)
+DECODE_HEADS_FIRST = False
 # Automatic split count: aim for this many decode programs per SM ...
 DECODE_PROGRAMS_PER_SM = 4
 # ... but give every split at least this many cached tokens of the block-table capacity ...
@@ -244,11 +251,17 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     WIDEN_ASM: tl.constexpr,  # widen FP8 V words with one PTX cvt (False under the interpreter: no asm)
+    HEADS_FIRST: tl.constexpr,  # the grid is (KV heads, sequences, splits), else (sequences, KV heads, ...)
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_FIRST:
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+        num_heads = tl.num_programs(0) * GROUP
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        num_heads = tl.num_programs(1) * GROUP
     split = tl.program_id(2)
-    num_heads = tl.num_programs(1) * GROUP
     # An FP8 cache is read into fp16 for both dots when the queries are 16-bit (e4m3 values are exact in
     # fp16 and softmax probabilities closer than in bf16, and fp16 needs no second conversion), into fp32
     # for fp32 queries. V is read as 16-bit words, each the two e4m3 values of head dims 2j and 2j+1:
@@ -462,7 +475,9 @@ def decode_attention(
         part_max = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
         part_sum = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
 
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    heads_first = DECODE_HEADS_FIRST
+    grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
+    _decode_split_kernel[grid](
         q,
         k_cache,
         v_cache,
@@ -495,6 +510,7 @@ def decode_attention(
         and q.is_cuda
         and not interpreting()
         and compute_capability(q.device) >= (8, 9),  # the e4m3x2 cvt's first GPUs
+        HEADS_FIRST=heads_first,
         num_warps=num_warps,
         num_stages=num_stages,
     )
