@@ -125,10 +125,15 @@ def run_shape(name: str, m: int, layer, copy: float, gen: torch.Generator) -> Ro
 
 
 def gemv_configs(m: int) -> list[W4A16Config]:
-    """The CUDA-core GEMV's split-K grid at m rows (1, 2 or 4 a program)."""
+    """The CUDA-core GEMV's split-K grid at m rows (1, 2 or 4 a program): Triton's pipelining (2 stages)
+    or none, and without pipelining the next tile's loads issued first (`prefetch`)."""
     rows = 1 if m == 1 else (2 if m == 2 else 4)
-    grid = itertools.product((128, 256, 512), (32, 64, 128), (1, 4, 8, 16), (1, 2))
-    return [W4A16Config(rows, bn, bk, split, 4, stages, gemv=True) for bn, bk, split, stages in grid]
+    loops = ((1, False), (2, False), (1, True))
+    grid = itertools.product((128, 256, 512), (32, 64, 128), (1, 4, 8, 16), loops)
+    return [
+        W4A16Config(rows, bn, bk, split, 4, stages, gemv=True, prefetch=prefetch)
+        for bn, bk, split, (stages, prefetch) in grid
+    ]
 
 
 def sweep_configs(m: int, k: int, families: str = "all") -> list[W4A16Config]:

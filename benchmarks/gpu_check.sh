@@ -5,7 +5,7 @@
 #                                [int4 | int4-tests int4-bench] [int4-8b] [long] [long-vllm]   (default: tests kernels bench)
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
 #                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [fp8-8b] [gemm] [structured-mask] [int4-gemm] [compile-log]
-#                                [tune-prefill] [tune-attention] [profile-fp8] [quant-8b]
+#                                [tune-prefill] [tune-attention] [profile-fp8] [quant-8b] [gemv-sweep]
 # `tests-shards` runs the whole GPU suite as six pytest processes at once (SHARDS="engine models" picks some),
 # each verbose (a test per line, so a run that TEST_TIMEOUT cuts still names what passed) and bounded by
 # TEST_TIMEOUT seconds (default 500).
@@ -217,6 +217,10 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
     int4-bench|int4-gemm)  # the GEMMs alone at Qwen3-8B shapes against bf16 (int4-bench: then a sweep of configs)
       python3 benchmarks/bench_w4a16.py $([ "$part" = int4-bench ] && echo --sweep) --json "$OUT/w4a16.json" 2>&1 | tee "$OUT/w4a16.log" | tail -90
       summary+=("w4a16: $(grep '^goal' "$OUT/w4a16.log")") ;;
+    gemv-sweep)  # the W4A16 GEMV's launch grid alone at 1 and 2 rows (with and without prefetch), after the GEMM table
+      python3 benchmarks/bench_w4a16.py --sweep --sweep-family gemv --sweep-m 1,2 --json "$OUT/w4a16_gemv.json" 2>&1 \
+        | tee "$OUT/w4a16_gemv.log" | grep -A3 "^sweep"
+      summary+=("w4a16 gemv sweep: see w4a16_gemv.log") ;;
     int4-8b)  # single-stream decode steps, bf16 vs AWQ, then the reference workload in AWQ and bf16 (Qwen3-8B shapes)
       for model in qwen3-8b-random qwen3-8b-awq-random; do
         python3 benchmarks/profile_step.py --model $model --attention-backend triton --num-seqs 1 --context 256 \

@@ -144,18 +144,20 @@ def test_cuda_core_and_swapped_configs(block_m, swap_ab):
 @direct
 @pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_gemv_configs(rows, split_k):
-    """The CUDA-core GEMV at 1, 2 and 4 rows a program: several row tiles and a partial one (M not a
-    multiple of the rows), tiles wider than N, uneven splits, K not a multiple of the tile (a per-channel
-    group of 200 rows: 8-row tiles), both zero-point offsets, a bias in the tile or after the reduction,
-    fp32 activations."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gemv_configs(rows, split_k, prefetch):
+    """The CUDA-core GEMV at 1, 2 and 4 rows a program, with and without the next tile's loads issued
+    first: several row tiles and a partial one (M not a multiple of the rows), tiles wider than N, uneven
+    splits (with prefetch: a split's first tile, and the reads after its last one masked off), K not a
+    multiple of the tile (a per-channel group of 200 rows: 8-row tiles), both zero-point offsets, a bias
+    in the tile or after the reduction, fp32 activations."""
     from nanovllm.kernels.w4a16 import W4A16Config
 
-    cfg = W4A16Config(rows, 64, 32, split_k, 4, 1, gemv=True)
+    cfg = W4A16Config(rows, 64, 32, split_k, 4, 1, gemv=True, prefetch=prefetch)
     check(2 * rows + 1, 384, 40, 32, torch.float16, config=cfg, bias=True)
     check(rows, 384, 48, 64, torch.float16, config=cfg, zero_offset=0)
     check(rows, 384, 40, 128, torch.float32, config=cfg)
-    narrow = W4A16Config(rows, 32, 8, split_k, 4, 2, gemv=True)
+    narrow = W4A16Config(rows, 32, 8, split_k, 4, 2 - prefetch, gemv=True, prefetch=prefetch)
     check(rows + 1, 200, 24, -1, torch.float16, config=narrow, bias=True)
 
 
@@ -280,7 +282,8 @@ def test_sm90_packed_dequantization_lowering(swap_ab, dtype, fma):
 
 @pytest.mark.skipif(INTERPRET, reason="compiles for sm_90; run in the parent session")
 @pytest.mark.parametrize("rows", [1, 4])
-def test_sm90_gemv_keeps_words_in_registers(rows):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_sm90_gemv_keeps_words_in_registers(rows, prefetch):
     """The GEMV compiled for an H200: nothing goes through shared memory (each thread's columns of the
     word tile are loaded, dequantized and multiplied in its registers, and the sum over the tile's rows
     stays in the thread), q - z is made without int-to-float conversions (the few left convert the zero
@@ -294,7 +297,7 @@ def test_sm90_gemv_keeps_words_in_registers(rows):
     signature.update({name: "i32" for name in ("M", "N", "K", "group_size", "k_per_split", "stride_xm")})
     block_r = 16 if rows == 1 else 8
     constants = dict(ZERO_OFFSET=0, HAS_BIAS=False, WRITE_PARTIALS=True, EVEN_K=True, BLOCK_M=rows)
-    constants.update(BLOCK_N=512, BLOCK_R=block_r, NUM_STAGES=1)
+    constants.update(BLOCK_N=512, BLOCK_R=block_r, NUM_STAGES=1, PREFETCH=prefetch)
     asm = compile_for_sm90(_w4a16_gemv_kernel, signature, constants, num_stages=1)
     ptx = asm["ptx"]
     assert ".shared" not in ptx and "ttg.local_alloc" not in asm["ttgir"]
@@ -327,6 +330,10 @@ def test_refuses_mismatched_shapes():
         w4a16_matmul(x, qweight, qzeros, scales, 32, 1, config=gemv)
     with pytest.raises(ValueError, match="dividing the group"):
         w4a16_matmul(x, qweight, qzeros, scales, 32, 1, config=W4A16Config(1, 32, 64, 1, 4, 1, gemv=True))
+    with pytest.raises(ValueError, match="prefetch"):
+        w4a16_matmul(
+            x, qweight, qzeros, scales, 32, 1, config=W4A16Config(16, 32, 32, 1, 4, 2, prefetch=True)
+        )
     _, _, _, g_idx = make_weights(64, 16, 32, True)
     with pytest.raises(ValueError, match="g_idx"):
         w4a16_matmul(
