@@ -143,8 +143,7 @@ def test_cuda_core_and_swapped_configs(block_m, swap_ab):
 
 @direct
 @pytest.mark.parametrize("rows", [1, 2, 4])
-@pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("split_k, prefetch", [(1, False), (3, False), (3, True)])
 def test_gemv_configs(rows, split_k, prefetch):
     """The CUDA-core GEMV at 1, 2 and 4 rows a program, with and without the next tile's loads issued
     first: several row tiles and a partial one (M not a multiple of the rows), tiles wider than N, uneven
