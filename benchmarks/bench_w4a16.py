@@ -51,6 +51,9 @@ WARMUP_MS, REP_MS = 10, 100
 SWEEP_SHAPES = ["4096x12288", "down 12288x4096"]
 SWEEP_M = [1, 4, 16]
 SWEEP_PREFILL_M = 2048
+# Decode batches above DECODE_MAX_M (the engine dequantizes the weights for cuBLAS there) up to this
+# many rows also sweep the split-K decode launch.
+MID_MAX_M = 256
 SWEEP_REP_MS = 25
 
 
@@ -140,10 +143,18 @@ def sweep_configs(m: int, k: int, families: str = "all") -> list[W4A16Config]:
     """Decode: split-K grids, the GEMV (up to GEMV_MAX_M rows), on CUDA cores in the tiled kernel (one
     row) and with tl.dot (BLOCK_M 16 or more, the weight tile as the first operand, the packed
     dequantization; the unpacked one at DECODE_BLOCK_N x DECODE_BLOCK_K for comparison); prefill: tile
-    shapes without a split. `families` "gemv": the GEMV's grid only."""
+    shapes without a split, and up to MID_MAX_M rows the decode launch too (all rows one tile, the
+    weight tile first, split-K), against which the default there (the weights dequantized for cuBLAS)
+    is the table's w4a16 column. `families` "gemv": the GEMV's grid only."""
     if m > DECODE_MAX_M:
         grid = itertools.product((64, 128), (128, 256), (64, 128), (4, 8))
-        return [W4A16Config(bm, bn, bk, 1, warps, 3) for bm, bn, bk, warps in grid]
+        configs = [W4A16Config(bm, bn, bk, 1, warps, 3) for bm, bn, bk, warps in grid]
+        if m <= MID_MAX_M:
+            block_m = triton.next_power_of_2(m)
+            grid = itertools.product((64, 128), (64, 128), (1, 2, 4, 8), (2, 3), (4, 8))
+            for bn, bk, split, stages, warps in grid:
+                configs.append(W4A16Config(block_m, bn, bk, split, warps, stages, swap_ab=True))
+        return [c for c in configs if k // c.split_k >= c.block_k]
     configs = gemv_configs(m) if m <= GEMV_MAX_M else []
     if families == "gemv":
         return [c for c in configs if k // c.split_k >= c.block_k]

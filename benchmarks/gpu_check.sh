@@ -5,7 +5,7 @@
 #                                [int4 | int4-tests int4-bench] [int4-8b] [long] [long-vllm]   (default: tests kernels bench)
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
 #                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [fp8-8b] [gemm] [structured-mask] [int4-gemm] [compile-log]
-#                                [tune-prefill] [tune-attention] [profile-fp8] [quant-8b] [gemv-sweep]
+#                                [tune-prefill] [tune-attention] [profile-fp8] [quant-8b] [gemv-sweep] [int4-mid]
 # `tests-shards` runs the whole GPU suite as six pytest processes at once (SHARDS="engine models" picks some),
 # each verbose (a test per line, so a run that TEST_TIMEOUT cuts still names what passed) and bounded by
 # TEST_TIMEOUT seconds (default 500).
@@ -217,6 +217,10 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
     int4-bench|int4-gemm)  # the GEMMs alone at Qwen3-8B shapes against bf16 (int4-bench: then a sweep of configs)
       python3 benchmarks/bench_w4a16.py $([ "$part" = int4-bench ] && echo --sweep) --json "$OUT/w4a16.json" 2>&1 | tee "$OUT/w4a16.log" | tail -90
       summary+=("w4a16: $(grep '^goal' "$OUT/w4a16.log")") ;;
+    int4-mid)  # W4A16 at 128 and 256 rows: the decode launch (split-K, tl.dot) against the default (dequantize + cuBLAS)
+      python3 benchmarks/bench_w4a16.py --sweep --sweep-m 128,256 --json "$OUT/w4a16_mid.json" 2>&1 \
+        | tee "$OUT/w4a16_mid.log" | grep -E -A3 "^sweep|^ +[a-z_]* *[0-9]+x[0-9]+ +(128|256) "
+      summary+=("w4a16 mid-batch sweep: see w4a16_mid.log") ;;
     gemv-sweep)  # the W4A16 GEMV's launch grid alone at 1 and 2 rows (with and without prefetch), after the GEMM table
       python3 benchmarks/bench_w4a16.py --sweep --sweep-family gemv --sweep-m 1,2 --json "$OUT/w4a16_gemv.json" 2>&1 \
         | tee "$OUT/w4a16_gemv.log" | grep -A3 "^sweep"
