@@ -66,7 +66,14 @@ def max_padded_assignments(num_assignments: int, num_experts: int, block_m: int)
 # ---------------------------------------------------------------------------------------------------------
 # Sorting assignments by expert
 # ---------------------------------------------------------------------------------------------------------
-@triton.jit
+# Arguments that vary with the batch's token count, kept out of Triton's specialization (on a value of 1
+# and on divisibility by 16): otherwise the first prefill of each new length class compiles its own
+# variants of these kernels in the step that needs them (seconds), though start-up compiled the same
+# tiles. They are only compared against and looped up to.
+TOKEN_COUNT_ARGS = ("num_assignments", "max_blocks")
+
+
+@triton.jit(do_not_specialize=TOKEN_COUNT_ARGS[:1])
 def _count_kernel(topk_ids_ptr, counts_ptr, num_assignments, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_assignments
@@ -74,7 +81,7 @@ def _count_kernel(topk_ids_ptr, counts_ptr, num_assignments, BLOCK: tl.constexpr
     tl.atomic_add(counts_ptr + expert, 1, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_COUNT_ARGS[1:])
 def _label_kernel(
     counts_ptr,
     offsets_ptr,
@@ -104,7 +111,7 @@ def _label_kernel(
         tl.store(expert_ids_ptr + b, expert, mask=b < max_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_COUNT_ARGS[:1])
 def _scatter_kernel(topk_ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, num_assignments, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_assignments
@@ -154,7 +161,7 @@ def moe_align_block_size(topk_ids: Tensor, num_experts: int, block_m: int) -> tu
 # ---------------------------------------------------------------------------------------------------------
 # Grouped GEMMs
 # ---------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_COUNT_ARGS[:1])
 def _gate_up_kernel(
     x_ptr,  # [T, K] input tokens
     w_ptr,  # [E, 2N, K]: gate rows 0..N-1, up rows N..2N-1
@@ -206,7 +213,7 @@ def _gate_up_kernel(
     tl.store(o_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_COUNT_ARGS[:1])
 def _down_kernel(
     a_ptr,  # [T * top_k, K] activations per assignment
     w_ptr,  # [E, N, K]

@@ -192,6 +192,36 @@ def test_qwen3_30b_a3b_shape_in_bf16(t):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_prefill_lengths_reuse_one_compile(monkeypatch):
+    """Token counts that share a tile configuration share the compiled kernels, whatever the
+    divisibility of their assignment and tile counts: once a long prefill (the engine's warm-up) has
+    run, a prefill of another length compiles nothing."""
+    from triton.runtime.jit import JITFunction
+
+    from nanovllm.kernels import fused_moe
+
+    # 128 experts, top-8: from 1,537 tokens the prefill tiles. 1680 tokens: a tile count divisible by 16
+    # (2048's, 382, is not); the others: odd assignment counts (2048's, 16,384, is divisible).
+    lengths = (1680, 1601, 1999, 3001)
+    assert len({str(fused_moe.gemm_config(t, 8, 128, torch.bfloat16)) for t in (2048, *lengths)}) == 1
+    warm = make_inputs(2048, 128, 8, 256, 128, torch.bfloat16, seed=0)
+    fused_moe.fused_experts(*warm)
+    compiles = []
+    compile_once = JITFunction._do_compile
+
+    def counted(self, *args, **kwargs):
+        compiles.append(self.__name__)
+        return compile_once(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "_do_compile", counted)
+    for t in lengths:
+        check_against_reference(*make_inputs(t, 128, 8, 256, 128, torch.bfloat16, seed=t))
+    kernels = {"_count_kernel", "_label_kernel", "_scatter_kernel", "_gate_up_kernel", "_down_kernel"}
+    assert not kernels & set(compiles), compiles
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_captured_in_a_cuda_graph_with_new_routing_each_replay():
     """No host sync and no data-dependent shape: one capture serves different routings."""
     from nanovllm.kernels.fused_moe import fused_experts
