@@ -56,7 +56,7 @@ PREFILL_M = [2048, 8192]
 BLOCK = [128, 128]
 REP_MS = 50
 SWEEP_SHAPES = ["8B qkv 4096x6144", "8B down 12288x4096", "0.6B gate_up 1024x6144"]
-SWEEP_M = [1, 16, 64, 256, 4096]
+SWEEP_M = [1, 16, 64, 256, 4096, 16384]  # 16,384: a whole prefill chunk (max_num_batched_tokens)
 ACCURACY_PROMPTS = 8  # full logits of ~4,500 positions x 151,936 per run are held in host memory
 
 
@@ -161,12 +161,22 @@ def run_gemm() -> list[dict]:
 
 
 def sweep_configs(m: int):
+    """Tiles, warps, stages; split-K up to 64 rows; from 4096 rows the launch order too (GROUP_M 8:
+    programs that run at once share rows of x and columns of W in L2; 1: row tiles fastest)."""
     for bm in [16, 64] if m <= 64 else [64, 128]:
         for bn in (64, 128):
             for warps in (4, 8):
                 for stages in (3, 4):
                     for split in (1, 4, 8) if m <= 64 else (1,):  # a runtime argument: no recompile
-                        yield dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, split_k=split)
+                        for group_m in (1, 8) if m >= 4096 else (1,):
+                            yield dict(
+                                BLOCK_M=bm,
+                                BLOCK_N=bn,
+                                num_warps=warps,
+                                num_stages=stages,
+                                split_k=split,
+                                GROUP_M=group_m,
+                            )
 
 
 def sweep_one(name: str, m: int, w8, ws, gen) -> dict:

@@ -84,13 +84,25 @@ def _block_gemm_kernel(
     DEQUANT: tl.constexpr,
     DOT_KIND: tl.constexpr,
     EMULATE_CAST: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """A_FP8: x arrives quantized (e4m3 with scales [m, ceil(K / GROUP_K)]); else x is quantized
     here, per tile (BLOCK_K == GROUP_K). DEQUANT (with A_FP8): a K tile spans several groups (or
     parts of them); both operands are dequantized with per-element scales and multiplied in
-    DOT_KIND's dtype (0: bf16, 1: fp16, 2: fp32)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    DOT_KIND's dtype (0: bf16, 1: fp16, 2: fp32). GROUP_M > 1: the grid's first axis numbers the
+    output tiles, in launch order GROUP_M row tiles down one column of tiles, then the next column
+    (so the programs that run at once share a few rows of x and a few column blocks of W in L2);
+    else the grid is (row tiles, column tiles), the row tile fastest."""
+    if GROUP_M > 1:
+        tile = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        first_m = tile // (GROUP_M * num_n) * GROUP_M
+        rows_in_group = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+        pid_m = first_m + tile % (GROUP_M * num_n) % rows_in_group
+        pid_n = tile % (GROUP_M * num_n) // rows_in_group
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
     split = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -191,6 +203,8 @@ def _check_tiles(cfg: dict) -> None:
             raise ValueError(f"config {name} must be a power of two >= {DOT_MIN_MN} (tl.dot), got {size!r}")
     if "BLOCK_K" in cfg:
         raise ValueError("config BLOCK_K is set by the weight block (block_gemm_plan), not by the caller")
+    if not isinstance(cfg.get("GROUP_M", 1), int) or cfg.get("GROUP_M", 1) < 1:
+        raise ValueError(f"config GROUP_M must be an int >= 1, got {cfg['GROUP_M']!r}")
 
 
 def block_gemm_launch(
@@ -203,11 +217,11 @@ def block_gemm_launch(
     num_sms: int = 4,
 ) -> dict:
     """The block GEMM's launch for x [m, k] and W [n, k] in `block` scale blocks: the kernel's tile
-    constexprs (BLOCK_M, BLOCK_N, BLOCK_K, A_FP8, DEQUANT), num_warps / num_stages, and the split-K
-    (split, per_split: K tiles per split, no empty split)."""
+    constexprs (BLOCK_M, BLOCK_N, BLOCK_K, A_FP8, DEQUANT, GROUP_M), num_warps / num_stages, and the
+    split-K (split, per_split: K tiles per split, no empty split)."""
     block_k_tile, dequant = block_gemm_plan(block[1])
     k_tiles = triton.cdiv(k, block_k_tile)
-    cfg = dict(config or block_gemm_config(m, n, k_tiles, num_sms, dequant))
+    cfg = {"GROUP_M": 1, **(config or block_gemm_config(m, n, k_tiles, num_sms, dequant))}
     _check_tiles(cfg)
     split = max(1, min(int(cfg.pop("split_k", 1)), k_tiles))
     per_split = triton.cdiv(k_tiles, split)
@@ -235,7 +249,8 @@ def w8a8_block_matmul(
     [ceil(n / block_n), ceil(k / block_k)] (fp32) per block; x quantized per token and block_k group,
     inside the GEMM (or, with `prequantize`, by `per_token_group_quant` first: one more launch, but
     the GEMM then reads one byte per activation; None: from PREQUANTIZE_MIN_M rows on). `config`: tile
-    sizes / split-K (default: `block_gemm_config`). A group the fused kernel cannot take as one K
+    sizes / split-K / GROUP_M, the launch order (default: `block_gemm_config`, GROUP_M 1). A group
+    the fused kernel cannot take as one K
     tile (`block_gemm_plan`) is always quantized first, whatever `prequantize` says."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -263,7 +278,8 @@ def w8a8_block_matmul(
     out = _split_output(split, m, n, x.dtype, x.device)
     if m == 0:
         return _sum_splits(out, x.dtype)
-    grid = (triton.cdiv(m, launch["BLOCK_M"]), triton.cdiv(n, launch["BLOCK_N"]), split)
+    tiles_m, tiles_n = triton.cdiv(m, launch["BLOCK_M"]), triton.cdiv(n, launch["BLOCK_N"])
+    grid = (tiles_m * tiles_n, 1, split) if launch["GROUP_M"] > 1 else (tiles_m, tiles_n, split)
     out_dtype = x.dtype
     if launch["A_FP8"]:
         x, x_scale = per_token_group_quant(x, block_k)

@@ -131,8 +131,9 @@ def test_block_launch_refuses_tiles_below_the_dot_minimums():
         dict(BLOCK_M=8, BLOCK_N=64),
         dict(BLOCK_M=16, BLOCK_N=48),
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16),
+        dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=0),
     ):
-        with pytest.raises(ValueError, match="BLOCK_"):
+        with pytest.raises(ValueError, match="BLOCK_|GROUP_M"):
             block_gemm_launch(4, 64, 128, [128, 128], bad | dict(num_warps=4, num_stages=2))
 
 
@@ -159,6 +160,25 @@ def test_block_matmul_against_reference(m, n, k, block, split, prequantize):
     _close(out, ref, dtype)
     if m > 2:
         assert out[1].abs().max().item() == 0
+
+
+@direct
+@pytest.mark.parametrize("group_m", [2, 3])
+def test_block_matmul_grouped_launch_order(group_m):
+    """GROUP_M > 1 numbers the output tiles in another order (GROUP_M row tiles down a column of tiles,
+    the last group shorter when GROUP_M does not divide the row tiles): every tile is still computed
+    once, exactly as in the default order, with split-K."""
+    from nanovllm.kernels.fp8_gemm import w8a8_block_matmul
+
+    gen = torch.Generator().manual_seed(group_m)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    m, n, k, block = 50, 160, 256, [128, 128]  # 4 x 5 tiles of 16 x 32
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    w, scale = random_block_weight(n, k, block, gen)
+    config = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1 if not ON_GPU else 3, split_k=2)
+    out = w8a8_block_matmul(x, w, scale, block, config | {"GROUP_M": group_m}, prequantize=True)
+    _close(out, quantize_groups(x, 128) @ dequant_block(w, scale, block).t(), dtype)
+    assert torch.equal(out, w8a8_block_matmul(x, w, scale, block, config, prequantize=True))
 
 
 @direct
