@@ -168,6 +168,13 @@ def fill_split(tiles: int, k_tiles: int, num_sms: int) -> int:
     return max(1, min(k_tiles, (2 * num_sms) // max(tiles, 1)))
 
 
+def split_tiles(k_tiles: int, split_k: int) -> tuple[int, int]:
+    """(splits, K tiles per split) for `split_k` requested splits of `k_tiles` K tiles: at least one
+    tile a split and no empty split (the last may be shorter)."""
+    per_split = triton.cdiv(k_tiles, max(1, min(split_k, k_tiles)))
+    return triton.cdiv(k_tiles, per_split), per_split
+
+
 def block_gemm_config(m: int, n: int, k_tiles: int, num_sms: int, dequant: bool = False) -> dict:
     """Tile sizes and split-K for an [m, n] output: small m (decode) is bound by reading the weight,
     so the K loop is split until the grid covers the SMs about twice (`fill_split`); large m uses
@@ -223,8 +230,7 @@ def block_gemm_launch(
     k_tiles = triton.cdiv(k, block_k_tile)
     cfg = {"GROUP_M": 1, **(config or block_gemm_config(m, n, k_tiles, num_sms, dequant))}
     _check_tiles(cfg)
-    split = max(1, min(int(cfg.pop("split_k", 1)), k_tiles))
-    per_split = triton.cdiv(k_tiles, split)
+    split, per_split = split_tiles(k_tiles, int(cfg.pop("split_k", 1)))
     if prequantize is None:
         prequantize = m >= PREQUANTIZE_MIN_M
     return dict(
@@ -232,7 +238,7 @@ def block_gemm_launch(
         BLOCK_K=block_k_tile,
         A_FP8=bool(prequantize or dequant),
         DEQUANT=dequant,
-        split=triton.cdiv(k_tiles, per_split),
+        split=split,
         per_split=per_split,
     )
 
@@ -489,9 +495,7 @@ def channel_gemm_triton(
             tiles, triton.cdiv(k, config["BLOCK_K"]), sm_count(q.device, cpu_default=4)
         )
     config = dict(config)
-    k_tiles = triton.cdiv(k, config["BLOCK_K"])
-    per_split = triton.cdiv(k_tiles, max(1, min(int(config.pop("split_k", 1)), k_tiles)))
-    split = triton.cdiv(k_tiles, per_split)  # no empty split
+    split, per_split = split_tiles(triton.cdiv(k, config["BLOCK_K"]), int(config.pop("split_k", 1)))
     out = _split_output(split, m, n, out_dtype, q.device)
     if m == 0:
         return _sum_splits(out, out_dtype)

@@ -65,3 +65,18 @@ def compile_for_sm90(fn, signature: dict[str, str], constants: dict, aligned=(),
     )
     options = dict(num_warps=num_warps, num_stages=num_stages)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm
+
+
+def record_compiles(monkeypatch) -> list[str]:
+    """From now on (for the test's duration), the name of every Triton kernel compiled, in order."""
+    from triton.runtime.jit import JITFunction
+
+    compiles: list[str] = []
+    compile_once = JITFunction._do_compile
+
+    def counted(self, *args, **kwargs):
+        compiles.append(self.__name__)
+        return compile_once(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "_do_compile", counted)
+    return compiles

@@ -11,7 +11,14 @@ output's largest value (bf16 output rounding, and fp32 accumulation order), 1e-4
 import pytest
 import torch
 
-from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
+from tests.kernels.interpreter import (
+    DEVICE,
+    ON_GPU,
+    direct,
+    interpreter_test,
+    record_compiles,
+    run_file_under_interpreter,
+)
 
 FP8 = torch.float8_e4m3fn
 
@@ -257,8 +264,6 @@ def test_prefill_lengths_reuse_one_compile(monkeypatch):
     long prefill (the engine's warm-up) has run."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from triton.runtime.jit import JITFunction
-
     from nanovllm.kernels.fp8_gemm import _block_gemm_kernel, block_gemm_launch, w8a8_block_matmul
 
     gen = torch.Generator().manual_seed(0)
@@ -266,14 +271,7 @@ def test_prefill_lengths_reuse_one_compile(monkeypatch):
     w, scale = random_block_weight(n, k, (128, 128), gen)
     x = torch.randn(2048, k, generator=gen).to("cuda", torch.bfloat16)
     w8a8_block_matmul(x, w, scale, [128, 128])  # the warm-up's long prefill
-    compiles = []
-    compile_once = JITFunction._do_compile
-
-    def counted(self, *args, **kwargs):
-        compiles.append(self.__name__)
-        return compile_once(self, *args, **kwargs)
-
-    monkeypatch.setattr(JITFunction, "_do_compile", counted)
+    compiles = record_compiles(monkeypatch)
     rows = (198, 333, 77, 1000, 129)
     launches = [block_gemm_launch(m, n, k, [128, 128], num_sms=132) for m in rows]
     assert len({launch["per_split"] for launch in launches}) > 2  # several split-K factors among them

@@ -10,7 +10,14 @@ test_triton_kernels.py does)."""
 import pytest
 import torch
 
-from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
+from tests.kernels.interpreter import (
+    DEVICE,
+    ON_GPU,
+    direct,
+    interpreter_test,
+    record_compiles,
+    run_file_under_interpreter,
+)
 
 # bf16 matmuls are wrong under the numpy-backed interpreter: there fp32 and fp16 only.
 DTYPES = [torch.float32, torch.bfloat16, torch.float16] if ON_GPU else [torch.float32, torch.float16]
@@ -196,8 +203,6 @@ def test_prefill_lengths_reuse_one_compile(monkeypatch):
     """Token counts that share a tile configuration share the compiled kernels, whatever the
     divisibility of their assignment and tile counts: once a long prefill (the engine's warm-up) has
     run, a prefill of another length compiles nothing."""
-    from triton.runtime.jit import JITFunction
-
     from nanovllm.kernels import fused_moe
 
     # 128 experts, top-8: from 1,537 tokens the prefill tiles. 1680 tokens: a tile count divisible by 16
@@ -206,14 +211,7 @@ def test_prefill_lengths_reuse_one_compile(monkeypatch):
     assert len({str(fused_moe.gemm_config(t, 8, 128, torch.bfloat16)) for t in (2048, *lengths)}) == 1
     warm = make_inputs(2048, 128, 8, 256, 128, torch.bfloat16, seed=0)
     fused_moe.fused_experts(*warm)
-    compiles = []
-    compile_once = JITFunction._do_compile
-
-    def counted(self, *args, **kwargs):
-        compiles.append(self.__name__)
-        return compile_once(self, *args, **kwargs)
-
-    monkeypatch.setattr(JITFunction, "_do_compile", counted)
+    compiles = record_compiles(monkeypatch)
     for t in lengths:
         check_against_reference(*make_inputs(t, 128, 8, 256, 128, torch.bfloat16, seed=t))
     kernels = {"_count_kernel", "_label_kernel", "_scatter_kernel", "_gate_up_kernel", "_down_kernel"}
