@@ -4,7 +4,7 @@
 #                                [tp-tests] [tp-small] [tp-8b] [structured] [serve] [moe | moe-tests moe-kernel moe-bench]
 #                                [int4 | int4-tests int4-bench] [int4-8b] [long] [long-vllm]   (default: tests kernels bench)
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
-#                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [fp8-8b] [gemm] [structured-mask] [int4-gemm] [compile-log]
+#                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [gemm] [structured-mask] [int4-gemm] [compile-log]
 #                                [tune-prefill] [tune-attention] [profile-fp8] [quant-8b] [gemv-sweep] [int4-mid]
 # `tests-shards` runs the whole GPU suite as six pytest processes at once (SHARDS="engine models" picks some),
 # each verbose (a test per line, so a run that TEST_TIMEOUT cuts still names what passed) and bounded by
@@ -288,19 +288,6 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
     fp8-sweep)  # launch configurations of the block-scaled FP8 GEMM (the tunables of kernels/fp8_gemm.py)
       python3 benchmarks/bench_fp8.py sweep --json "$OUT/fp8_sweep.json" 2>&1 | tee "$OUT/fp8_sweep.log" | tail -32
       summary+=("fp8 sweep: see fp8_sweep.log") ;;
-    fp8-8b)  # Qwen3-8B shapes: bf16, online FP8 + FP8 KV, the block format (dummy weights) + FP8 KV; then batch 1
-      python3 benchmarks/bench_fp8.py --make-block-checkpoint /tmp/qwen3-8b-fp8-block --from qwen3-8b-random
-      for run in "bf16|--model qwen3-8b-random" \
-          "fp8online|--model qwen3-8b-random --quantization fp8 --kv-cache-dtype fp8" \
-          "fp8block|--model /tmp/qwen3-8b-fp8-block --kv-cache-dtype fp8"; do
-        tag=${run%%|*}; opts=${run#*|}
-        python3 bench.py --attention-backend triton $opts --json "$OUT/bench_fp8_8b_$tag.json" 2>&1 \
-          | tee "$OUT/bench_fp8_8b_$tag.log" | grep -E "^(Decode must|Floor|Total)"
-        summary+=("bench 8b $tag: $(grep -E '^(Total|Floor)' "$OUT/bench_fp8_8b_$tag.log" | paste -sd';')")
-        python3 bench.py --attention-backend triton $opts --num-seqs 1 --max-input-len 256 --max-output-len 512 \
-          --no-breakdown 2>&1 | tee "$OUT/bench_fp8_8b_${tag}_single.log" | grep -E "^Total"
-        summary+=("single stream 8b $tag: $(grep '^Total' "$OUT/bench_fp8_8b_${tag}_single.log")")
-      done ;;
     fp8-vllm)  # vLLM with its FP8 KV cache (and FP8 weights) on the reference workload (install the bundle first)
       for opts in "--kv-cache-dtype fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
         name=vllm_fp8$(echo "$opts" | tr -d ' -')
