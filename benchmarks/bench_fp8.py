@@ -19,6 +19,7 @@ quantization_config, for `bench.py --model DIR` (random FP8 weights and scales, 
 """
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -163,20 +164,16 @@ def run_gemm() -> list[dict]:
 def sweep_configs(m: int):
     """Tiles, warps, stages; split-K up to 64 rows; from 4096 rows the launch order too (GROUP_M 8:
     programs that run at once share rows of x and columns of W in L2; 1: row tiles fastest)."""
-    for bm in [16, 64] if m <= 64 else [64, 128]:
-        for bn in (64, 128):
-            for warps in (4, 8):
-                for stages in (3, 4):
-                    for split in (1, 4, 8) if m <= 64 else (1,):  # a runtime argument: no recompile
-                        for group_m in (1, 8) if m >= 4096 else (1,):
-                            yield dict(
-                                BLOCK_M=bm,
-                                BLOCK_N=bn,
-                                num_warps=warps,
-                                num_stages=stages,
-                                split_k=split,
-                                GROUP_M=group_m,
-                            )
+    grid = itertools.product(
+        [16, 64] if m <= 64 else [64, 128],
+        (64, 128),
+        (4, 8),
+        (3, 4),
+        (1, 4, 8) if m <= 64 else (1,),  # split-K: a runtime argument, no recompile
+        (1, 8) if m >= 4096 else (1,),
+    )
+    for bm, bn, warps, stages, split, group_m in grid:
+        yield dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, split_k=split, GROUP_M=group_m)
 
 
 def sweep_one(name: str, m: int, w8, ws, gen) -> dict:
