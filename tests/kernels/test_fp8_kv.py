@@ -91,12 +91,12 @@ def _tol(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dim", [16, 32])  # 32 and more: V read as 16-bit words; 16: whole
-@pytest.mark.parametrize("heads_first", [False, True])  # the launch orders of DECODE_HEADS_FIRST
+@pytest.mark.parametrize("heads_first", [False, True])  # the launch orders of DECODE_HEADS_FIRST_FP8
 def test_decode_reads_fp8_cache(dtype, num_splits, dim, heads_first, monkeypatch):
     from nanovllm.kernels import paged_attention
     from nanovllm.kernels.paged_attention import decode_attention
 
-    monkeypatch.setattr(paged_attention, "DECODE_HEADS_FIRST", heads_first)
+    monkeypatch.setattr(paged_attention, "DECODE_HEADS_FIRST_FP8", heads_first)
 
     gen = torch.Generator().manual_seed(1)
     block_size, kv_heads, heads = 16, 2, 4
