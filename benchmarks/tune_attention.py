@@ -41,9 +41,8 @@ KERNEL_GRID = {
     "DECODE_TILE_N": (32, 64, 128, 256),
     "DECODE_NUM_WARPS": (2, 4, 8),
     "DECODE_NUM_STAGES": (2, 3, 4),
-    "DECODE_HEADS_FIRST": (False, True),  # the launch order (see paged_attention.py) ...
+    "DECODE_HEADS_FIRST": (False, True),  # the launch order (see paged_attention.py)
 }
-HEADS_FIRST_FP8 = "DECODE_HEADS_FIRST_FP8"  # ... which an FP8 cache takes from its own constant
 SPLIT_GRID = {"DECODE_PROGRAMS_PER_SM": (1, 2, 4, 8, 16), "DECODE_MIN_TOKENS_PER_SPLIT": (64, 128, 256, 512)}
 
 
@@ -115,10 +114,8 @@ def main() -> None:
     cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else DTYPE
     rng = random.Random(0)
     cases = {shape: make_case(*shape, rng, cache_dtype) for shape in SHAPES}
+    defaults = {name: getattr(pa, name) for name in (*KERNEL_GRID, *SPLIT_GRID)}
     grid = KERNEL_GRID if not args.quick else {k: v[:2] for k, v in KERNEL_GRID.items()}
-    if args.kv_cache_dtype == "fp8":
-        grid = {HEADS_FIRST_FP8 if k == "DECODE_HEADS_FIRST" else k: v for k, v in grid.items()}
-    defaults = {name: getattr(pa, name) for name in (*grid, *SPLIT_GRID)}
     results: dict = {"defaults": defaults, "kv_cache_dtype": str(cache_dtype), "shapes": {}}
     table = {shape: time_case(case)[0] for shape, case in cases.items()}  # the configuration the engine runs
     tuning.DECODE_CONFIGS = {}  # sweep from the module defaults, not the table measured earlier

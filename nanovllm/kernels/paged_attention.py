@@ -43,12 +43,11 @@ DECODE_NUM_STAGES_FP32 = 2
 # run at the same time read one KV head of neighbouring sequences, a head_dim-wide row (128 bytes with
 # an FP8 cache, 256 in bf16) out of every token's num_kv_heads rows. True: the first axis is the KV
 # head, so they read neighbouring heads of the same tokens, whose rows are adjacent in the cache.
-# FP8 cache, measured on the H200 (tune_attention.py --kv-cache-dtype fp8, 2026-12-03,
-# results/2026-12-03c_h200_tune_attention_fp8kv.json): heads first is faster at every shape with the
-# same tiles, batch 256 148.6 -> 143.1 us, 128 103.1 -> 97.5, 64 66.2 -> 64.3, 1-32 within 2%.
-# The 16-bit cache (256-byte rows, already near copy speed) keeps the sequence-first order: not measured.
-DECODE_HEADS_FIRST = False
-DECODE_HEADS_FIRST_FP8 = True
+# Measured on the H200 (2026-12-03, benchmarks/RESULTS.md tenth session): with an FP8 cache
+# tune_attention.py has heads first faster at every shape with the same tiles (batch 256 148.6 -> 143.1
+# us, 128 103.1 -> 97.5, 64 66.2 -> 64.3, 1-32 within 2%); bench.py in bf16 made 25,547 tok/s against
+# 25,267 sequence-first (means of three runs each, alternating, one call).
+DECODE_HEADS_FIRST = True
 # Automatic split count: aim for this many decode programs per SM ...
 DECODE_PROGRAMS_PER_SM = 4
 # ... but give every split at least this many cached tokens of the block-table capacity ...
@@ -478,7 +477,7 @@ def decode_attention(
         part_max = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
         part_sum = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
 
-    heads_first = DECODE_HEADS_FIRST_FP8 if kv_fp8 else DECODE_HEADS_FIRST
+    heads_first = DECODE_HEADS_FIRST
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
     _decode_split_kernel[grid](
         q,

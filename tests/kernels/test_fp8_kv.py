@@ -91,12 +91,12 @@ def _tol(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dim", [16, 32])  # 32 and more: V read as 16-bit words; 16: whole
-@pytest.mark.parametrize("heads_first", [False, True])  # the launch orders of DECODE_HEADS_FIRST_FP8
+@pytest.mark.parametrize("heads_first", [False, True])  # the launch orders of DECODE_HEADS_FIRST
 def test_decode_reads_fp8_cache(dtype, num_splits, dim, heads_first, monkeypatch):
     from nanovllm.kernels import paged_attention
     from nanovllm.kernels.paged_attention import decode_attention
 
-    monkeypatch.setattr(paged_attention, "DECODE_HEADS_FIRST_FP8", heads_first)
+    monkeypatch.setattr(paged_attention, "DECODE_HEADS_FIRST", heads_first)
 
     gen = torch.Generator().manual_seed(1)
     block_size, kv_heads, heads = 16, 2, 4
@@ -167,7 +167,7 @@ def test_fp8_decode_compiles_for_sm90_without_byte_gathers(q_type):
     strides = [name for name in fn.arg_names if name.startswith("stride")]
     signature.update({name: "i32" for name in strides})
     constants = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=256, TILE_N=128, DOT_PRECISION="tf32")
-    constants.update(SINGLE_SPLIT=False, WIDEN_ASM=True, HEADS_FIRST=False)
+    constants.update(SINGLE_SPLIT=False, WIDEN_ASM=True, HEADS_FIRST=P.DECODE_HEADS_FIRST)
     ptx = compile_for_sm90(fn, signature, constants, aligned=list(pointers) + strides)["ptx"]
     assert "cvt.rn.f16x2.e4m3x2" in ptx
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx and ".bf16.bf16" not in ptx

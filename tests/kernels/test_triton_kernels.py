@@ -256,12 +256,12 @@ def test_decode_attention(case: int, block_size: int, dtype: torch.dtype) -> Non
 
 @direct
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)
-def test_decode_attention_heads_first_launch(dtype: torch.dtype, monkeypatch) -> None:
-    """The other launch order (DECODE_HEADS_FIRST: the grid's first axis the KV head): every sequence,
+def test_decode_attention_sequence_first_launch(dtype: torch.dtype, monkeypatch) -> None:
+    """The other launch order (DECODE_HEADS_FIRST off: the grid's first axis the sequence): every sequence,
     head and split still reads its own rows and writes its own partials."""
     from nanovllm.kernels import paged_attention
 
-    monkeypatch.setattr(paged_attention, "DECODE_HEADS_FIRST", True)
+    monkeypatch.setattr(paged_attention, "DECODE_HEADS_FIRST", False)
     k_lens, num_kv_heads, group, head_dim, shared = max(DECODE_CASES, key=lambda c: len(c[0]) * c[1])
     splits = [1, 3, None] if not ON_GPU else [1, 4, 13, None]
     run_decode_case(k_lens, num_kv_heads, group, head_dim, shared, 16, dtype, splits, seed=11)
