@@ -6,6 +6,7 @@
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
 #                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [gemm] [structured-mask] [int4-gemm] [compile-log]
 #                                [tune-prefill] [tune-attention] [profile-fp8] [quant-8b] [gemv-sweep] [int4-mid]
+#                                [profile-b1]
 # `tests-shards` runs the whole GPU suite as six pytest processes at once (SHARDS="engine models" picks some),
 # each verbose (a test per line, so a run that TEST_TIMEOUT cuts still names what passed) and bounded by
 # TEST_TIMEOUT seconds (default 500).
@@ -42,6 +43,11 @@ parts=$(echo " $parts " | sed -E 's/ moe / moe-tests moe-kernel moe-bench /; s/ 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 summary=()
 carried_wheels() {  # xgrammar, jsonschema and their needs, carried as wheels in .whl/ (the machine lacks them)
+  # Build .whl here (43 MB; it covers the structured-output, token-bitmask and server tests):
+  #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+  #     xgrammar apache-tvm-ffi jsonschema jsonschema-specifications referencing rpds-py attrs pydantic \
+  #     pydantic-core typing-inspection annotated-types fastapi starlette uvicorn h11 anyio sniffio click \
+  #     openai httpx httpcore distro jiter
   # --no-deps into a folder of its own: pip would otherwise look for torch in .whl and give up. The folder
   # goes after the machine's own packages (a .pth file in its site-packages; PYTHONPATH would come first and
   # let a carried wheel shadow an installed one), on PYTHONPATH's end only where that is not writable.
@@ -309,6 +315,10 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
           | grep -E "^(Decode|step wall|forward|bandwidth|_decode|_store)"
         summary+=("decode step b256 kv $kv: $(grep -E '^(forward|bandwidth)' "$OUT/profile_b256_$kv.log" | tr -s ' ' | paste -sd';')")
       done ;;
+    profile-b1)  # single-stream decode steps (Qwen3-0.6B shapes, batch 1, 256 tokens of context), kernels listed
+      python3 benchmarks/profile_step.py --attention-backend triton --num-seqs 1 --context 256 --steps 50 \
+        --torch-profile /tmp/trace_b1.json --top-kernels 20 2>&1 | grep -vi warn | tee "$OUT/profile_b1.log" | tail -40
+      summary+=("decode step b1: $(grep -E '^(forward|bandwidth)' "$OUT/profile_b1.log" | tr -s ' ' | paste -sd';')") ;;
     quant-8b)  # Qwen3-8B shapes: bench.py and single stream in bf16, AWQ, online FP8 + FP8 KV, block FP8 + FP8 KV
       # (QUANT_RUNS="bf16 fp8block" picks some)
       runs=()
