@@ -6,7 +6,7 @@
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
 #                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [gemm] [structured-mask] [int4-gemm] [compile-log]
 #                                [tune-prefill] [tune-attention] [profile-fp8] [quant-8b] [gemv-sweep] [int4-mid]
-#                                [profile-b1]
+#                                [profile-b1] [silu-fuse]
 # `tests-shards` runs the whole GPU suite as six pytest processes at once (SHARDS="engine models" picks some),
 # each verbose (a test per line, so a run that TEST_TIMEOUT cuts still names what passed) and bounded by
 # TEST_TIMEOUT seconds (default 500).
@@ -316,6 +316,20 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
           | grep -E "^(Decode|step wall|forward|bandwidth|_decode|_store)"
         summary+=("decode step b256 kv $kv: $(grep -E '^(forward|bandwidth)' "$OUT/profile_b256_$kv.log" | tr -s ' ' | paste -sd';')")
       done ;;
+    silu-fuse)  # the activation folded into down_proj's skinny GEMM (ENGINE_FUSE_SILU_MUL): its GPU tests, then
+      # single stream with it off and on, alternating, twice each (one process per run: graphs capture the setting)
+      python3 -m pytest -q -m cuda tests/kernels/test_skinny_gemm.py 2>&1 | tee "$OUT/pytest_skinny.log" | tail -3
+      summary+=("skinny tests: $(tail -1 "$OUT/pytest_skinny.log")")
+      for fuse in False True False True; do
+        python3 - "$fuse" <<'PY' 2>&1 | grep "^Latency" | sed "s/^/fuse $fuse: /" | tee -a "$OUT/silu_fuse.log"
+import runpy, sys
+import nanovllm.kernels.skinny_gemm as skinny
+skinny.ENGINE_FUSE_SILU_MUL = sys.argv[1] == "True"
+sys.argv = ["bench_latency.py", "--model", "qwen3-0.6b-random", "--prompt-len", "256", "--output-len", "512"]
+runpy.run_path("benchmarks/bench_latency.py", run_name="__main__")
+PY
+      done
+      summary+=("silu fuse: $(paste -sd';' "$OUT/silu_fuse.log")") ;;
     profile-b1)  # single-stream decode steps (Qwen3-0.6B shapes, batch 1, 256 tokens of context), kernels listed
       python3 benchmarks/profile_step.py --attention-backend triton --num-seqs 1 --context 256 --steps 50 \
         --torch-profile /tmp/trace_b1.json --top-kernels 20 2>&1 | grep -vi warn | tee "$OUT/profile_b1.log" | tail -40

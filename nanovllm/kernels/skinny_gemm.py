@@ -12,6 +12,10 @@ result is the same on every run. The launch grid depends on shapes only (CUDA-gr
 `skinny_gemm_add_rms_norm` gives that second kernel the next step of a decoder layer too: the residual
 add and the RMSNorm that follow o_proj and down_proj, one program per row (the hidden size fits one
 tile). At batch 1 the add + norm was a launch of its own after each of the two products.
+
+`gated=True` reads x as a SwiGLU block's gate/up projection output [M, 2K] and multiplies silu(gate) * up
+[M, K] instead, computed per K tile as the products load it (the MLP's activation launch, folded into
+down_proj's loads: each split reads only its own slice of both halves, so nothing is computed twice).
 """
 
 import torch
@@ -34,6 +38,11 @@ REDUCE_BLOCK = 256
 # one row for Qwen3-0.6B's o_proj, 1.1x at 8 rows) and loses on the wide-output qkv and gate/up.
 ENGINE_MAX_ROWS = 8
 ENGINE_MIN_OUTPUTS = 1024  # the narrowest layer measured (router gates, N = experts, were not)
+# Whether the engine's dense MLP hands down_proj the gate/up output (`gated`) where this path takes the
+# product, instead of launching the activation first. Off until measured on a GPU: it saves one launch
+# a layer at batch 1-8 (about 1 us each in a127fe3's batch-1 profile) but makes each K tile's load do the
+# activation (benchmarks/gpu_check.sh silu-fuse times both).
+ENGINE_FUSE_SILU_MUL = False
 
 
 def _num_splits(device: torch.device, n: int, k: int) -> int:
@@ -64,6 +73,7 @@ def _skinny_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TO_PARTS: tl.constexpr,  # write float32 partials for a second kernel (always when SPLIT > 1)
+    GATED: tl.constexpr,  # x is [M, 2K] (gate, up): multiply silu(gate) * up
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -80,7 +90,12 @@ def _skinny_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_idx = k0 + ks
         k_mask = k_idx < k_end
-        x = tl.load(x_rows + k_idx[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        x_mask = row_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_rows + k_idx[None, :], mask=x_mask, other=0.0)
+        if GATED:  # in float32, rounded once, as the compiled silu_and_mul (layers/activation.py)
+            gate = x.to(tl.float32)
+            up = tl.load(x_rows + K + k_idx[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            x = (gate * tl.sigmoid(gate) * up).to(w_ptr.dtype.element_ty)
         w = tl.load(w_rows + k_idx[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     mask = row_mask[:, None] & col_mask[None, :]
@@ -145,7 +160,7 @@ def _reduce_add_rms_norm_kernel(
     tl.store(out_ptr + row.to(tl.int64) * N + cols, normed, mask=mask)
 
 
-def prefers_skinny(x: Tensor, weight: Tensor) -> bool:
+def prefers_skinny(x: Tensor, weight: Tensor) -> bool:  # x: [..., K] (or the [..., 2K] of `gated`)
     """Whether `skinny_gemm(x, weight)` is the faster product on this input: a CUDA half-precision x of at
     most ENGINE_MAX_ROWS rows and a contiguous weight [N, K] with K >= N >= ENGINE_MIN_OUTPUTS. The choice
     depends on shapes only, so a captured CUDA graph keeps it; float32 stays on torch (its matmul is the
@@ -161,9 +176,10 @@ def prefers_skinny(x: Tensor, weight: Tensor) -> bool:
     )
 
 
-def _check_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"shapes do not multiply: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+def _check_operands(x: Tensor, weight: Tensor, bias: Tensor | None, gated: bool = False) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] * (2 if gated else 1):
+        what = "gate/up halves do not match" if gated else "shapes do not multiply"
+        raise ValueError(f"{what}: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if x.shape[0] > MAX_ROWS:
         raise ValueError(f"skinny_gemm takes at most {MAX_ROWS} rows, got {x.shape[0]}")
     if x.dtype != weight.dtype:
@@ -173,17 +189,23 @@ def _check_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
 
 
 def _launch_products(
-    x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, num_splits: int | None, to_parts: bool
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out: Tensor,
+    num_splits: int | None,
+    to_parts: bool,
+    gated: bool = False,
 ) -> tuple[Tensor, int]:
-    """Launch the split-K products of x [M, K] and weight [N, K]: into `out` (bias added) when there is
-    one split and not `to_parts`, else into float32 partials [split, M, N], which are returned with the
-    split count."""
+    """Launch the split-K products of x [M, K] (gated: [M, 2K]) and weight [N, K]: into `out` (bias
+    added) when there is one split and not `to_parts`, else into float32 partials [split, M, N], which
+    are returned with the split count."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
+    m = x.shape[0]
+    n, k = weight.shape
     split = num_splits if num_splits is not None else _num_splits(x.device, n, k)
     if split < 1:
         raise ValueError(f"num_splits must be >= 1, got {split}")
@@ -197,7 +219,8 @@ def _launch_products(
         x, weight, bias if bias is not None else x, out, part,
         m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         ROWS=16, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT=split, HAS_BIAS=bias is not None,
-        DOT_PRECISION=dot_precision, TO_PARTS=to_parts, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_PRECISION=dot_precision, TO_PARTS=to_parts, GATED=gated,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return part, split
 
@@ -207,16 +230,18 @@ def skinny_gemm(
     weight: Tensor,
     bias: Tensor | None = None,
     num_splits: int | None = None,
+    gated: bool = False,
 ) -> Tensor:
     """x [M, K] (M <= MAX_ROWS) times weight [N, K] transposed, plus bias [N]; the result in x's dtype.
 
-    num_splits: split-K factor (None: from the SM count and the shapes)."""
-    _check_operands(x, weight, bias)
+    num_splits: split-K factor (None: from the SM count and the shapes); gated: x is [M, 2K] and
+    silu(x[:, :K]) * x[:, K:] is multiplied (see the module docstring)."""
+    _check_operands(x, weight, bias, gated)
     m, n = x.shape[0], weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    part, split = _launch_products(x, weight, bias, out, num_splits, to_parts=False)
+    part, split = _launch_products(x, weight, bias, out, num_splits, to_parts=False, gated=gated)
     if split > 1:
         _reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK))](
             part, bias if bias is not None else x, out, m, n, out.stride(0),
@@ -233,11 +258,13 @@ def skinny_gemm_add_rms_norm(
     norm_weight: Tensor,
     eps: float,
     num_splits: int | None = None,
+    gated: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """`RMSNorm(norm_weight, eps)(skinny_gemm(x, weight, bias), residual)`: the normalised sum and the
     sum itself (the new residual stream), each [M, N] in x's dtype, in two launches (the products,
-    then one that reduces, adds and normalises). residual: [M, N] with a contiguous last dimension."""
-    _check_operands(x, weight, bias)
+    then one that reduces, adds and normalises). residual: [M, N] with a contiguous last dimension;
+    gated: as in `skinny_gemm`."""
+    _check_operands(x, weight, bias, gated)
     m, n = x.shape[0], weight.shape[0]
     if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(-1) != 1:
         raise ValueError(
@@ -250,7 +277,7 @@ def skinny_gemm_add_rms_norm(
     residual_out = torch.empty_like(out)
     if m == 0 or n == 0:
         return out, residual_out
-    part, split = _launch_products(x, weight, bias, out, num_splits, to_parts=True)
+    part, split = _launch_products(x, weight, bias, out, num_splits, to_parts=True, gated=gated)
     block = triton.next_power_of_2(n)
     _reduce_add_rms_norm_kernel[(m,)](
         part, bias if bias is not None else x, residual, norm_weight, out, residual_out,

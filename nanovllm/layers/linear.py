@@ -292,3 +292,13 @@ class RowParallelLinear(LinearBase):
             if fused is not None:
                 return fused
         return norm(self(x), residual)
+
+    def forward_gated_add_rms_norm(
+        self, gate_up: torch.Tensor, residual: torch.Tensor, norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`norm(self(silu(gate) * up), residual)` for a SwiGLU block's gate/up output [..., 2K] in
+        the quant method's fused launches, or None where it has none (the caller then runs the
+        activation and `forward_add_rms_norm`)."""
+        if self.tp_size != 1:
+            return None
+        return self.quant_method.apply_add_rms_norm(self, gate_up, self.bias, residual, norm, gated=True)

@@ -182,11 +182,15 @@ class Qwen3MLP(nn.Module):
     def forward(
         self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The MLP's output; with `norm` and `residual`, `norm(output, residual)` (down_proj may fuse it)."""
-        h = self.act_fn(self.gate_up_proj(x))
+        """The MLP's output; with `norm` and `residual`, `norm(output, residual)` (down_proj may fuse it,
+        and the activation with it)."""
+        gate_up = self.gate_up_proj(x)
         if norm is not None:
-            return self.down_proj.forward_add_rms_norm(h, residual, norm)
-        return self.down_proj(h)
+            fused = self.down_proj.forward_gated_add_rms_norm(gate_up, residual, norm)
+            if fused is not None:
+                return fused
+            return self.down_proj.forward_add_rms_norm(self.act_fn(gate_up), residual, norm)
+        return self.down_proj(self.act_fn(gate_up))
 
 
 class Qwen3DecoderLayer(nn.Module):

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.kernels import skinny_gemm as skinny_kernels
 from nanovllm.kernels.skinny_gemm import prefers_skinny, skinny_gemm, skinny_gemm_add_rms_norm
 
 
@@ -95,11 +96,18 @@ class LinearMethodBase(QuantizeMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def apply_add_rms_norm(
-        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, norm
+        self,
+        layer: nn.Module,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor,
+        norm,
+        gated: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`norm(apply(layer, x, bias), residual)` (an RMSNorm with a residual: the normalised sum and
         the sum) in fewer launches than the two steps, or None where this method has no such path (the
-        caller then runs both). The default has none."""
+        caller then runs both). gated: x is a SwiGLU block's gate/up output [..., 2K], and the product
+        is of silu(gate) * up (the caller's activation folded in too). The default has no such path."""
         return None
 
 
@@ -130,14 +138,17 @@ class UnquantizedLinearMethod(LinearMethodBase):
             return out.view(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, bias)
 
-    def apply_add_rms_norm(self, layer, x, bias, residual, norm):
-        # Where the skinny GEMM runs, its split-K reduction also adds the residual and normalises.
+    def apply_add_rms_norm(self, layer, x, bias, residual, norm, gated=False):
+        # Where the skinny GEMM runs, its split-K reduction also adds the residual and normalises (and,
+        # gated, where the engine asks for it, its loads apply the activation).
         weight = layer.weight
+        if gated and not skinny_kernels.ENGINE_FUSE_SILU_MUL:
+            return None
         if x.dim() != 2 or not prefers_skinny(x, weight) or norm.weight.dtype != x.dtype:
             return None
         if residual.dtype != x.dtype or residual.stride(-1) != 1:
             return None
-        return skinny_gemm_add_rms_norm(x, weight, bias, residual, norm.weight, norm.eps)
+        return skinny_gemm_add_rms_norm(x, weight, bias, residual, norm.weight, norm.eps, gated=gated)
 
 
 class QuantizationConfig(ABC):

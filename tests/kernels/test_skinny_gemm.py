@@ -2,13 +2,24 @@
 
 On a CPU it runs under Triton's interpreter in a subprocess (TRITON_INTERPRET must be set before triton is
 imported); with CUDA the same tests run directly, in bf16 too, plus the linear layers' use of it. The
-variant whose reduction also adds the residual and applies RMSNorm is checked against the two steps.
+variant whose reduction also adds the residual and applies RMSNorm is checked against the two steps, and
+the gated variant (x a SwiGLU gate/up output, the activation applied as it loads) against the activation
+then the product.
 """
+
+import os
 
 import pytest
 import torch
 
-from tests.kernels.interpreter import DEVICE, ON_GPU, direct, interpreter_test, run_file_under_interpreter
+from tests.kernels.interpreter import (
+    DEVICE,
+    ON_GPU,
+    compile_for_sm90,
+    direct,
+    interpreter_test,
+    run_file_under_interpreter,
+)
 
 # bf16 dots are wrong under the numpy-backed interpreter: bf16 is checked on the GPU only.
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
@@ -17,7 +28,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 @interpreter_test
 def test_under_triton_interpreter() -> None:
-    run_file_under_interpreter(__file__, 34, exact=True)
+    run_file_under_interpreter(__file__, 42, exact=True)
 
 
 @direct
@@ -91,6 +102,63 @@ def test_add_rms_norm_bad_inputs_are_value_errors() -> None:
         skinny_gemm_add_rms_norm(x[:, :15], w, None, torch.zeros(2, 8, device=DEVICE), ones, 1e-6)
 
 
+def _gated_case(dtype, m, n, k, seed):
+    """A gate/up output [m, 2k], its activation silu(gate) * up computed in float32 and rounded once (as
+    the compiled silu_and_mul), and a weight [n, k]."""
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = (torch.randn(m, 2 * k, generator=gen) * 2).to(dtype)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    act = (torch.nn.functional.silu(gate) * up).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    return gate_up.to(DEVICE), act.to(DEVICE), w.to(DEVICE)
+
+
+@direct
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 64, 300), (5, 40, 512)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gated_equals_the_activation_then_the_product(dtype, m, n, k, splits) -> None:
+    from nanovllm.kernels.skinny_gemm import skinny_gemm, skinny_gemm_add_rms_norm
+
+    gate_up, act, w = _gated_case(dtype, m, n, k, seed=m * 7 + k)
+    ref = skinny_gemm(act, w, num_splits=splits)
+    out = skinny_gemm(gate_up, w, num_splits=splits, gated=True)
+    assert out.shape == (m, n) and out.dtype == dtype
+    # The kernel's sigmoid and torch's may round an activation differently by a unit in the last place.
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype] * scale, rtol=0)
+    # ... and it is an activation of the right halves: swapped halves give another product.
+    swapped = torch.cat(gate_up.chunk(2, dim=-1)[::-1], dim=-1)
+    wrong = skinny_gemm(swapped, w, num_splits=splits, gated=True)
+    assert (wrong.float() - ref.float()).abs().max() > 10 * TOL[dtype] * scale
+    residual = torch.randn(m, n, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    norm_weight = torch.linspace(0.5, 1.5, n).to(dtype).to(DEVICE)
+    ref_out, ref_res = skinny_gemm_add_rms_norm(act, w, None, residual, norm_weight, 1e-6, num_splits=splits)
+    out, res = skinny_gemm_add_rms_norm(gate_up, w, None, residual, norm_weight, 1e-6, splits, gated=True)
+    torch.testing.assert_close(res.float(), ref_res.float(), atol=TOL[dtype] * (scale + 4), rtol=0)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=TOL[dtype] * 8, rtol=TOL[dtype])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for sm_90; run in the parent")
+def test_gated_kernel_compiles_for_sm90() -> None:
+    """Compiled for an H200 (no GPU needed, bf16 as the engine runs it): the gated loads lower, with the
+    sigmoid's exponentials in the loop, and the plain kernel has none."""
+    from nanovllm.kernels import skinny_gemm as S
+
+    pointers = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32")
+    scalars = ["M", "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om"]
+    signature = {**pointers, **{name: "i32" for name in scalars}}
+    aligned = [*pointers, "K", "k_per_split", "stride_xm", "stride_wn", "stride_om"]
+    constants = dict(ROWS=16, BLOCK_N=S.BLOCK_N, BLOCK_K=S.BLOCK_K, SPLIT=4, HAS_BIAS=False)
+    constants.update(DOT_PRECISION="tf32", TO_PARTS=True)
+    exps = []
+    for gated in (False, True):
+        asm = compile_for_sm90(S._skinny_kernel, signature, {**constants, "GATED": gated}, aligned,
+                               num_warps=S.NUM_WARPS, num_stages=S.NUM_STAGES)
+        exps.append(asm["ptx"].count("ex2.approx"))
+    assert exps[0] == 0 and exps[1] > 0, exps
+
+
 @direct
 def test_bad_inputs_are_value_errors() -> None:
     from nanovllm.kernels.skinny_gemm import MAX_ROWS, skinny_gemm
@@ -104,6 +172,8 @@ def test_bad_inputs_are_value_errors() -> None:
         skinny_gemm(torch.zeros(2, 16, device=DEVICE, dtype=torch.float16), w)
     with pytest.raises(ValueError, match="bias"):
         skinny_gemm(torch.zeros(2, 16, device=DEVICE), w, torch.zeros(7, device=DEVICE))
+    with pytest.raises(ValueError, match="gate/up halves"):
+        skinny_gemm(torch.zeros(2, 16, device=DEVICE), w, gated=True)  # needs [2, 32]
 
 
 @pytest.mark.cuda
@@ -169,3 +239,39 @@ def test_row_parallel_layer_fuses_add_norm_where_skinny_runs() -> None:
         out, new_residual = layer.forward_add_rms_norm(x, residual, norm)
         torch.testing.assert_close(new_residual, ref_residual, atol=0, rtol=0)
         torch.testing.assert_close(out.float(), ref_out.float(), atol=6e-2, rtol=1.6e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="the engine takes this path on CUDA only")
+@pytest.mark.parametrize("fuse", [False, True])
+def test_qwen3_mlp_folds_the_activation_into_down_proj_when_asked(fuse, monkeypatch) -> None:
+    """Qwen3MLP with a norm: with ENGINE_FUSE_SILU_MUL down_proj takes the gate/up output at one row (no
+    activation launch), otherwise the activation runs first; either way the result is the unfused
+    MLP's, and more rows than the skinny path takes never fuse."""
+    from types import SimpleNamespace
+
+    from nanovllm.kernels import skinny_gemm as skinny
+    from nanovllm.layers.layernorm import RMSNorm
+    from nanovllm.models.qwen3 import Qwen3MLP
+
+    monkeypatch.setattr(skinny, "ENGINE_FUSE_SILU_MUL", fuse)
+    config = SimpleNamespace(hidden_size=1024, intermediate_size=3072, hidden_act="silu")
+    torch.manual_seed(6)
+    with torch.device("cuda"):
+        mlp = Qwen3MLP(config).to(torch.bfloat16)
+        norm = RMSNorm(1024).to(torch.bfloat16)
+    for param in mlp.parameters():
+        param.data.normal_(0, 0.03)
+    calls = []
+    mlp.act_fn.register_forward_hook(lambda *args: calls.append(1))
+    for rows in (1, skinny.ENGINE_MAX_ROWS + 1):
+        calls.clear()
+        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+        residual = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            ref_out, ref_residual = norm(mlp(x), residual)
+            calls.clear()
+            out, new_residual = mlp(x, norm, residual)
+        assert len(calls) == (0 if fuse and rows == 1 else 1), (fuse, rows)
+        torch.testing.assert_close(new_residual.float(), ref_residual.float(), atol=3e-2, rtol=1.6e-2)
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=6e-2, rtol=3e-2)
