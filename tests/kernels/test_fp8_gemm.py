@@ -258,12 +258,11 @@ def test_channel_matmul_split_k(split):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_prefill_lengths_reuse_one_compile(monkeypatch):
     """Row counts that share a launch configuration (128-row tiles, quantized first) share one compiled
     kernel, whatever their divisibility or split-K: a prefill of a new length compiles nothing once a
     long prefill (the engine's warm-up) has run."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     from nanovllm.kernels.fp8_gemm import _block_gemm_kernel, block_gemm_launch, w8a8_block_matmul
 
     gen = torch.Generator().manual_seed(0)
