@@ -6,7 +6,7 @@
 #                                [tests-shards] [latency] [vllm-stage] [vllm-peers] [moe-vllm] [fp8-vllm]
 #                                [fp8 | fp8-tests fp8-bench] [fp8-sweep] [gemm] [structured-mask] [int4-gemm] [compile-log]
 #                                [tune-prefill] [tune-attention] [profile-fp8] [quant-8b] [gemv-sweep] [int4-mid]
-#                                [profile-b1] [silu-fuse]
+#                                [profile-b1] [skinny-ab]
 # `tests-shards` runs the whole GPU suite as six pytest processes at once (SHARDS="engine models" picks some),
 # each verbose (a test per line, so a run that TEST_TIMEOUT cuts still names what passed) and bounded by
 # TEST_TIMEOUT seconds (default 500).
@@ -43,11 +43,11 @@ parts=$(echo " $parts " | sed -E 's/ moe / moe-tests moe-kernel moe-bench /; s/ 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 summary=()
 carried_wheels() {  # xgrammar, jsonschema and their needs, carried as wheels in .whl/ (the machine lacks them)
-  # Build .whl here (43 MB; it covers the structured-output, token-bitmask and server tests):
+  # Build .whl here (43 MB; it covers the structured-output, token-bitmask and server tests; openai 3.57+ needs httpx2):
   #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
   #     xgrammar apache-tvm-ffi jsonschema jsonschema-specifications referencing rpds-py attrs pydantic \
   #     pydantic-core typing-inspection annotated-types fastapi starlette uvicorn h11 anyio sniffio click \
-  #     openai httpx httpcore distro jiter
+  #     openai httpx httpcore distro jiter httpx2 httpcore2 truststore idna certifi
   # --no-deps into a folder of its own: pip would otherwise look for torch in .whl and give up. The folder
   # goes after the machine's own packages (a .pth file in its site-packages; PYTHONPATH would come first and
   # let a carried wheel shadow an installed one), on PYTHONPATH's end only where that is not writable.
@@ -316,20 +316,23 @@ $(grep -c ' ERROR' "$log") errors, $(grep -c ' SKIPPED' "$log") skipped; last: $
           | grep -E "^(Decode|step wall|forward|bandwidth|_decode|_store)"
         summary+=("decode step b256 kv $kv: $(grep -E '^(forward|bandwidth)' "$OUT/profile_b256_$kv.log" | tr -s ' ' | paste -sd';')")
       done ;;
-    silu-fuse)  # the activation folded into down_proj's skinny GEMM (ENGINE_FUSE_SILU_MUL): its GPU tests, then
-      # single stream with it off and on, alternating, twice each (one process per run: graphs capture the setting)
+    skinny-ab)  # a switch of kernels/skinny_gemm.py (SKINNY_FLAG, default ENGINE_ONE_LAUNCH_ADD_NORM; or
+      # ENGINE_FUSE_SILU_MUL) off and on: the skinny GPU tests, then single stream alternating, twice each
+      # (one process per run: graphs capture the setting)
+      flag=${SKINNY_FLAG:-ENGINE_ONE_LAUNCH_ADD_NORM}
       python3 -m pytest -q -m cuda tests/kernels/test_skinny_gemm.py 2>&1 | tee "$OUT/pytest_skinny.log" | tail -3
       summary+=("skinny tests: $(tail -1 "$OUT/pytest_skinny.log")")
-      for fuse in False True False True; do
-        python3 - "$fuse" <<'PY' 2>&1 | grep "^Latency" | sed "s/^/fuse $fuse: /" | tee -a "$OUT/silu_fuse.log"
+      for on in False True False True; do
+        python3 - "$flag" "$on" <<'PY' 2>&1 | grep "^Latency" | sed "s/^/$flag $on: /" | tee -a "$OUT/skinny_ab.log"
 import runpy, sys
 import nanovllm.kernels.skinny_gemm as skinny
-skinny.ENGINE_FUSE_SILU_MUL = sys.argv[1] == "True"
+assert hasattr(skinny, sys.argv[1]), sys.argv[1]
+setattr(skinny, sys.argv[1], sys.argv[2] == "True")
 sys.argv = ["bench_latency.py", "--model", "qwen3-0.6b-random", "--prompt-len", "256", "--output-len", "512"]
 runpy.run_path("benchmarks/bench_latency.py", run_name="__main__")
 PY
       done
-      summary+=("silu fuse: $(paste -sd';' "$OUT/silu_fuse.log")") ;;
+      summary+=("$flag: $(paste -sd';' "$OUT/skinny_ab.log")") ;;
     profile-b1)  # single-stream decode steps (Qwen3-0.6B shapes, batch 1, 256 tokens of context), kernels listed
       python3 benchmarks/profile_step.py --attention-backend triton --num-seqs 1 --context 256 --steps 50 \
         --torch-profile /tmp/trace_b1.json --top-kernels 20 2>&1 | grep -vi warn | tee "$OUT/profile_b1.log" | tail -40

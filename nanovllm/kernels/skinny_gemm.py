@@ -39,10 +39,16 @@ REDUCE_BLOCK = 256
 ENGINE_MAX_ROWS = 8
 ENGINE_MIN_OUTPUTS = 1024  # the narrowest layer measured (router gates, N = experts, were not)
 # Whether the engine's dense MLP hands down_proj the gate/up output (`gated`) where this path takes the
-# product, instead of launching the activation first. Off until measured on a GPU: it saves one launch
-# a layer at batch 1-8 (about 1 us each in a127fe3's batch-1 profile) but makes each K tile's load do the
-# activation (benchmarks/gpu_check.sh silu-fuse times both).
+# product, instead of launching the activation first. It saves one launch a layer at batch 1-8 (about
+# 1.1 us each in the batch-1 profile) but measured slower on an H200 (results/2026-12-03d: single stream
+# 1.292 and 1.305 ms/token on, 1.149 and 1.153 off), so it stays off (gpu_check.sh skinny-ab
+# SKINNY_FLAG=ENGINE_FUSE_SILU_MUL re-times it).
 ENGINE_FUSE_SILU_MUL = False
+# Whether the engine's o_proj / down_proj at batch 1-8 finish the residual add + RMSNorm in the products'
+# own launch (skinny_gemm_add_rms_norm's `counter`: the last program to finish reduces) instead of a
+# second launch. The second launch took 2.9 us of each layer's ~41 us twice in the batch-1 profile
+# (results/2026-12-03d); off until gpu_check.sh skinny-ab times both.
+ENGINE_ONE_LAUNCH_ADD_NORM = False
 
 
 def _num_splits(device: torch.device, n: int, k: int) -> int:
@@ -74,6 +80,17 @@ def _skinny_kernel(
     DOT_PRECISION: tl.constexpr,
     TO_PARTS: tl.constexpr,  # write float32 partials for a second kernel (always when SPLIT > 1)
     GATED: tl.constexpr,  # x is [M, 2K] (gate, up): multiply silu(gate) * up
+    # The one-launch add + RMSNorm (`counter` of skinny_gemm_add_rms_norm): the program that finishes
+    # last reduces the partials of every row as _reduce_add_rms_norm_kernel would.
+    residual_ptr=None,
+    norm_weight_ptr=None,
+    norm_out_ptr=None,
+    residual_out_ptr=None,
+    counter_ptr=None,
+    stride_rm=0,
+    eps=0.0,
+    FUSE_NORM: tl.constexpr = False,
+    NORM_BLOCK: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -107,6 +124,19 @@ def _skinny_kernel(
     else:  # partials are [SPLIT, M, N] float32
         part = part_ptr + (split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]
         tl.store(part, acc, mask=mask)
+    if FUSE_NORM:
+        # Every thread's partials are stored before one of them counts this program done; the count is
+        # acquire-release at GPU scope, so the program that reads the last count sees every partial.
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+        if done == tl.num_programs(0) * tl.num_programs(1) - 1:
+            tl.debug_barrier()
+            for row in range(M):
+                _add_rms_norm_row(
+                    part_ptr, bias_ptr, residual_ptr, norm_weight_ptr, norm_out_ptr, residual_out_ptr,
+                    row, M, N, stride_rm, eps, SPLIT, HAS_BIAS, NORM_BLOCK, ".cg",
+                )
+            tl.atomic_xchg(counter_ptr, 0)  # zero again for the next launch (and the next graph replay)
 
 
 @triton.jit
@@ -121,6 +151,34 @@ def _reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLIT: tl.const
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row.to(tl.int64) * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_row(
+    part_ptr, bias_ptr, residual_ptr, norm_weight_ptr, out_ptr, residual_out_ptr, row, M, N, stride_rm, eps,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, CACHE: tl.constexpr,
+):
+    # One row: y = the partials' sum (+ bias) in the output dtype, h = y + residual (rounded, as torch's
+    # add), out = weight * (h / rms(h)) rounded as RMSNorm does (layers/layernorm.py). CACHE ".cg" reads
+    # the partials from L2, where other SMs' programs of the same launch wrote them.
+    row = tl.cast(row, tl.int64)  # a program id, or a loop's plain int under the interpreter
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):  # the fixed order of _reduce_kernel
+        part = part_ptr + (s * M + row) * N + cols
+        acc += tl.load(part, mask=mask, other=0.0, cache_modifier=CACHE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    residual = tl.load(residual_ptr + row * stride_rm + cols, mask=mask, other=0.0)
+    h = (acc.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
+    tl.store(residual_out_ptr + row * N + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(hf * hf, 0) / N + eps)
+    weight = tl.load(norm_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = ((hf * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype)
+    tl.store(out_ptr + row * N + cols, normed, mask=mask)
 
 
 @triton.jit
@@ -139,25 +197,10 @@ def _reduce_add_rms_norm_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # One row: y = the partials' sum (+ bias) in the output dtype, h = y + residual (rounded, as torch's
-    # add), out = weight * (h / rms(h)) rounded as RMSNorm does (layers/layernorm.py).
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT):  # the fixed order of _reduce_kernel
-        acc += tl.load(part_ptr + (s * M + row).to(tl.int64) * N + cols, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
-    residual = tl.load(residual_ptr + row.to(tl.int64) * stride_rm + cols, mask=mask, other=0.0)
-    h = (acc.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
-    tl.store(residual_out_ptr + row.to(tl.int64) * N + cols, h, mask=mask)
-    hf = h.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(hf * hf, 0) / N + eps)
-    weight = tl.load(norm_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    normed = ((hf * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype)
-    tl.store(out_ptr + row.to(tl.int64) * N + cols, normed, mask=mask)
+    _add_rms_norm_row(
+        part_ptr, bias_ptr, residual_ptr, norm_weight_ptr, out_ptr, residual_out_ptr,
+        tl.program_id(0), M, N, stride_rm, eps, SPLIT, HAS_BIAS, BLOCK, "",
+    )
 
 
 def prefers_skinny(x: Tensor, weight: Tensor) -> bool:  # x: [..., K] (or the [..., 2K] of `gated`)
@@ -196,10 +239,12 @@ def _launch_products(
     num_splits: int | None,
     to_parts: bool,
     gated: bool = False,
+    fused_norm: dict | None = None,
 ) -> tuple[Tensor, int]:
     """Launch the split-K products of x [M, K] (gated: [M, 2K]) and weight [N, K]: into `out` (bias
     added) when there is one split and not `to_parts`, else into float32 partials [split, M, N], which
-    are returned with the split count."""
+    are returned with the split count. fused_norm: the tail's arguments (see _skinny_kernel), which
+    make the launch finish skinny_gemm_add_rms_norm too."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight.stride(-1) != 1:
@@ -220,7 +265,7 @@ def _launch_products(
         m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         ROWS=16, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT=split, HAS_BIAS=bias is not None,
         DOT_PRECISION=dot_precision, TO_PARTS=to_parts, GATED=gated,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **(fused_norm or {}),
     )
     return part, split
 
@@ -259,11 +304,17 @@ def skinny_gemm_add_rms_norm(
     eps: float,
     num_splits: int | None = None,
     gated: bool = False,
+    counter: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`RMSNorm(norm_weight, eps)(skinny_gemm(x, weight, bias), residual)`: the normalised sum and the
-    sum itself (the new residual stream), each [M, N] in x's dtype, in two launches (the products,
-    then one that reduces, adds and normalises). residual: [M, N] with a contiguous last dimension;
-    gated: as in `skinny_gemm`."""
+    sum itself (the new residual stream), each [M, N] in x's dtype. residual: [M, N] with a contiguous
+    last dimension; gated: as in `skinny_gemm`.
+
+    Without `counter`, two launches: the products, then one that reduces, adds and normalises. With
+    `counter`, an int32 tensor [1] holding zero on x's device (a layer's own), one launch: each
+    program counts itself done there, and the last one does the second launch's work for every row,
+    in the same order (the same bits), then sets the counter back to zero. Launches that share a
+    counter must not run at the same time (one stream; a CUDA graph replays them in order)."""
     _check_operands(x, weight, bias, gated)
     m, n = x.shape[0], weight.shape[0]
     if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(-1) != 1:
@@ -273,12 +324,27 @@ def skinny_gemm_add_rms_norm(
         )
     if norm_weight.shape != (n,):
         raise ValueError(f"norm_weight must be [{n}], got {tuple(norm_weight.shape)}")
+    if counter is not None and (
+        counter.shape != (1,) or counter.dtype != torch.int32 or counter.device != x.device
+    ):
+        raise ValueError(
+            f"counter must be an int32 tensor [1] on {x.device}, got {counter.dtype} "
+            f"{tuple(counter.shape)} on {counter.device}"
+        )
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     residual_out = torch.empty_like(out)
     if m == 0 or n == 0:
         return out, residual_out
-    part, split = _launch_products(x, weight, bias, out, num_splits, to_parts=True, gated=gated)
     block = triton.next_power_of_2(n)
+    if counter is not None:
+        fused_norm = dict(
+            residual_ptr=residual, norm_weight_ptr=norm_weight, norm_out_ptr=out,
+            residual_out_ptr=residual_out, counter_ptr=counter, stride_rm=residual.stride(0), eps=eps,
+            FUSE_NORM=True, NORM_BLOCK=block,
+        )
+        _launch_products(x, weight, bias, out, num_splits, to_parts=True, gated=gated, fused_norm=fused_norm)
+        return out, residual_out
+    part, split = _launch_products(x, weight, bias, out, num_splits, to_parts=True, gated=gated)
     _reduce_add_rms_norm_kernel[(m,)](
         part, bias if bias is not None else x, residual, norm_weight, out, residual_out,
         m, n, residual.stride(0), eps,

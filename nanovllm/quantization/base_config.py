@@ -130,6 +130,9 @@ class UnquantizedLinearMethod(LinearMethodBase):
         )
         set_weight_attrs(weight, {"output_dim": 0, "input_dim": 1, "weight_loader": weight_loader})
         layer.register_parameter("weight", weight)
+        # Where apply_add_rms_norm's skinny GEMM runs in one launch, its programs count themselves done
+        # here (the kernel leaves it zero); the layer's own, so no two launches share one.
+        layer.register_buffer("skinny_counter", torch.zeros(1, dtype=torch.int32), persistent=False)
 
     def apply(self, layer, x, bias=None):
         weight = layer.weight
@@ -148,7 +151,10 @@ class UnquantizedLinearMethod(LinearMethodBase):
             return None
         if residual.dtype != x.dtype or residual.stride(-1) != 1:
             return None
-        return skinny_gemm_add_rms_norm(x, weight, bias, residual, norm.weight, norm.eps, gated=gated)
+        counter = layer.skinny_counter if skinny_kernels.ENGINE_ONE_LAUNCH_ADD_NORM else None
+        return skinny_gemm_add_rms_norm(
+            x, weight, bias, residual, norm.weight, norm.eps, gated=gated, counter=counter
+        )
 
 
 class QuantizationConfig(ABC):

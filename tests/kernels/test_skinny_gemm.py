@@ -8,6 +8,7 @@ then the product.
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 @interpreter_test
 def test_under_triton_interpreter() -> None:
-    run_file_under_interpreter(__file__, 42, exact=True)
+    run_file_under_interpreter(__file__, 46, exact=True)
 
 
 @direct
@@ -102,6 +103,35 @@ def test_add_rms_norm_bad_inputs_are_value_errors() -> None:
         skinny_gemm_add_rms_norm(x[:, :15], w, None, torch.zeros(2, 8, device=DEVICE), ones, 1e-6)
 
 
+@direct
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize(
+    "m,n,k,bias,splits,gated", [(1, 64, 300, False, 3, False), (5, 40, 512, True, None, True)]
+)
+def test_one_launch_add_rms_norm_is_the_two_launches_bit_for_bit(dtype, m, n, k, bias, splits, gated) -> None:
+    """With a counter the last program reduces, adds and normalises: the same bits as the second launch,
+    and the counter is zero again after each call (so it serves the next one)."""
+    from nanovllm.kernels.skinny_gemm import skinny_gemm_add_rms_norm
+
+    gen = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k * (2 if gated else 1), generator=gen).to(dtype).to(DEVICE)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if bias else None
+    residual = torch.randn(m, n, generator=gen).to(dtype).to(DEVICE)
+    norm_weight = (torch.rand(n, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    args = (x, w, b, residual, norm_weight, 1e-6, splits, gated)
+    ref_out, ref_residual = skinny_gemm_add_rms_norm(*args)
+    counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):
+        out, new_residual = skinny_gemm_add_rms_norm(*args, counter=counter)
+        assert torch.equal(out, ref_out) and torch.equal(new_residual, ref_residual)
+        assert counter.item() == 0
+    with pytest.raises(ValueError, match="counter"):
+        skinny_gemm_add_rms_norm(*args, counter=torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="counter"):
+        skinny_gemm_add_rms_norm(*args, counter=torch.zeros(2, dtype=torch.int32, device=DEVICE))
+
+
 def _gated_case(dtype, m, n, k, seed):
     """A gate/up output [m, 2k], its activation silu(gate) * up computed in float32 and rounded once (as
     the compiled silu_and_mul), and a weight [n, k]."""
@@ -139,24 +169,45 @@ def test_gated_equals_the_activation_then_the_product(dtype, m, n, k, splits) ->
     torch.testing.assert_close(out.float(), ref_out.float(), atol=TOL[dtype] * 8, rtol=TOL[dtype])
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for sm_90; run in the parent")
-def test_gated_kernel_compiles_for_sm90() -> None:
-    """Compiled for an H200 (no GPU needed, bf16 as the engine runs it): the gated loads lower, with the
-    sigmoid's exponentials in the loop, and the plain kernel has none."""
+def _compile_skinny_for_sm90(gated: bool = False, fuse_norm: bool = False) -> dict:
+    """The skinny kernel compiled for an H200 as the engine launches it (bf16, 4 splits)."""
     from nanovllm.kernels import skinny_gemm as S
 
     pointers = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32")
     scalars = ["M", "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om"]
-    signature = {**pointers, **{name: "i32" for name in scalars}}
-    aligned = [*pointers, "K", "k_per_split", "stride_xm", "stride_wn", "stride_om"]
     constants = dict(ROWS=16, BLOCK_N=S.BLOCK_N, BLOCK_K=S.BLOCK_K, SPLIT=4, HAS_BIAS=False)
-    constants.update(DOT_PRECISION="tf32", TO_PARTS=True)
-    exps = []
-    for gated in (False, True):
-        asm = compile_for_sm90(S._skinny_kernel, signature, {**constants, "GATED": gated}, aligned,
-                               num_warps=S.NUM_WARPS, num_stages=S.NUM_STAGES)
-        exps.append(asm["ptx"].count("ex2.approx"))
+    constants.update(DOT_PRECISION="tf32", TO_PARTS=True, GATED=gated, FUSE_NORM=fuse_norm, NORM_BLOCK=1024)
+    norm_pointers = dict(residual_ptr="*bf16", norm_weight_ptr="*bf16", norm_out_ptr="*bf16")
+    norm_pointers.update(residual_out_ptr="*bf16", counter_ptr="*i32")
+    if fuse_norm:
+        pointers.update(norm_pointers)
+        scalars.append("stride_rm")
+    else:
+        constants.update(dict.fromkeys([*norm_pointers, "stride_rm"]))
+    signature = {**pointers, **{name: "i32" for name in scalars}, "eps": "fp32"}
+    aligned = [*pointers, "K", "k_per_split", "stride_xm", "stride_wn", "stride_om"]
+    return compile_for_sm90(S._skinny_kernel, signature, constants, aligned, S.NUM_WARPS, S.NUM_STAGES)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for sm_90; run in the parent")
+def test_gated_kernel_compiles_for_sm90() -> None:
+    """Compiled for an H200 (no GPU needed): the gated loads lower, with the sigmoid's exponentials in the
+    loop, and the plain kernel has none."""
+    exps = [_compile_skinny_for_sm90(gated)["ptx"].count("ex2.approx") for gated in (False, True)]
     assert exps[0] == 0 and exps[1] > 0, exps
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for sm_90; run in the parent")
+def test_one_launch_norm_compiles_for_sm90_with_an_ordered_count() -> None:
+    """The interpreter runs programs one after another, so only the compiled kernel shows the ordering
+    that makes the last program's reads safe: an acquire-release count at GPU scope after a barrier, and
+    partials read past L1. The plain kernel counts nothing."""
+    plain, fused = _compile_skinny_for_sm90()["ptx"], _compile_skinny_for_sm90(fuse_norm=True)["ptx"]
+    assert "atom" not in plain and "ld.global.cg" not in plain
+    assert re.search(r"atom\.global\.gpu\.acq_rel\.add|atom\.acq_rel\.gpu\.global\.add", fused), [
+        line for line in fused.splitlines() if "atom" in line
+    ]
+    assert "ld.global.cg" in fused and "bar.sync" in fused
 
 
 @direct
@@ -275,3 +326,65 @@ def test_qwen3_mlp_folds_the_activation_into_down_proj_when_asked(fuse, monkeypa
         assert len(calls) == (0 if fuse and rows == 1 else 1), (fuse, rows)
         torch.testing.assert_close(new_residual.float(), ref_residual.float(), atol=3e-2, rtol=1.6e-2)
         torch.testing.assert_close(out.float(), ref_out.float(), atol=6e-2, rtol=3e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="the programs race only on a GPU")
+@pytest.mark.parametrize("rows,n,k", [(1, 1024, 2048), (8, 1024, 3072), (1, 4096, 12288)])
+def test_one_launch_norm_in_a_cuda_graph_is_the_two_launches_every_replay(rows, n, k) -> None:
+    """Qwen3-0.6B's o_proj and down_proj and the 8B's down_proj shapes: hundreds of programs race to
+    count themselves done, and each of many replays with new inputs gives the second launch's bits."""
+    from nanovllm.kernels.skinny_gemm import skinny_gemm_add_rms_norm
+
+    torch.manual_seed(rows + n)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    residual = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+    norm_weight = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    skinny_gemm_add_rms_norm(x, w, None, residual, norm_weight, 1e-6, counter=counter)  # compile first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, new_residual = skinny_gemm_add_rms_norm(x, w, None, residual, norm_weight, 1e-6, counter=counter)
+    for step in range(20):
+        x.copy_(torch.randn_like(x))
+        residual.copy_(torch.randn_like(residual))
+        graph.replay()
+        ref_out, ref_residual = skinny_gemm_add_rms_norm(x, w, None, residual, norm_weight, 1e-6)
+        assert torch.equal(out, ref_out) and torch.equal(new_residual, ref_residual), step
+    assert counter.item() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="the engine takes this path on CUDA only")
+def test_row_parallel_layer_finishes_the_norm_in_one_launch_when_asked(monkeypatch) -> None:
+    """With ENGINE_ONE_LAUNCH_ADD_NORM the layer's counter is used and no second launch runs; the result
+    is the two launches' bits."""
+    from nanovllm.kernels import skinny_gemm as skinny
+    from nanovllm.layers.layernorm import RMSNorm
+    from nanovllm.layers.linear import RowParallelLinear
+
+    torch.manual_seed(7)
+    with torch.device("cuda"):
+        layer = RowParallelLinear(2048, 1024).to(torch.bfloat16)
+        norm = RMSNorm(1024).to(torch.bfloat16)
+    layer.weight.data.normal_(0, 2048**-0.5)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = layer.forward_add_rms_norm(x, residual, norm)
+    launches = []
+    second = skinny._reduce_add_rms_norm_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return second[grid]
+
+    monkeypatch.setattr(skinny, "_reduce_add_rms_norm_kernel", Counted())
+    monkeypatch.setattr(skinny, "ENGINE_ONE_LAUNCH_ADD_NORM", True)
+    out = layer.forward_add_rms_norm(x, residual, norm)
+    assert launches == [] and layer.skinny_counter.item() == 0
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    monkeypatch.setattr(skinny, "ENGINE_ONE_LAUNCH_ADD_NORM", False)
+    layer.forward_add_rms_norm(x, residual, norm)
+    assert len(launches) == 1
