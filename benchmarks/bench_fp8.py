@@ -162,14 +162,15 @@ def run_gemm() -> list[dict]:
 
 
 def sweep_configs(m: int):
-    """Tiles, warps, stages; split-K up to 64 rows; from 4096 rows the launch order too (GROUP_M 8:
-    programs that run at once share rows of x and columns of W in L2; 1: row tiles fastest)."""
+    """Tiles, warps, stages; split-K up to 256 rows (2 included: the default's choice at several shapes);
+    from 4096 rows the launch order too (GROUP_M 8: programs that run at once share rows of x and
+    columns of W in L2; 1: row tiles fastest)."""
     grid = itertools.product(
         [16, 64] if m <= 64 else [64, 128],
         (64, 128),
         (4, 8),
         (3, 4),
-        (1, 4, 8) if m <= 64 else (1,),  # split-K: a runtime argument, no recompile
+        (1, 2, 4, 8) if m <= 64 else (1, 2) if m <= 256 else (1,),  # split-K: a runtime argument
         (1, 8) if m >= 4096 else (1,),
     )
     for bm, bn, warps, stages, split, group_m in grid:
@@ -181,7 +182,7 @@ def sweep_one(name: str, m: int, w8, ws, gen) -> dict:
     ref = w8a8_block_matmul(x, w8, ws, BLOCK).float()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     default = block_gemm_config(m, w8.shape[0], triton.cdiv(w8.shape[1], 128), sms)
-    best = None
+    best, timed = None, []
     for cfg in sweep_configs(m):
         try:
             y = w8a8_block_matmul(x, w8, ws, BLOCK, cfg)
@@ -190,12 +191,15 @@ def sweep_one(name: str, m: int, w8, ws, gen) -> dict:
             us = bench(lambda c=cfg: w8a8_block_matmul(x, w8, ws, BLOCK, c), m <= 256)
         except Exception:  # out of shared memory and the like: not a candidate
             continue
+        timed.append(dict(cfg, us=round(us, 2)))  # every candidate, so a rule can be fitted to all of them
         if best is None or us < best[0]:
             best = (us, cfg)
     default_us = bench(lambda: w8a8_block_matmul(x, w8, ws, BLOCK, default), m <= 256)
     print(f"sweep {name:>24} M={m:>5}: best {best[0]:8.1f} us {best[1]}")
     print(f"{'':>37}default {default_us:8.1f} us {default}")
-    return dict(shape=name, m=m, best_us=best[0], best=best[1], default_us=default_us, default=default)
+    return dict(
+        shape=name, m=m, best_us=best[0], best=best[1], default_us=default_us, default=default, timed=timed
+    )
 
 
 def run_sweep() -> list[dict]:

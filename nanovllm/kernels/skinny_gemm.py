@@ -11,7 +11,9 @@ result is the same on every run. The launch grid depends on shapes only (CUDA-gr
 
 `skinny_gemm_add_rms_norm` gives that second kernel the next step of a decoder layer too: the residual
 add and the RMSNorm that follow o_proj and down_proj, one program per row (the hidden size fits one
-tile). At batch 1 the add + norm was a launch of its own after each of the two products.
+tile). At batch 1 the add + norm was a launch of its own after each of the two products. Given a
+`counter`, the products' own launch does that second kernel's work too: each program counts itself done,
+and the last one reduces every row (see ENGINE_ONE_LAUNCH_ADD_NORM for what it measured).
 
 `gated=True` reads x as a SwiGLU block's gate/up projection output [M, 2K] and multiplies silu(gate) * up
 [M, K] instead, computed per K tile as the products load it (the MLP's activation launch, folded into
@@ -46,8 +48,10 @@ ENGINE_MIN_OUTPUTS = 1024  # the narrowest layer measured (router gates, N = exp
 ENGINE_FUSE_SILU_MUL = False
 # Whether the engine's o_proj / down_proj at batch 1-8 finish the residual add + RMSNorm in the products'
 # own launch (skinny_gemm_add_rms_norm's `counter`: the last program to finish reduces) instead of a
-# second launch. The second launch took 2.9 us of each layer's ~41 us twice in the batch-1 profile
-# (results/2026-12-03d); off until gpu_check.sh skinny-ab times both.
+# second launch, which took 2.9 us twice a layer in the batch-1 profile (results/2026-12-03d). Measured
+# on an H200 it gains nothing: single stream 1.158 and 1.140 ms/token on, 1.149 and 1.136 off (same
+# call, alternating). The last program's serial reduction costs about what the launch did. Off; Qwen3-8B
+# shapes (more partials a row) were not timed (gpu_check.sh skinny-ab).
 ENGINE_ONE_LAUNCH_ADD_NORM = False
 
 
