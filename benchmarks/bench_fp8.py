@@ -11,7 +11,8 @@ PyTorch accepts them (1x128 activation and 128x128 weight scales; "n/a" otherwis
 (per-token quant kernel + torch._scaled_mm row-wise) and its Triton GEMM. Every result is checked
 against the block kernel / a dequantized reference first. TB/s counts the bytes a launch must move
 (FP8 weight + scales + bf16 x and y); TFLOP/s 2MNK.
-sweep: block-kernel launch configurations (tiles, warps, stages, split-K) at a few shapes; prints the best.
+sweep: block-kernel launch configurations (tiles, warps, stages, split-K) at a few shapes; prints the best
+(its JSON keeps every candidate's time). --rule-regret JSON: block_gemm_config's picks against that table.
 accuracy: fp8 against bf16 logits (KL divergence, top-1 agreement) of Qwen3-0.6B-shaped random-weight
 models over the first reference-workload prompts: online FP8 weights, FP8 KV cache, both.
 --make-block-checkpoint: a dummy-weight directory of the built-in model with the Qwen3-FP8 block
@@ -162,7 +163,7 @@ def run_gemm() -> list[dict]:
 
 
 def sweep_configs(m: int):
-    """Tiles, warps, stages; split-K up to 256 rows (2 included: the default's choice at several shapes);
+    """Tiles, warps, stages; split-K up to 256 rows (with 2 and 4, the default's choices at those rows);
     from 4096 rows the launch order too (GROUP_M 8: programs that run at once share rows of x and
     columns of W in L2; 1: row tiles fastest)."""
     grid = itertools.product(
@@ -170,7 +171,7 @@ def sweep_configs(m: int):
         (64, 128),
         (4, 8),
         (3, 4),
-        (1, 2, 4, 8) if m <= 64 else (1, 2) if m <= 256 else (1,),  # split-K: a runtime argument
+        (1, 2, 4, 8) if m <= 64 else (1, 2, 4) if m <= 256 else (1,),  # split-K: a runtime argument
         (1, 8) if m >= 4096 else (1,),
     )
     for bm, bn, warps, stages, split, group_m in grid:
@@ -287,16 +288,38 @@ def make_block_checkpoint(out_dir: str, source: str) -> None:
     print(f"FP8 block-format dummy checkpoint of {source} in {out_dir}")
 
 
+def rule_regret(path: str, num_sms: int = 132) -> None:
+    """For each point of a sweep JSON (`sweep --json`, with every candidate's time): the launch that
+    block_gemm_config picks today, its time where the sweep timed that launch, and how far it is from the
+    best. Runs without a GPU, so a rule can be edited and checked against one call's table."""
+    with open(path) as f:
+        points = json.load(f)["sweep"]
+    keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "split_k", "GROUP_M")
+    for point in points:
+        if "timed" not in point:
+            raise SystemExit(f"{path} has the bests only: re-run the sweep (it now keeps every time)")
+        k, n = SHAPES[point["shape"]]
+        pick = {"GROUP_M": 1, **block_gemm_config(point["m"], n, triton.cdiv(k, 128), num_sms)}
+        times = {tuple(c[key] for key in keys): c["us"] for c in point["timed"]}
+        us = times.get(tuple(pick[key] for key in keys))
+        shown = f"{us:8.1f} us, {100 * (us / point['best_us'] - 1):5.1f}% over" if us else "  not in the grid"
+        print(f"{point['shape']:>24} M={point['m']:>5}: rule {shown} best {point['best_us']:8.1f} us  {pick}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("parts", nargs="*", help="gemm (default), sweep, accuracy")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--make-block-checkpoint", metavar="DIR")
     p.add_argument("--from", dest="source", default="qwen3-8b-random")
+    p.add_argument("--rule-regret", metavar="JSON", help="check block_gemm_config against a sweep's JSON")
     p.add_argument(
         "--accuracy-model", default="qwen3-0.6b-random", help="built-in model of the accuracy part"
     )
     args = p.parse_args()
+    if args.rule_regret:
+        rule_regret(args.rule_regret)
+        return
     if args.make_block_checkpoint:
         make_block_checkpoint(args.make_block_checkpoint, args.source)
         return
